@@ -1,0 +1,267 @@
+"""The commit protocol: immutable checkpoint records, publication, and resume.
+
+At each checkpoint (every ``checkpoint_interval`` steps, on preemption, and at the end) all ranks:
+
+1. call ``on_checkpoint_start()`` so the user flushes buffered outputs through ``upload_path()``;
+2. finish their pending uploads and send rank 0 their reducer states and staged files;
+3. rank 0 writes one immutable record ``checkpoints/ckpt-<seq>.json`` (watermark, world size,
+   fingerprint, files to publish, a checksum), after the reducer states file it points to —
+   the record is the commit point;
+4. every rank publishes its staged files under ``outputs/`` (idempotent moves).
+
+On start (rank 0 alone, before any work): the latest record whose checksums hold is loaded; the
+publication it lists is completed; staged files that no record lists (work after the last
+checkpoint) are deleted. Only rank 0 touches the records; every rank publishes its own files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import re
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from batchproc.distributed import WorkerEnv
+from batchproc.errors import CorruptCheckpointError, FingerprintMismatchError
+from batchproc.faults import Faults
+from batchproc.reducer import ReducerRegistry, json_safe
+from batchproc.report import RunState, write_errors, write_progress
+from batchproc.storage import OUTPUTS, STAGING, RunDir, Stager
+
+RECORDS = "checkpoints"
+FINGERPRINT_FILE = "fingerprint.json"
+FORMAT = 1
+MAX_ERRORS_KEPT = 10_000
+_RECORD_RE = re.compile(r"^ckpt-(\d{8})\.json$")
+_TAG_RE = re.compile(r"\.([0-9a-f]{8})-r(\d+)-u(\d+)(\.|$)")
+
+
+def record_name(seq: int) -> str:
+    return f"{RECORDS}/ckpt-{seq:08d}.json"
+
+
+def states_name(seq: int) -> str:
+    return f"{RECORDS}/ckpt-{seq:08d}.states.pt"
+
+
+def _checksum(record: Dict[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@dataclasses.dataclass
+class Resumed:
+    """Where a new attempt starts, as rank 0 read it from the run directory."""
+
+    seq: int = -1
+    watermark: int = 0
+    total_batches: int = 0
+    slots: Dict[str, List[Any]] = dataclasses.field(default_factory=dict)
+    errors: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    skipped_samples: int = 0
+    upload_counters: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)
+    attempts: int = 0
+    restarts: int = 0
+    samples_done_before: int = 0
+    metrics: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def completed(self) -> bool:
+        return self.seq >= 0 and self.watermark >= self.total_batches
+
+
+# -- fingerprint -----------------------------------------------------------------------------
+
+
+def check_fingerprint(run_dir: RunDir, fingerprint: Dict[str, Any]) -> Dict[str, Any]:
+    """Record the job's fingerprint, or check it against the one recorded; returns the recorded one."""
+    recorded = run_dir.read_json_or_none(FINGERPRINT_FILE)
+    if recorded is None:
+        run_dir.write_json(FINGERPRINT_FILE, fingerprint)
+        return fingerprint
+    for key in ("dataset_len", "batch_size", "max_batches"):
+        if recorded.get(key) != fingerprint.get(key):
+            raise FingerprintMismatchError(
+                f"run directory {run_dir.url} was started with {key}={recorded.get(key)!r}, but this job has "
+                f"{key}={fingerprint.get(key)!r}; its checkpoints cannot be resumed with other data. "
+                f"Start over with `batchproc run ... --fresh`, or use another experiment name.")
+    return recorded
+
+
+# -- reading records -------------------------------------------------------------------------
+
+
+def _load_record(run_dir: RunDir, seq: int) -> Tuple[Dict[str, Any], Dict[str, List[Any]]]:
+    """One record and its reducer states; raises ValueError if either is damaged."""
+    raw = run_dir.read_bytes(record_name(seq))
+    try:
+        record = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{record_name(seq)} is not valid JSON ({e})") from None
+    if record.get("format") != FORMAT or record.get("checksum") != _checksum(record):
+        raise ValueError(f"{record_name(seq)} fails its checksum (truncated or edited)")
+    blob = run_dir.read_bytes(record["states_file"])
+    if hashlib.sha256(blob).hexdigest() != record["states_sha256"]:
+        raise ValueError(f"{record['states_file']} fails its checksum")
+    # Never unpickle arbitrary objects from shared storage.
+    states = torch.load(io.BytesIO(blob), weights_only=True)
+    return record, states["slots"]
+
+
+def record_seqs(run_dir: RunDir) -> List[int]:
+    return sorted(int(m.group(1)) for n in run_dir.listdir(RECORDS) if (m := _RECORD_RE.match(n)))
+
+
+def load_latest(run_dir: RunDir) -> Optional[Tuple[Dict[str, Any], Dict[str, List[Any]], List[int]]]:
+    """The newest valid record, its states, and the seqs of newer damaged records (to set aside)."""
+    seqs = record_seqs(run_dir)
+    damaged: List[int] = []
+    for seq in reversed(seqs):
+        try:
+            record, slots = _load_record(run_dir, seq)
+            return record, slots, damaged
+        except (ValueError, KeyError, OSError, RuntimeError, EOFError) as e:
+            print(f"batchproc: warning: checkpoint {record_name(seq)} of {run_dir.url} is damaged ({e}); "
+                  f"falling back to the one before it", file=sys.stderr)
+            damaged.append(seq)
+    if damaged:
+        raise CorruptCheckpointError(
+            f"no checkpoint record of {run_dir.url} is valid (damaged: {', '.join(record_name(s) for s in damaged)}). "
+            f"Nothing can be resumed safely; start over with `batchproc run ... --fresh`.")
+    return None
+
+
+def _set_aside_damaged(run_dir: RunDir, damaged: List[int], counters: Dict[str, Dict[str, int]]) -> None:
+    """A damaged record may have published files; move those that the valid record does not cover.
+
+    Outputs carry their (attempt, rank, upload) tag, and records keep the committed upload count
+    of every attempt and rank, so the uncommitted ones are found without the damaged record.
+    """
+    for rel in run_dir.find(OUTPUTS):
+        m = _TAG_RE.search(rel.rsplit("/", 1)[-1])
+        if m and int(m.group(3)) >= counters.get(m.group(1), {}).get(m.group(2), 0):
+            run_dir.move(rel, "rejected/" + rel)
+    for seq in damaged:
+        for name in (record_name(seq), states_name(seq)):
+            run_dir.move(name, f"rejected/{name}")
+
+
+def open_run(run_dir: RunDir, fingerprint: Dict[str, Any], restart_count: int) -> Resumed:
+    """Rank 0, before any work: load the latest record, finish its publication, clear the rest."""
+    recorded = check_fingerprint(run_dir, fingerprint)
+    latest = load_latest(run_dir)
+    if latest is None:
+        return Resumed(total_batches=recorded["total_batches"], attempts=1, restarts=restart_count)
+    record, slots, damaged = latest
+    if damaged:
+        _set_aside_damaged(run_dir, damaged, record.get("upload_counters", {}))
+    resumed = Resumed(
+        seq=record["seq"], watermark=record["watermark"], total_batches=record["total_batches"],
+        slots=slots, errors=record.get("errors", []), skipped_samples=record.get("skipped_samples", 0),
+        upload_counters=record.get("upload_counters", {}), attempts=record.get("attempts", 0) + 1,
+        restarts=record.get("restarts", 0) + restart_count,
+        samples_done_before=record.get("committed_samples", 0), metrics=record.get("metrics", {}))
+    if resumed.completed:
+        return resumed  # a finished run: nothing to finish or clean, nothing more is written
+    for staged, final in record.get("publish", []):
+        run_dir.move(staged, final)
+    run_dir.rm(STAGING, recursive=True)
+    return resumed
+
+
+# -- committing ------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Runs the four commit steps for one attempt; see the module docstring."""
+
+    def __init__(self, run_dir: RunDir, env: WorkerEnv, stager: Stager, reducers: ReducerRegistry,
+                 resumed: Resumed, fingerprint: Dict[str, Any], attempt: str, faults: Faults) -> None:
+        self.run_dir = run_dir
+        self.env = env
+        self.stager = stager
+        self.reducers = reducers
+        self.resumed = resumed
+        self.fingerprint = fingerprint
+        self.attempt = attempt
+        self.faults = faults
+        self.seq = resumed.seq
+        self.errors = list(resumed.errors)
+        self.skipped = resumed.skipped_samples
+        self.counters = {a: dict(c) for a, c in resumed.upload_counters.items()}
+        self.started = time.time()
+        self.start_samples = resumed.samples_done_before
+        self.metrics_so_far: Dict[str, Any] = {}
+
+    def commit(self, processor: Any, watermark: int, new_errors: List[Dict[str, Any]],
+               state: RunState) -> None:
+        # 1) the user flushes buffered outputs
+        processor.on_checkpoint_start()
+        # 2) pending uploads finish; rank 0 gathers what every rank staged and its reducer states
+        pairs = self.stager.join()
+        payload = {"files": pairs, "slots": self.reducers.slot_states(), "errors": new_errors,
+                   "uploads": self.stager.uploads_opened}
+        gathered = self.env.gather(payload)
+        self.faults.maybe_kill("kill-after-stage")
+        # 3) rank 0 writes the record (the commit point); a failure there stops every rank
+        outcome: Any = None
+        if self.env.is_chief:
+            try:
+                self._write_record(watermark, gathered or [], state)
+            except BaseException as e:
+                outcome = f"rank 0 could not write checkpoint {self.seq + 1} to {self.run_dir.url}: {type(e).__name__}: {e}"
+        outcome = self.env.broadcast(outcome)
+        if outcome is not None:
+            raise RuntimeError(outcome + ". Nothing committed before this checkpoint was lost; run again to resume.")
+        self.seq += 1
+        self.faults.maybe_kill("kill-after-record")
+        # 4) every rank publishes its own staged files
+        for staged, final in pairs:
+            self.run_dir.move(staged, final)
+
+    def _write_record(self, watermark: int, gathered: List[Dict[str, Any]], state: RunState) -> None:
+        seq = self.seq + 1
+        slots = {k: list(v) for k, v in self.resumed.slots.items()}
+        for p in gathered:
+            for key, value in p["slots"].items():
+                slots.setdefault(key, []).append(value)
+        buf = io.BytesIO()
+        torch.save({"slots": slots}, buf)
+        blob = buf.getvalue()
+        new_errors = [e for p in gathered for e in p["errors"]]
+        self.skipped += len(new_errors)
+        self.errors.extend(new_errors[: max(0, MAX_ERRORS_KEPT - len(self.errors))])
+        self.counters[self.attempt] = {str(r): p["uploads"] for r, p in enumerate(gathered)}
+        total = self.resumed.total_batches
+        n, bs = self.fingerprint["dataset_len"], self.fingerprint["batch_size"]
+        committed_samples = min(n, watermark * bs)
+        self.metrics_so_far = json_safe(self.reducers.reduce(slots))
+        record = {
+            "format": FORMAT, "seq": seq, "attempt": self.attempt, "attempts": self.resumed.attempts,
+            "restarts": self.resumed.restarts, "time": time.time(), "watermark": watermark,
+            "total_batches": total, "world_size": self.env.world_size, "fingerprint": self.fingerprint,
+            "states_file": states_name(seq), "states_sha256": hashlib.sha256(blob).hexdigest(),
+            "publish": [list(f) for p in gathered for f in p["files"]],
+            "upload_counters": self.counters, "skipped_samples": self.skipped, "errors": self.errors,
+            "committed_samples": committed_samples, "metrics": self.metrics_so_far,
+        }
+        record["checksum"] = _checksum(record)
+        self.run_dir.write_atomic(states_name(seq), blob)
+        self.run_dir.write_json(record_name(seq), record)
+        if new_errors:
+            write_errors(self.run_dir, self.errors)
+        elapsed = max(1e-9, time.time() - self.started)
+        total_samples = min(n, total * bs)
+        write_progress(self.run_dir, state, {
+            "committed_batches": watermark, "total_batches": total, "committed_samples": committed_samples,
+            "total_samples": total_samples, "samples_per_s": (committed_samples - self.start_samples) / elapsed,
+            "metrics": self.metrics_so_far, "restarts": self.resumed.restarts, "attempts": self.resumed.attempts,
+            "skipped_samples": self.skipped, "world_size": self.env.world_size, "attempt": self.attempt,
+            "checkpoint_seq": seq,
+        })

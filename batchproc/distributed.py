@@ -1,0 +1,127 @@
+"""Worker init from torchrun's environment, and the few collectives the engine needs.
+
+Under torchrun (``RANK``/``WORLD_SIZE`` set) a process group is created: NCCL with
+``cuda:LOCAL_RANK`` when CUDA is available, gloo otherwise. Without a launcher the job is a single
+process and every collective is a local no-op, so ``python script.py`` just works.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import torch
+
+
+@dataclass
+class WorkerEnv:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    restart_count: int
+    owns_group: bool = False
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    # -- collectives (each a no-op in a world of one) --------------------------------------
+
+    def any_true(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank: one tiny all-reduce (torchtnt's sync_bool)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._coll_device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def gather(self, obj: Any) -> Optional[List[Any]]:
+        """Gather ``obj`` from every rank to rank 0 (``None`` elsewhere)."""
+        if not self.distributed:
+            return [obj]
+        out: Optional[List[Any]] = [None] * self.world_size if self.is_chief else None
+        torch.distributed.gather_object(obj, out, dst=0)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.is_chief else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    @property
+    def _coll_device(self) -> torch.device:
+        return self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+    def shutdown(self) -> None:
+        if self.owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _set_cpu_threads(local_world_size: int) -> None:
+    # Ranks on one host share its cores; without this each rank would spawn a thread per core.
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size)))
+
+
+def init_worker(pg_timeout_s: float = 1800.0) -> WorkerEnv:
+    """Join the job described by torchrun's environment (or run alone without one)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    _set_cpu_threads(local_world_size)
+
+    env = WorkerEnv(rank, world_size, local_rank, local_world_size, device, restart_count)
+    if world_size > 1 and not torch.distributed.is_initialized():
+        timeout = datetime.timedelta(seconds=pg_timeout_s)
+        torch.distributed.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            store=_worker_store(rank, world_size, restart_count, timeout),
+            rank=rank, world_size=world_size, timeout=timeout,
+            device_id=device if use_cuda else None,
+        )
+        env.owns_group = True
+    return env
+
+
+def _worker_store(rank: int, world_size: int, restart_count: int,
+                  timeout: datetime.timedelta) -> "torch.distributed.Store":
+    """The process group's store, under a prefix of its own per restart.
+
+    With torch 2.14 and gloo, restarted workers can otherwise read the dead workers' addresses
+    left in torchrun's store and hang; a fresh key space per ``TORCHELASTIC_RESTART_COUNT`` avoids it.
+    """
+    host = os.environ["MASTER_ADDR"]
+    port = int(os.environ["MASTER_PORT"])
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = torch.distributed.TCPStore(
+        host, port, world_size, is_master=(rank == 0 and not agent_hosts),
+        timeout=timeout, wait_for_workers=False, multi_tenant=not agent_hosts,
+    )
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return torch.distributed.PrefixStore(f"batchproc/{run_id}/restart{restart_count}", store)

@@ -1,0 +1,54 @@
+"""Test-only fault injection, off unless ``BATCHPROC_FAULT`` is set (never in production).
+
+``BATCHPROC_FAULT`` is a comma-separated list of ``point[@rank=R][@step=S]`` entries, e.g.
+``stop@step=3`` (request a preemption after step 3), ``kill@rank=1@step=2`` (SIGKILL this
+process), ``kill-after-record`` / ``kill-after-stage`` (die in the middle of a commit).
+Only points named here fire; each fires at most once per process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Dict, List, Optional, Set
+
+from batchproc.settings import ENV_FAULT
+
+
+def _parse(spec: str) -> List[Dict[str, str]]:
+    out = []
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        point, *conds = entry.split("@")
+        fault = {"point": point}
+        for c in conds:
+            k, _, v = c.partition("=")
+            fault[k] = v
+        out.append(fault)
+    return out
+
+
+class Faults:
+    def __init__(self, rank: int, spec: Optional[str] = None) -> None:
+        self.rank = rank
+        self.faults = _parse(spec if spec is not None else os.environ.get(ENV_FAULT, ""))
+        self.fired: Set[int] = set()
+        # Restarted workers must not fire the same fault again, or the job never ends.
+        self.restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+    def fires(self, point: str, step: Optional[int] = None) -> bool:
+        for i, f in enumerate(self.faults):
+            if i in self.fired or f["point"] != point:
+                continue
+            if "rank" in f and int(f["rank"]) != self.rank:
+                continue
+            if "step" in f and (step is None or int(f["step"]) != step):
+                continue
+            if int(f.get("restart", "0")) != self.restart:
+                continue
+            self.fired.add(i)
+            return True
+        return False
+
+    def maybe_kill(self, point: str, step: Optional[int] = None) -> None:
+        if self.fires(point, step):
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,157 @@
+"""The user surface: :class:`TorchBatchProcessor` and its :class:`TorchBatchProcessorContext`.
+
+The context delegates to storage (uploads), the reducer registry (metrics) and report
+(TensorBoard / reported metrics); it holds no loop logic.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from batchproc.distributed import WorkerEnv
+from batchproc.reducer import MetricReducer, ReducerRegistry, json_safe
+from batchproc.storage import Stager
+
+
+class TorchBatchProcessorContext:
+    """What a processor can ask of the framework (Determined's methods, plus batch positions)."""
+
+    def __init__(self, env: WorkerEnv, stager: Stager, reducers: ReducerRegistry,
+                 hparams: Dict[str, Any], tensorboard_path: pathlib.Path, run_dir_url: str) -> None:
+        self._env = env
+        self._stager = stager
+        self._reducers = reducers
+        self._hparams = hparams
+        self._tb_path = tensorboard_path
+        self._tb_writer: Any = None
+        self.run_dir = run_dir_url
+        #: Global index of the batch being processed (stable across resumes and world sizes).
+        self.global_batch_idx: int = -1
+        #: Dataset indices of the samples in the batch being processed (bad samples excluded).
+        self.batch_indices: List[int] = []
+
+    # -- placement --------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """``cuda:LOCAL_RANK`` under a GPU launcher, else ``cpu``."""
+        return self._env.device
+
+    def to_device(self, data: Any) -> Any:
+        """Move tensors in ``data`` (nested dicts, lists, tuples) to :attr:`device`."""
+        return _to_device(data, self._env.device)
+
+    def prepare_model_for_inference(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Eval mode, on :attr:`device`, with gradients off (no autograd graph is built)."""
+        model.eval()
+        model.requires_grad_(False)
+        return model.to(self._env.device)
+
+    # -- outputs and metrics -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def upload_path(self) -> Iterator[pathlib.Path]:
+        """A folder to write output files into; they are published under ``outputs/`` at commit.
+
+        Published names carry a tag (``preds.<attempt>-r<rank>-u<n>.parquet``) so they never
+        collide across ranks or attempts; files of work that is not committed are discarded.
+        """
+        folder, seq = self._stager.open_upload()
+        yield pathlib.Path(folder)
+        self._stager.close_upload(folder, seq)
+
+    def wrap_reducer(self, reducer: MetricReducer, name: Optional[str] = None) -> MetricReducer:
+        """Register ``reducer``: its result is ``metrics[name]`` (or merged in, if ``name`` is None)."""
+        return self._reducers.wrap(reducer, name)
+
+    def report_metrics(self, group: str, steps_completed: int, metrics: Dict[str, Any]) -> None:
+        """Log metrics to TensorBoard (if installed) and ``<tensorboard path>/metrics.jsonl`` (rank 0)."""
+        if not self._env.is_chief:
+            return
+        self._tb_path.mkdir(parents=True, exist_ok=True)
+        with open(self._tb_path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"group": group, "steps_completed": steps_completed,
+                                "metrics": json_safe(metrics)}) + "\n")
+        writer = self._tensorboard_writer()
+        if writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1):
+                    writer.add_scalar(f"{group}/{k}", float(v), steps_completed)
+            writer.flush()
+
+    def _tensorboard_writer(self) -> Any:
+        if self._tb_writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                self._tb_writer = False
+            else:
+                self._tb_writer = SummaryWriter(str(self._tb_path))
+        return self._tb_writer or None
+
+    # -- job facts ---------------------------------------------------------------------------
+
+    def get_distributed_rank(self) -> int:
+        return self._env.rank
+
+    def get_distributed_size(self) -> int:
+        return self._env.world_size
+
+    def get_hparams(self) -> Dict[str, Any]:
+        """The experiment's ``hyperparameters`` (empty without ``batchproc run``)."""
+        return dict(self._hparams)
+
+    def get_tensorboard_path(self) -> pathlib.Path:
+        return self._tb_path
+
+    def _close(self) -> None:
+        if self._tb_writer:
+            self._tb_writer.close()
+
+
+def _to_device(data: Any, device: torch.device) -> Any:
+    if isinstance(data, torch.Tensor):
+        return data.to(device, non_blocking=data.is_pinned())
+    if isinstance(data, dict):
+        return type(data)((k, _to_device(v, device)) for k, v in data.items())
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
+        return type(data)(*(_to_device(v, device) for v in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(_to_device(v, device) for v in data)
+    return data
+
+
+class TorchBatchProcessor(abc.ABC):
+    """Subclass this: ``process_batch`` runs on every batch of this worker's shard."""
+
+    def __init__(self, context: TorchBatchProcessorContext) -> None:
+        self.context = context
+
+    @abc.abstractmethod
+    def process_batch(self, batch: Any, batch_idx: int) -> None:
+        """Process one batch. ``batch_idx`` is this worker's batch index (Determined's meaning);
+        ``context.global_batch_idx`` and ``context.batch_indices`` locate it in the dataset."""
+
+    def on_checkpoint_start(self) -> None:
+        """Flush buffered outputs through ``context.upload_path()``; called at every checkpoint."""
+
+    def on_finish(self) -> None:
+        """Called once per rank after the last batch of the whole job (not on preemption)."""
+
+
+def default_tensorboard_path(run_dir_url: str, is_local: bool, rank: int) -> pathlib.Path:
+    """TensorBoard files go in the run directory when it is local, else a local temp folder."""
+    if is_local:
+        return pathlib.Path(run_dir_url.removeprefix("file://")) / "tensorboard"
+    return pathlib.Path(tempfile.gettempdir()) / f"batchproc-tb-{os.getpid()}-r{rank}"
+
+
+__all__: Sequence[str] = ("TorchBatchProcessor", "TorchBatchProcessorContext")

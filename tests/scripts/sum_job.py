@@ -1,0 +1,125 @@
+"""A test job: every sample's output written through upload_path(), plus exact metrics.
+
+Writes one JSON-lines file per checkpoint per rank (buffered rows flushed in on_checkpoint_start),
+records call counts per rank in <run_dir>/calls/, and prints the result as JSON on rank 0.
+
+Usage: sum_job.py N BATCH_SIZE INTERVAL [MAX_BATCHES|-] [STORAGE|-]
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+from batchproc import MetricReducer, TorchBatchProcessor, TorchBatchProcessorContext, torch_batch_process
+
+
+class Squares(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return {"index": i, "x": torch.tensor(float(i)), "label": i % 3}
+
+
+class SumReducer(MetricReducer):
+    def reset(self):
+        self.total, self.count = 0.0, 0
+
+    def update(self, x):
+        self.total += float(x.sum())
+        self.count += int(x.numel())
+
+    def per_slot_reduce(self):
+        return (self.total, self.count)
+
+    def cross_slot_reduce(self, slots):
+        total = sum(s[0] for s in slots)
+        count = sum(s[1] for s in slots)
+        return {"sum": total, "count": count, "mean": total / count if count else 0.0}
+
+
+class Accuracy(MetricReducer):
+    def reset(self):
+        self.correct = torch.zeros((), dtype=torch.long)
+        self.seen = torch.zeros((), dtype=torch.long)
+
+    def update(self, pred, label):
+        self.correct += (pred == label).sum()
+        self.seen += label.numel()
+
+    def per_slot_reduce(self):
+        return {"correct": self.correct, "seen": self.seen}
+
+    def cross_slot_reduce(self, slots):
+        c = sum(int(s["correct"]) for s in slots)
+        n = sum(int(s["seen"]) for s in slots)
+        return c / n if n else 0.0
+
+
+class Processor(TorchBatchProcessor):
+    def __init__(self, context: TorchBatchProcessorContext) -> None:
+        self.context = context
+        self.sums = context.wrap_reducer(SumReducer(), name=None)
+        self.acc = context.wrap_reducer(Accuracy(), name="accuracy")
+        self.rows = []
+        self.calls = {"process_batch": 0, "on_checkpoint_start": 0, "on_finish": 0}
+
+    def process_batch(self, batch, batch_idx):
+        batch = self.context.to_device(batch)
+        assert batch["index"].tolist() == self.context.batch_indices, (batch["index"], self.context.batch_indices)
+        self.calls["process_batch"] += 1
+        self.sums.update(batch["x"])
+        pred = (batch["index"] * batch["index"]) % 3
+        self.acc.update(pred, batch["label"])
+        for i, x in zip(batch["index"].tolist(), batch["x"].tolist()):
+            self.rows.append({"index": i, "y": x * x, "g": self.context.global_batch_idx})
+
+    def on_checkpoint_start(self):
+        self.calls["on_checkpoint_start"] += 1
+        if self.rows:
+            with self.context.upload_path() as path:
+                with open(path / "rows.jsonl", "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in self.rows)
+            self.rows = []
+
+    def on_finish(self):
+        self.calls["on_finish"] += 1
+
+
+def main() -> None:
+    n, bs, interval = (int(a) for a in sys.argv[1:4])
+    max_batches = None if len(sys.argv) < 5 or sys.argv[4] == "-" else int(sys.argv[4])
+    storage = None if len(sys.argv) < 6 or sys.argv[5] == "-" else sys.argv[5]
+    result = torch_batch_process(Processor, Squares(n), batch_size=bs, checkpoint_interval=interval,
+                                 max_batches=max_batches, storage=storage)
+    calls_dir = os.environ.get("SUM_JOB_CALLS_DIR")
+    if calls_dir:
+        rank = int(os.environ.get("RANK", "0"))
+        attempt = len([f for f in os.listdir(calls_dir) if f.startswith(f"r{rank}-")]) if os.path.isdir(calls_dir) else 0
+        os.makedirs(calls_dir, exist_ok=True)
+        with open(os.path.join(calls_dir, f"r{rank}-{attempt}.json"), "w") as f:
+            json.dump({"calls": _CALLS.get("calls"), "preempted": result.preempted}, f)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("RESULT " + json.dumps({"completed": result.completed, "preempted": result.preempted,
+                                      "steps_completed": result.steps_completed, "metrics": result.metrics,
+                                      "run_dir": result.run_dir}), flush=True)
+
+
+_CALLS = {}
+_orig_init = Processor.__init__
+
+
+def _tracking_init(self, context):
+    _orig_init(self, context)
+    _CALLS["calls"] = self.calls
+
+
+Processor.__init__ = _tracking_init
+
+if __name__ == "__main__":
+    main()
