@@ -1,0 +1,104 @@
+"""Shared fixtures: run jobs through the real launcher (torchrun, gloo, 127.0.0.1) and clean up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "tests" / "scripts"
+PY = sys.executable
+
+
+def base_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHPROC_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["MASTER_ADDR"] = "127.0.0.1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra or {})
+    return env
+
+
+class Procs:
+    """Processes a test started, each in its own process group, killed by group at teardown."""
+
+    def __init__(self) -> None:
+        self.procs: List[subprocess.Popen] = []
+
+    def start(self, cmd: List[str], env: Optional[Dict[str, str]] = None, **kw) -> subprocess.Popen:
+        p = subprocess.Popen(cmd, env=base_env(env), cwd=kw.pop("cwd", ROOT), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def run(self, cmd: List[str], env: Optional[Dict[str, str]] = None, timeout: float = 180, **kw) -> "Finished":
+        p = self.start(cmd, env, **kw)
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(p)
+            out, _ = p.communicate()
+            raise AssertionError(f"{cmd} timed out after {timeout}s; output:\n{out}")
+        return Finished(p.returncode, out)
+
+    @staticmethod
+    def kill(p: subprocess.Popen) -> None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                self.kill(p)
+                p.wait(timeout=30)
+            else:  # the group may still hold orphaned workers
+                self.kill(p)
+
+
+class Finished:
+    def __init__(self, rc: int, out: str) -> None:
+        self.rc, self.out = rc, out
+
+    def result(self) -> dict:
+        lines = [l for l in self.out.splitlines() if "RESULT " in l]
+        assert lines, f"no RESULT line (rc={self.rc}); output:\n{self.out}"
+        return json.loads(lines[-1].split("RESULT ", 1)[1])
+
+
+@pytest.fixture
+def procs():
+    p = Procs()
+    yield p
+    p.cleanup()
+
+
+def torchrun_cmd(nproc: int, script: str, *args: str, max_restarts: int = 0) -> List[str]:
+    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            f"--max-restarts={max_restarts}", "--monitor-interval=0.2", str(SCRIPTS / script), *map(str, args)]
+
+
+def job_cmd(nproc: int, *args: str, max_restarts: int = 0) -> List[str]:
+    """The sum job, single process without a launcher when nproc == 0, else under torchrun."""
+    if nproc == 0:
+        return [PY, str(SCRIPTS / "sum_job.py"), *map(str, args)]
+    return torchrun_cmd(nproc, "sum_job.py", *args, max_restarts=max_restarts)
+
+
+def output_rows(run_dir: Path) -> List[dict]:
+    rows = []
+    for f in sorted((run_dir / "outputs").rglob("*.jsonl")):
+        rows.extend(json.loads(l) for l in f.read_text().splitlines())
+    return rows
+
+
+def output_indices(run_dir: Path) -> List[int]:
+    return sorted(r["index"] for r in output_rows(run_dir))

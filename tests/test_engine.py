@@ -1,0 +1,143 @@
+"""The engine end to end: real torchrun, gloo on 127.0.0.1, real files.
+
+Every test asserts what a user cares about: every dataset index's output exactly once in
+outputs/, and metrics equal to a single-process run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchproc import TorchBatchProcessor, torch_batch_process
+from conftest import job_cmd, output_indices
+
+_REFERENCE = {}
+
+
+def reference(procs, tmp_path, n, bs, max_batches="-"):
+    """Metrics of one uninterrupted single-process run (no launcher)."""
+    key = (n, bs, max_batches)
+    if key not in _REFERENCE:
+        out = procs.run(job_cmd(0, n, bs, 1000, max_batches, tmp_path / f"ref-{n}-{bs}-{max_batches}"))
+        assert out.rc == 0, out.out
+        _REFERENCE[key] = out.result()["metrics"]
+    return _REFERENCE[key]
+
+
+def read_calls(calls_dir: Path):
+    return {f.stem: json.loads(f.read_text()) for f in sorted(calls_dir.glob("*.json"))}
+
+
+@pytest.mark.parametrize("world,n,bs,max_batches", [
+    (1, 10, 3, "-"),      # single process under torchrun
+    (2, 12, 3, "-"),      # divisible by batch_size * W
+    (2, 13, 3, "-"),      # not divisible: short last batch, uneven ranks
+    (3, 18, 3, "-"),      # divisible with 3 ranks
+    (3, 20, 3, "-"),      # not divisible with 3 ranks
+    (2, 50, 4, 3),        # max_batches caps each worker at 3 batches
+    (3, 1, 4, "-"),       # one sample: two ranks have nothing and must not hang
+])
+def test_exactly_once_and_exact_metrics(procs, tmp_path, world, n, bs, max_batches):
+    run_dir, calls = tmp_path / "run", tmp_path / "calls"
+    out = procs.run(job_cmd(world, n, bs, 2, max_batches, run_dir), env={"SUM_JOB_CALLS_DIR": str(calls)})
+    assert out.rc == 0, out.out
+    result = out.result()
+    assert result["completed"] and not result["preempted"]
+
+    expected_n = n if max_batches == "-" else min(n, max_batches * world * bs)
+    assert output_indices(run_dir) == list(range(expected_n))
+    ref_max = "-" if max_batches == "-" else max_batches * world  # the same samples in one process
+    assert result["metrics"] == reference(procs, tmp_path, n, bs, ref_max)
+    assert json.loads((run_dir / "metrics.json").read_text()) == result["metrics"]
+
+    per_rank = read_calls(calls)
+    assert sorted(per_rank) == [f"r{r}-0" for r in range(world)]
+    assert all(c["calls"]["on_finish"] == 1 for c in per_rank.values())
+    assert len({c["calls"]["on_checkpoint_start"] for c in per_rank.values()}) == 1
+    assert sum(c["calls"]["process_batch"] for c in per_rank.values()) == -(-expected_n // bs)
+    assert not any((run_dir / "staging").rglob("*")) if (run_dir / "staging").exists() else True
+
+
+@pytest.mark.parametrize("first,second", [(2, 2), (2, 1), (1, 3)])
+def test_stop_then_resume_with_any_world_size(procs, tmp_path, first, second):
+    n, bs, run_dir, calls = 29, 2, tmp_path / "run", tmp_path / "calls"
+    env = {"SUM_JOB_CALLS_DIR": str(calls)}
+    stopped = procs.run(job_cmd(first, n, bs, 3, "-", run_dir), env=dict(env, BATCHPROC_FAULT="stop@step=3"))
+    assert stopped.rc == 0, stopped.out
+    r1 = stopped.result()
+    assert r1["preempted"] and not r1["completed"]
+    assert r1["steps_completed"] == 4 * first * 1  # 4 steps of `first` ranks, one batch each
+    assert output_indices(run_dir) == list(range(4 * first * bs))  # committed work is published
+
+    resumed = procs.run(job_cmd(second, n, bs, 3, "-", run_dir), env=env)
+    assert resumed.rc == 0, resumed.out
+    r2 = resumed.result()
+    assert r2["completed"]
+    assert output_indices(run_dir) == list(range(n))
+    assert r2["metrics"] == reference(procs, tmp_path, n, bs)
+
+    per_rank = read_calls(calls)
+    finishes = {k: c["calls"]["on_finish"] for k, c in per_rank.items()}
+    assert finishes == {**{f"r{r}-0": 0 for r in range(first)},
+                        **{f"r{r}-{1 if r < first else 0}": 1 for r in range(second)}}
+
+
+def test_completed_run_started_again_writes_nothing(procs, tmp_path):
+    run_dir = tmp_path / "run"
+    assert procs.run(job_cmd(0, 9, 2, 2, "-", run_dir)).rc == 0
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    again = procs.run(job_cmd(0, 9, 2, 2, "-", run_dir))
+    assert again.rc == 0, again.out
+    assert again.result()["completed"]
+    assert again.result()["metrics"] == reference(procs, tmp_path, 9, 2)
+    after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.name not in (".lock", ".lock.holder")}
+    assert after == {p: t for p, t in before.items() if p.name not in (".lock", ".lock.holder")}
+
+
+def test_changed_dataset_is_a_clear_error(procs, tmp_path):
+    run_dir = tmp_path / "run"
+    assert procs.run(job_cmd(0, 9, 2, 1, "-", run_dir), env={"BATCHPROC_FAULT": "stop@step=1"}).rc == 0
+    out = procs.run(job_cmd(0, 11, 2, 1, "-", run_dir))
+    assert out.rc != 0
+    assert "FingerprintMismatchError" in out.out and "dataset_len=9" in out.out and "--fresh" in out.out
+    assert output_indices(run_dir) == list(range(4))  # nothing committed was lost
+
+
+class _Noop(TorchBatchProcessor):
+    def process_batch(self, batch, batch_idx):
+        pass
+
+
+@pytest.mark.parametrize("kwargs,word", [
+    ({"shuffle": True}, "shuffle"),
+    ({"sampler": [0, 1]}, "sampler"),
+    ({"batch_sampler": [[0]]}, "batch_sampler"),
+    ({"batch_size": 4}, "batch_size"),
+])
+def test_invalid_dataloader_kwargs_rejected(tmp_path, kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        torch_batch_process(_Noop, list(range(10)), batch_size=2, dataloader_kwargs=kwargs, storage=str(tmp_path))
+
+
+class _Broken(torch.utils.data.Dataset):
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        if i == 4:
+            raise OSError("disk says no")
+        return torch.tensor(i)
+
+
+def test_bad_sample_names_the_index(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(Exception, match=r"sample 4 .*disk says no"):
+        torch_batch_process(_Noop, _Broken(), batch_size=2, checkpoint_interval=1, storage=str(tmp_path / "run"))
+    # The batches before the bad one were committed.
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and status["committed_batches"] == 2
