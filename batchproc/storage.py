@@ -44,9 +44,15 @@ class RunDir:
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
+    def _fresh(self) -> None:
+        # Object-store clients cache listings; other processes write here, so never trust them.
+        if not self.is_local:
+            self.fs.invalidate_cache()
+
     # -- reads ------------------------------------------------------------------------------
 
     def exists(self, rel: str) -> bool:
+        self._fresh()
         return self.fs.exists(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
@@ -63,6 +69,7 @@ class RunDir:
 
     def listdir(self, rel: str) -> List[str]:
         """Names (not paths) directly under ``rel``; empty if it does not exist."""
+        self._fresh()
         try:
             entries = self.fs.ls(self.path(rel), detail=False)
         except FileNotFoundError:
@@ -71,6 +78,7 @@ class RunDir:
 
     def find(self, rel: str) -> List[str]:
         """Every file under ``rel``, as paths relative to the run directory."""
+        self._fresh()
         base = self.path(rel)
         try:
             found = self.fs.find(base)

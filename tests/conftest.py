@@ -102,3 +102,38 @@ def output_rows(run_dir: Path) -> List[dict]:
 
 def output_indices(run_dir: Path) -> List[int]:
     return sorted(r["index"] for r in output_rows(run_dir))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol HTTP server (moto's server mode) on 127.0.0.1, stopped after the session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+             "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in creds}
+    os.environ.update(creds)  # for s3fs in this process; children get them through base_env
+    yield {"endpoint": endpoint, "env": creds}
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket per test: returns its s3:// URL."""
+    import uuid
+
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["endpoint"]}, skip_instance_cache=True)
+    fs.mkdir(name)
+    yield f"s3://{name}"

@@ -9,10 +9,14 @@ Usage: sum_job.py N BATCH_SIZE INTERVAL [MAX_BATCHES|-] [STORAGE|-]
 import json
 import os
 import sys
+import time
 
 import torch
 
 from batchproc import MetricReducer, TorchBatchProcessor, TorchBatchProcessorContext, torch_batch_process
+
+
+SLEEP = float(os.environ.get("SUM_JOB_SLEEP", "0"))
 
 
 class Squares(torch.utils.data.Dataset):
@@ -73,6 +77,10 @@ class Processor(TorchBatchProcessor):
         batch = self.context.to_device(batch)
         assert batch["index"].tolist() == self.context.batch_indices, (batch["index"], self.context.batch_indices)
         self.calls["process_batch"] += 1
+        if SLEEP:
+            time.sleep(SLEEP)
+            if self.context.get_distributed_rank() == 0:
+                print(f"PROGRESS {self.context.global_batch_idx}", flush=True)
         self.sums.update(batch["x"])
         pred = (batch["index"] * batch["index"]) % 3
         self.acc.update(pred, batch["label"])
