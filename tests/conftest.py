@@ -48,6 +48,32 @@ class Procs:
             raise AssertionError(f"{cmd} timed out after {timeout}s; output:\n{out}")
         return Finished(p.returncode, out)
 
+    def wait_for(self, p: subprocess.Popen, pattern: str, timeout: float = 120) -> List[str]:
+        """Read ``p``'s output until a line matches ``pattern`` (a regex); returns the lines read."""
+        import re
+        import time
+
+        lines: List[str] = getattr(p, "_lines", [])
+        p._lines = lines  # type: ignore[attr-defined]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = p.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if re.search(pattern, line):
+                return lines
+        raise AssertionError(f"no line matching {pattern!r}; output so far:\n{''.join(lines)}")
+
+    def finish(self, p: subprocess.Popen, timeout: float = 180) -> "Finished":
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(p)
+            out, _ = p.communicate()
+            raise AssertionError(f"timed out after {timeout}s; output:\n{''.join(getattr(p, '_lines', []))}{out}")
+        return Finished(p.returncode, "".join(getattr(p, "_lines", [])) + out)
+
     @staticmethod
     def kill(p: subprocess.Popen) -> None:
         try:

@@ -72,6 +72,7 @@ class Processor(TorchBatchProcessor):
         self.acc = context.wrap_reducer(Accuracy(), name="accuracy")
         self.rows = []
         self.calls = {"process_batch": 0, "on_checkpoint_start": 0, "on_finish": 0}
+        print(f"WORKER rank={context.get_distributed_rank()} pid={os.getpid()}", flush=True)
 
     def process_batch(self, batch, batch_idx):
         batch = self.context.to_device(batch)

@@ -1,0 +1,59 @@
+"""Preemption and crashes with real signals sent to real processes (torchrun, gloo, 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+
+import pytest
+
+from conftest import job_cmd, output_indices, torchrun_cmd
+
+N, BS = 60, 2
+SLOW = {"SUM_JOB_SLEEP": "0.15"}
+
+
+def reference_metrics(procs, tmp_path):
+    ref = procs.run(job_cmd(0, N, BS, 1000, "-", tmp_path / "ref"))
+    assert ref.rc == 0, ref.out
+    return ref.result()["metrics"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_signal_to_torchrun_checkpoints_and_resumes(procs, tmp_path, sig):
+    run_dir = tmp_path / "run"
+    cmd = torchrun_cmd(2, "sum_job.py", N, BS, 4, "-", run_dir)
+    cmd.insert(3, "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    p = procs.start(cmd, env=SLOW)
+    procs.wait_for(p, r"PROGRESS 6\b")
+    os.kill(p.pid, sig)
+    first = procs.finish(p)
+    result = first.result()
+    assert result["preempted"] and not result["completed"], first.out
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted" and status["committed_batches"] == result["steps_completed"]
+    assert 0 < result["steps_completed"] < N // BS
+    assert output_indices(run_dir) == list(range(result["steps_completed"] * BS))
+
+    second = procs.run(job_cmd(2, N, BS, 4, "-", run_dir))
+    assert second.rc == 0, second.out
+    assert second.result()["completed"]
+    assert output_indices(run_dir) == list(range(N))
+    assert second.result()["metrics"] == reference_metrics(procs, tmp_path)
+
+
+def test_sigkilled_worker_is_restarted_and_job_completes_exactly(procs, tmp_path):
+    run_dir = tmp_path / "run"
+    p = procs.start(job_cmd(2, N, BS, 3, "-", run_dir, max_restarts=1), env=SLOW)
+    lines = procs.wait_for(p, r"PROGRESS 8\b")
+    pids = dict(re.findall(r"WORKER rank=(\d+) pid=(\d+)", "".join(lines)))
+    os.kill(int(pids["1"]), signal.SIGKILL)
+    done = procs.finish(p)
+    assert done.rc == 0, done.out
+    assert done.result()["completed"]
+    assert output_indices(run_dir) == list(range(N))
+    assert done.result()["metrics"] == reference_metrics(procs, tmp_path)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "completed" and status["restarts"] == 1
