@@ -1,9 +1,31 @@
-"""batchproc: checkpointed, distributed batch processing (batch inference first) for PyTorch."""
+"""batchproc: checkpointed, distributed batch processing (batch inference first) for PyTorch.
 
-from batchproc.processor import TorchBatchProcessor, TorchBatchProcessorContext
-from batchproc.reducer import MetricReducer
-from batchproc.run import BatchProcessResult, torch_batch_process
+The public names are imported lazily so that ``batchproc status`` answers without importing torch.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["TorchBatchProcessor", "TorchBatchProcessorContext", "torch_batch_process",
            "MetricReducer", "BatchProcessResult"]
 __version__ = "0.1.0"
+
+_WHERE = {
+    "TorchBatchProcessor": "batchproc.processor",
+    "TorchBatchProcessorContext": "batchproc.processor",
+    "MetricReducer": "batchproc.reducer",
+    "torch_batch_process": "batchproc.run",
+    "BatchProcessResult": "batchproc.run",
+}
+
+if TYPE_CHECKING:
+    from batchproc.processor import TorchBatchProcessor, TorchBatchProcessorContext
+    from batchproc.reducer import MetricReducer
+    from batchproc.run import BatchProcessResult, torch_batch_process
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'batchproc' has no attribute {name!r}")

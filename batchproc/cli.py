@@ -1,0 +1,176 @@
+"""``batchproc run|status|stop``: run an experiment's entrypoint with its settings, show or stop a run.
+
+No torch import here (``batchproc status`` must answer at once): the entrypoint's processes do
+the work, and the run directory's state says how it ended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from typing import List, Optional, Sequence
+
+from batchproc import report
+from batchproc.config import load_config
+from batchproc.errors import ConfigError, RunDirLockedError
+from batchproc.storage import RunDir
+
+EXIT_USAGE = 2
+EXIT_LOCKED = 3
+EXIT_NOT_FOUND = 127  # as a shell says of a command it cannot start
+
+
+def _err(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _url_join(url: str, rel: str) -> str:
+    return url.rstrip("/") + "/" + rel
+
+
+def _open_run(run: str, overrides: Sequence[str]) -> RunDir:
+    """RUN is a config file (its run directory) or a run directory's path or URL."""
+    if run.endswith((".yaml", ".yml")) and os.path.isfile(run):
+        config = load_config(run, overrides)
+        return RunDir(config.run_dir(), config.storage_root()[1])
+    if overrides:
+        raise ConfigError(f"--set applies to a config file, and {run!r} is a run directory")
+    return RunDir(os.path.abspath(run) if "://" not in run else run)
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    # Without --fresh: that would throw away the progress the user is told is saved.
+    words = ["batchproc", "run", args.config] + [w for s in args.set for w in ("--set", s)]
+    return shlex.join(words)
+
+
+def _print_summary(rc: int, run_dir: RunDir, args: argparse.Namespace) -> None:
+    try:
+        status = report.read_status(run_dir)
+    except Exception as e:  # the exit code is known already; a summary is a courtesy
+        print(f"batchproc: cannot read the run's status: {e}", file=sys.stderr)
+        return
+    total = status.get("total_batches")
+    done = f"{status.get('committed_batches', 0)}/{total if total is not None else '?'} batches"
+    if rc == 0:
+        print(f"batchproc: completed ({done}). Outputs: {_url_join(run_dir.url, 'outputs/')}  "
+              f"metrics: {_url_join(run_dir.url, report.METRICS_FILE)}")
+        print("metrics: " + json.dumps(status.get("metrics", {}), sort_keys=True))
+    elif rc == report.EXIT_PREEMPTED:
+        print(f"batchproc: preempted; progress saved ({done}). "
+              f"Run the same command again to resume: {_resume_command(args)}")
+    else:
+        print(f"batchproc: failed with exit code {rc}. Last committed watermark: {done}; nothing committed "
+              f"was lost. Fix the cause, then resume with: {_resume_command(args)}", file=sys.stderr)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from batchproc.outcome import child_env, resolve_exit_code, run_child, status_stamp
+    from batchproc.storage import acquire_run_lock
+    from launch.torch_distributed import launcher_overrides, max_nodes
+
+    try:
+        config = load_config(args.config, args.set)
+        entrypoint = config.entrypoint_argv()
+        if entrypoint[0] in ("python", "python3"):
+            # The interpreter running batchproc has batchproc (and torch); the first one on PATH may not.
+            entrypoint[0] = sys.executable
+        nodes = max_nodes(launcher_overrides(entrypoint))
+    except (ConfigError, ValueError) as e:
+        _err(str(e))
+        return EXIT_USAGE
+    if args.fresh and nodes > 1:
+        _err("--fresh on several nodes would let each node wipe the others' work; "
+             f"clear {config.run_dir()} once with a single-node `batchproc run --fresh` or by hand")
+        return EXIT_USAGE
+    run_dir = RunDir(config.run_dir(), config.storage_root()[1])
+    lock = None
+    # On several nodes each node runs this command: no single one can hold the run directory.
+    if nodes == 1:
+        try:
+            lock = acquire_run_lock(run_dir, holder=f"batchproc run {args.config}")
+        except RunDirLockedError as e:
+            _err(str(e))
+            return EXIT_LOCKED
+    try:
+        if args.fresh:
+            run_dir.remove_all()
+        print(f"batchproc: run directory {run_dir.url}", flush=True)
+        env = child_env(config.run_settings(lock_held=lock is not None))
+        before = status_stamp(run_dir)
+        try:
+            child_rc = run_child(entrypoint, env)
+        except OSError as e:
+            _err(f"cannot start the entrypoint {shlex.join(entrypoint)!r}: {e}")
+            return EXIT_NOT_FOUND
+        rc = resolve_exit_code(child_rc, run_dir, before)
+        _print_summary(rc, run_dir, args)
+        return rc
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    try:
+        run_dir = _open_run(args.run, args.set)
+    except ConfigError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    if not run_dir.exists(""):
+        _err(f"no run directory at {run_dir.url}")
+        return 1
+    status = report.read_status(run_dir)
+    print(json.dumps(status, indent=1, sort_keys=True) if args.json else report.format_status(status))
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    try:
+        run_dir = _open_run(args.run, args.set)
+    except ConfigError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    if not run_dir.exists(""):
+        _err(f"no run directory at {run_dir.url}")
+        return 1
+    state = report.read_state(run_dir)
+    report.request_stop(run_dir)
+    if state is report.RunState.RUNNING:
+        print(f"stop requested: the job on {run_dir.url} checkpoints at its next check and exits "
+              f"(exit code {report.EXIT_PREEMPTED}); `batchproc run` with the same config resumes it.")
+    else:
+        state_name = state.value if state else "not started"
+        print(f"stop requested for {run_dir.url}, but its state is {state_name}: no job seems to be running.")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchproc", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    set_help = "override a config key, e.g. --set resources.slots_per_trial=2 (repeatable)"
+
+    run = sub.add_parser("run", help="run an experiment (resumes where it stopped)")
+    run.add_argument("config", help="experiment.yaml")
+    run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help=set_help)
+    run.add_argument("--fresh", action="store_true", help="delete the run's progress and outputs first")
+    run.set_defaults(func=_cmd_run)
+
+    for name, func, text in (("status", _cmd_status, "show a run's progress"),
+                             ("stop", _cmd_stop, "ask a running job to checkpoint and stop")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("run", help="a run directory (path or URL) or an experiment.yaml")
+        cmd.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help=set_help)
+        if name == "status":
+            cmd.add_argument("--json", action="store_true", help="print the status as JSON")
+        cmd.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``batchproc`` command; returns its exit code."""
+    args = _parser().parse_args(argv)
+    return args.func(args)

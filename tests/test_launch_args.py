@@ -1,0 +1,196 @@
+"""The launcher's pure builders: argv split, torchrun command line, overrides checked by torchrun's parser."""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import pytest
+
+from batchproc.settings import RunSettings
+from launch.torch_distributed import (
+    LOG_LINE_PREFIX,
+    SIGNALS_TO_HANDLE,
+    create_launch_cmd,
+    launcher_overrides,
+    local_world_size,
+    max_nodes,
+    parse_args,
+)
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def value(cmd: List[str], *flags: str) -> Optional[str]:
+    """The value given to a flag (``--f v`` or ``--f=v``), asserting it is given at most once."""
+    found = [cmd[i + 1] for i, w in enumerate(cmd) if w in flags]
+    found += [w.split("=", 1)[1] for w in cmd if w.split("=", 1)[0] in flags and "=" in w]
+    assert len(found) <= 1, f"{flags} given {len(found)} times in {cmd}"
+    return found[0] if found else None
+
+
+def cmd_for(overrides=(), script=("x.py",), gpus=0, **settings) -> List[str]:
+    return create_launch_cmd(RunSettings(**settings), list(overrides), list(script), gpus)
+
+
+# -- parse_args -------------------------------------------------------------------------------
+
+
+def test_parse_args_splits_at_first_double_dash():
+    assert parse_args(["--nnodes", "2", "--", "python3", "x.py", "--", "a"]) == (
+        ["--nnodes", "2"], ["python3", "x.py", "--", "a"])
+
+
+def test_parse_args_without_double_dash_is_all_script():
+    assert parse_args(["python3", "x.py", "--lr", "1"]) == ([], ["python3", "x.py", "--lr", "1"])
+    assert parse_args(["--", "x.py"]) == ([], ["x.py"])
+    assert parse_args([]) == ([], [])
+
+
+# -- defaults -------------------------------------------------------------------------------
+
+
+def test_defaults():
+    cmd = cmd_for(max_restarts=3)
+    assert cmd[:3] == TORCHRUN
+    assert value(cmd, "--nproc-per-node") == "1"
+    assert value(cmd, "--max-restarts") == "3"
+    assert value(cmd, "--signals-to-handle") == SIGNALS_TO_HANDLE
+    assert "SIGUSR1" in SIGNALS_TO_HANDLE.split(",")
+    assert value(cmd, "--tee") == "3"  # torchrun prefixes only tee'd lines
+    assert value(cmd, "--log-line-prefix-template") == LOG_LINE_PREFIX == "[rank${rank}]: "
+    assert cmd.count("--standalone") == 1
+    assert cmd[-1] == "x.py"
+
+
+@pytest.mark.parametrize("slots, gpus, expected", [(3, 8, "3"), (None, 4, "4"), (None, 0, "1"), (1, 0, "1")])
+def test_nproc_from_slots_else_gpus_else_one(slots, gpus, expected):
+    assert value(cmd_for(gpus=gpus, slots_per_trial=slots), "--nproc-per-node") == expected
+
+
+# -- overrides ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, flags, expected", [
+    (["--nproc-per-node", "5"], ("--nproc-per-node", "--nproc_per_node"), "5"),
+    (["--nproc_per_node=5"], ("--nproc-per-node", "--nproc_per_node"), "5"),
+    (["--max_restarts", "7"], ("--max-restarts", "--max_restarts"), "7"),
+    (["--signals-to-handle=SIGTERM"], ("--signals-to-handle", "--signals_to_handle"), "SIGTERM"),
+    (["-t", "1"], ("--tee", "-t"), "1"),
+    (["-t1"], ("--tee", "-t"), None),  # attached short value: present once, as the user wrote it
+    (["--log_line_prefix_template", "${rank}|"],
+     ("--log-line-prefix-template", "--log_line_prefix_template"), "${rank}|"),
+])
+def test_override_replaces_default_in_either_spelling(overrides, flags, expected):
+    cmd = cmd_for(overrides, slots_per_trial=2, max_restarts=1)
+    assert value(cmd, *flags) == expected
+    assert cmd[-len(overrides) - 1:-1] == overrides  # after ours, in the user's order, so they win
+
+
+def test_overrides_come_after_defaults_and_before_script():
+    cmd = cmd_for(["--monitor-interval", "1"], script=["x.py", "--arg"])
+    assert cmd[-4:] == ["--monitor-interval", "1", "x.py", "--arg"]
+
+
+@pytest.mark.parametrize("flag", ["--nproc", "--foo", "--max-restart", "-z"])
+def test_unknown_flag_is_an_error_naming_it(flag):
+    with pytest.raises(ValueError, match=f"unknown torchrun flag '{flag}'"):
+        cmd_for([flag, "1"])
+
+
+def test_unknown_flag_suggests_the_real_one():
+    with pytest.raises(ValueError, match="did you mean --nproc-per-node"):
+        cmd_for(["--nproc", "2"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["x.py"], "put the script after '--'"),
+    (["--tee"], "needs a value"),
+    (["--standalone=1"], "takes no value"),
+])
+def test_malformed_overrides(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        cmd_for(overrides)
+
+
+# -- standalone vs. multi-node ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [
+    ["--nnodes", "2"], ["--nnodes=1:4"],
+    ["--rdzv-endpoint", "host:29400"], ["--rdzv_endpoint=host:29400"],
+    ["--master-addr", "10.0.0.1"], ["--master_port", "29500"], ["--rdzv-backend", "c10d"],
+])
+def test_no_standalone_with_a_rendezvous(overrides):
+    assert "--standalone" not in cmd_for(overrides)
+
+
+@pytest.mark.parametrize("overrides", [[], ["--nnodes", "1"], ["--nnodes=1:1"]])
+def test_standalone_on_one_node(overrides):
+    assert cmd_for(overrides).count("--standalone") == 1
+
+
+def test_standalone_given_by_user_is_not_doubled():
+    assert cmd_for(["--standalone"]).count("--standalone") == 1
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], 1), (["--nnodes", "3"], 3), (["--nnodes=2:4"], 4), (["--nnodes", "1"], 1),
+])
+def test_max_nodes(overrides, expected):
+    assert max_nodes(overrides) == expected
+
+
+def test_max_nodes_rejects_garbage():
+    with pytest.raises(ValueError, match="--nnodes"):
+        max_nodes(["--nnodes", "many"])
+
+
+def test_launcher_overrides_of_an_entrypoint():
+    entry = "python3 -m launch.torch_distributed --nnodes 2 --rdzv-endpoint h:1 -- python3 x.py".split()
+    assert launcher_overrides(entry) == ["--nnodes", "2", "--rdzv-endpoint", "h:1"]
+    assert launcher_overrides("python3 -m launch.torch_distributed python3 x.py".split()) == []
+    assert launcher_overrides(["python3", "x.py"]) == []
+
+
+# -- the script -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("python", ["python", "python3", "python3.11", "/usr/bin/python3", sys.executable])
+def test_python_is_dropped(python):
+    cmd = cmd_for(script=[python, "-u", "examples/x.py", "--lr", "1"])
+    assert cmd[-3:] == ["examples/x.py", "--lr", "1"]
+    assert python not in cmd[3:] and "--no-python" not in cmd and "-u" not in cmd
+
+
+def test_python_module_maps_to_torchrun_module():
+    cmd = cmd_for(script=["python3", "-m", "pkg.mod", "--a"])
+    assert cmd[-3:] == ["--module", "pkg.mod", "--a"]
+    given = cmd_for(["-m"], script=["python3", "-m", "pkg.mod"])  # the user's -m stands; no second one
+    assert "--module" not in given and given[3:].count("-m") == 1 and given[-1] == "pkg.mod"
+
+
+def test_py_file_runs_as_is_and_executables_without_python():
+    assert cmd_for(script=["x.py"])[-1] == "x.py" and "--no-python" not in cmd_for(script=["x.py"])
+    cmd = cmd_for(script=["./job.sh", "a"])
+    assert cmd[-3:] == ["--no-python", "./job.sh", "a"]
+
+
+@pytest.mark.parametrize("script, message", [
+    ([], "no script"), (["python3"], "no script"), (["python3", "-c", "print()"], "option -c"),
+    (["python3", "-m"], "module name"),
+])
+def test_bad_scripts(script, message):
+    with pytest.raises(ValueError, match=message):
+        cmd_for(script=script)
+
+
+# -- processes per node (OMP threads) -------------------------------------------------------------
+
+
+def test_local_world_size():
+    assert local_world_size(RunSettings(slots_per_trial=3), [], 8) == 3
+    assert local_world_size(RunSettings(), [], 2) == 2
+    assert local_world_size(RunSettings(), [], 0) == 1
+    assert local_world_size(RunSettings(slots_per_trial=3), ["--nproc_per_node=5"], 0) == 5
+    assert local_world_size(RunSettings(), ["--nproc-per-node", "gpu"], 4) == 4
