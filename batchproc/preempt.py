@@ -22,7 +22,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 class PreemptionWatcher:
     """Collects local stop requests; ``should_stop()`` turns them into a job-wide decision."""
 
-    def __init__(self, env: WorkerEnv, run_dir: Optional[RunDir], poll_s: float = 2.0) -> None:
+    def __init__(self, env: WorkerEnv, run_dir: Optional[RunDir], poll_s: float = 1.0) -> None:
         self.env = env
         self.run_dir = run_dir
         self.poll_s = poll_s

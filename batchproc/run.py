@@ -20,6 +20,7 @@ from batchproc.distributed import WorkerEnv, init_worker
 from batchproc.errors import TooManyBadSamplesError, UserCodeError
 from batchproc.faults import Faults
 from batchproc.loader import build_loader, check_dataloader_kwargs, describe_sample
+from batchproc.progress import Progress
 from batchproc.preempt import PreemptionWatcher, clear_stop_request
 from batchproc.processor import TorchBatchProcessor, TorchBatchProcessorContext
 from batchproc.reducer import ReducerRegistry
@@ -189,6 +190,7 @@ class _Job:
         skipped_total = resumed.skipped_samples
         preempted = False
         step = 0
+        progress = Progress(env.is_chief, G, total, self.batch_size)
         try:
             with PreemptionWatcher(env, self.run_dir) as watcher:
                 for step in range(steps):
@@ -205,6 +207,7 @@ class _Job:
                     if self.faults.fires("stop", step):
                         watcher.request("fault hook")
                     self.faults.maybe_kill("kill", step)
+                    progress.update(min(W, total - (G + step * W)))
                     done = step + 1
                     if done == steps:
                         break
@@ -220,6 +223,7 @@ class _Job:
                     processor.on_finish()
                     ckpt.commit(processor, total, new_errors, RunState.RUNNING)
         finally:
+            progress.close()
             stager.close()
             context._close()
         watermark = total if not preempted else sharding.watermark_after(G, total, W, step + 1)

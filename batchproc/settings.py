@@ -20,6 +20,8 @@ ENV_SLOTS = "BATCHPROC_SLOTS_PER_TRIAL"
 ENV_MAX_RESTARTS = "BATCHPROC_MAX_RESTARTS"
 ENV_PG_TIMEOUT = "BATCHPROC_PG_TIMEOUT_S"
 ENV_LOCK_HELD = "BATCHPROC_LOCK_HELD"
+#: "1": show rank 0's progress bar even though stderr is a pipe (the launcher's is a terminal).
+ENV_PROGRESS = "BATCHPROC_PROGRESS"
 #: Test-only fault injection (see ``batchproc.faults``); never set in production.
 ENV_FAULT = "BATCHPROC_FAULT"
 

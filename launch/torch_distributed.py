@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from batchproc.errors import RunDirLockedError
 from batchproc.outcome import child_env, resolve_exit_code, run_child, status_stamp
-from batchproc.settings import RunSettings
+from batchproc.settings import ENV_PROGRESS, RunSettings
 
 MODULE = "launch.torch_distributed"
 USAGE = f"usage: python -m {MODULE} [TORCHRUN_OVERRIDES... --] SCRIPT [ARGS...]"
@@ -219,6 +219,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         env = child_env(settings)
         env.setdefault("OMP_NUM_THREADS", str(max(1, _cpu_count() // nproc)))
+        if sys.stderr.isatty():  # workers write to torchrun's pipes, but a person is watching
+            env.setdefault(ENV_PROGRESS, "1")
         before = status_stamp(run_dir)
         return resolve_exit_code(run_child(cmd, env), run_dir, before)
     finally:

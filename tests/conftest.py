@@ -82,12 +82,37 @@ class Procs:
             pass
 
     def cleanup(self) -> None:
+        # Our launchers start torchrun in a process group of its own: collect every descendant
+        # by PID before killing, so nothing outlives the test.
+        pids = [d for p in self.procs for d in descendants(p.pid)]
         for p in self.procs:
-            if p.poll() is None:
-                self.kill(p)
-                p.wait(timeout=30)
-            else:  # the group may still hold orphaned workers
-                self.kill(p)
+            self.kill(p)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            p.wait(timeout=30)
+
+
+def descendants(pid: int) -> List[int]:
+    """PIDs of every live descendant of ``pid`` (from /proc)."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 class Finished:

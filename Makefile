@@ -1,0 +1,21 @@
+# The two commands of README.md. Each sets itself up: a virtual environment in .venv with the
+# pinned torch/torchvision (constraints.txt) and the project installed editable.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench chaos clean
+
+$(STAMP): setup.cfg constraints.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[examples,s3,test]"
+	touch $(STAMP)
+
+run: $(STAMP)  ## the default experiment (experiment.yaml)
+	$(VENV)/bin/batchproc run experiment.yaml $(ARGS)
+
+test: $(STAMP)  ## the test suite
+	$(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs data

@@ -1,0 +1,56 @@
+"""Rank 0's progress bar (tqdm): batches committed of the total, throughput and ETA.
+
+Shown when a person is watching: stderr is a terminal, or the launcher's is (``BATCHPROC_PROGRESS``;
+under torchrun the workers write to pipes, so each refresh is written as its own line). Quiet
+otherwise, so logs of batch jobs stay clean.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Optional
+
+from batchproc.settings import ENV_PROGRESS
+
+
+class _Lines:
+    """A file that turns tqdm's carriage returns into newlines (pipes are read line by line)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, s: str) -> None:
+        s = s.replace("\r", "").strip()
+        if s:
+            self.stream.write(s + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class Progress:
+    """Counts global batches done by all ranks (rank 0 assumes the others keep its pace)."""
+
+    def __init__(self, is_chief: bool, done: int, total: int, batch_size: int) -> None:
+        self._bar: Optional[Any] = None
+        if not is_chief or total == 0:
+            return
+        tty = sys.stderr.isatty()
+        if not tty and os.environ.get(ENV_PROGRESS) != "1":
+            return
+        from tqdm import tqdm
+
+        # Counted in batches, shown in samples (unit_scale), so the rate reads as samples/s.
+        self._bar = tqdm(total=total, initial=done, unit="sample", unit_scale=batch_size, desc="batchproc",
+                         dynamic_ncols=tty, file=sys.stderr if tty else _Lines(sys.stderr),
+                         mininterval=0.5 if tty else 5.0, smoothing=0.1)
+
+    def update(self, batches: int) -> None:
+        if self._bar is not None:
+            self._bar.update(batches)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
