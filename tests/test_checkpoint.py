@@ -1,0 +1,72 @@
+"""The commit protocol under crashes between its steps, and damaged checkpoint records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import job_cmd, output_indices, output_rows
+
+N, BS = 40, 2
+
+
+def reference(procs, tmp_path):
+    out = procs.run(job_cmd(0, N, BS, 1000, "-", tmp_path / "ref"))
+    assert out.rc == 0, out.out
+    return out.result()["metrics"]
+
+
+@pytest.mark.parametrize("fault", [
+    "kill@rank=1@step=5",          # mid-interval: uncommitted work is redone
+    "kill-after-stage@rank=0",     # files staged and gathered, no record yet
+    "kill-after-record@rank=1",    # record written, publication not done by rank 1
+    "kill-after-record@rank=0",    # record written, rank 0 dies before publishing
+])
+def test_crash_at_each_commit_step_is_exactly_once(procs, tmp_path, fault):
+    run_dir = tmp_path / "run"
+    out = procs.run(job_cmd(2, N, BS, 3, "-", run_dir, max_restarts=1), env={"BATCHPROC_FAULT": fault})
+    assert out.rc == 0, out.out
+    assert out.result()["completed"]
+    assert output_indices(run_dir) == list(range(N))
+    assert out.result()["metrics"] == reference(procs, tmp_path)
+    assert json.loads((run_dir / "status.json").read_text())["restarts"] == 1
+
+
+def _stop_twice(procs, run_dir):
+    for step in (2, 1):
+        out = procs.run(job_cmd(2, N, BS, 2, "-", run_dir), env={"BATCHPROC_FAULT": f"stop@step={step}"})
+        assert out.rc == 0 and out.result()["preempted"], out.out
+    return sorted((run_dir / "checkpoints").glob("ckpt-*.json"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit", "drop-states"])
+def test_damaged_latest_record_falls_back_to_previous(procs, tmp_path, damage):
+    run_dir = tmp_path / "run"
+    records = _stop_twice(procs, run_dir)
+    latest = records[-1]
+    if damage == "truncate":
+        latest.write_bytes(latest.read_bytes()[:50])
+    elif damage == "edit":
+        rec = json.loads(latest.read_text())
+        rec["watermark"] += 2  # a silently wrong resume would skip work
+        latest.write_text(json.dumps(rec))
+    else:
+        (run_dir / json.loads(latest.read_text())["states_file"]).unlink()
+    out = procs.run(job_cmd(1, N, BS, 2, "-", run_dir))
+    assert out.rc == 0, out.out
+    assert "damaged" in out.out and latest.name in out.out
+    assert output_indices(run_dir) == list(range(N))  # the damaged record's outputs were set aside
+    assert out.result()["metrics"] == reference(procs, tmp_path)
+    assert (run_dir / "rejected" / "checkpoints" / latest.name).exists()
+
+
+def test_no_valid_record_is_a_clear_error(procs, tmp_path):
+    run_dir = tmp_path / "run"
+    for rec in _stop_twice(procs, run_dir):
+        rec.write_text("{")
+    before = sorted(p.name for p in (run_dir / "outputs").iterdir())
+    out = procs.run(job_cmd(1, N, BS, 2, "-", run_dir))
+    assert out.rc != 0
+    assert "CorruptCheckpointError" in out.out and "--fresh" in out.out
+    assert sorted(p.name for p in (run_dir / "outputs").iterdir()) == before  # nothing deleted
