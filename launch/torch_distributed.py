@@ -180,7 +180,9 @@ def create_launch_cmd(settings: RunSettings, overrides: Sequence[str], script: S
             cmd += tokens
     cmd += overrides
     cmd += [flag for dest, flag in flags if dest not in given]
-    return cmd + argv
+    # "--" ends torchrun's options: argparse would otherwise take the script's own flags as
+    # abbreviations of torchrun's (`--n` is "ambiguous") and refuse to start.
+    return cmd + ["--"] + argv
 
 
 def _gpu_count() -> int:

@@ -23,6 +23,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 def value(cmd: List[str], *flags: str) -> Optional[str]:
     """The value given to a flag (``--f v`` or ``--f=v``), asserting it is given at most once."""
+    cmd = cmd[:cmd.index("--")] if "--" in cmd else cmd  # the script's own words are not torchrun's
     found = [cmd[i + 1] for i, w in enumerate(cmd) if w in flags]
     found += [w.split("=", 1)[1] for w in cmd if w.split("=", 1)[0] in flags and "=" in w]
     assert len(found) <= 1, f"{flags} given {len(found)} times in {cmd}"
@@ -84,12 +85,12 @@ def test_nproc_from_slots_else_gpus_else_one(slots, gpus, expected):
 def test_override_replaces_default_in_either_spelling(overrides, flags, expected):
     cmd = cmd_for(overrides, slots_per_trial=2, max_restarts=1)
     assert value(cmd, *flags) == expected
-    assert cmd[-len(overrides) - 1:-1] == overrides  # after ours, in the user's order, so they win
+    assert cmd[-len(overrides) - 2:-2] == overrides  # after ours, in the user's order, so they win
 
 
 def test_overrides_come_after_defaults_and_before_script():
     cmd = cmd_for(["--monitor-interval", "1"], script=["x.py", "--arg"])
-    assert cmd[-4:] == ["--monitor-interval", "1", "x.py", "--arg"]
+    assert cmd[-5:] == ["--monitor-interval", "1", "--", "x.py", "--arg"]
 
 
 @pytest.mark.parametrize("flag", ["--nproc", "--foo", "--max-restart", "-z"])
@@ -159,13 +160,13 @@ def test_launcher_overrides_of_an_entrypoint():
 @pytest.mark.parametrize("python", ["python", "python3", "python3.11", "/usr/bin/python3", sys.executable])
 def test_python_is_dropped(python):
     cmd = cmd_for(script=[python, "-u", "examples/x.py", "--lr", "1"])
-    assert cmd[-3:] == ["examples/x.py", "--lr", "1"]
+    assert cmd[-4:] == ["--", "examples/x.py", "--lr", "1"]
     assert python not in cmd[3:] and "--no-python" not in cmd and "-u" not in cmd
 
 
 def test_python_module_maps_to_torchrun_module():
     cmd = cmd_for(script=["python3", "-m", "pkg.mod", "--a"])
-    assert cmd[-3:] == ["--module", "pkg.mod", "--a"]
+    assert cmd[-4:] == ["--module", "--", "pkg.mod", "--a"]
     given = cmd_for(["-m"], script=["python3", "-m", "pkg.mod"])  # the user's -m stands; no second one
     assert "--module" not in given and given[3:].count("-m") == 1 and given[-1] == "pkg.mod"
 
@@ -173,7 +174,7 @@ def test_python_module_maps_to_torchrun_module():
 def test_py_file_runs_as_is_and_executables_without_python():
     assert cmd_for(script=["x.py"])[-1] == "x.py" and "--no-python" not in cmd_for(script=["x.py"])
     cmd = cmd_for(script=["./job.sh", "a"])
-    assert cmd[-3:] == ["--no-python", "./job.sh", "a"]
+    assert cmd[-4:] == ["--no-python", "--", "./job.sh", "a"]
 
 
 @pytest.mark.parametrize("script, message", [

@@ -1,0 +1,230 @@
+"""``python -m bench``: the framework's cost as ratios to a plain PyTorch loop, measured in one run.
+
+Each row alternates the two sides (plain, ours, plain, ours, ...) in fresh processes and reports
+medians; ratios > 1 mean ours is faster (throughput) or larger (memory, time). The table is printed
+and written to docs/BENCHMARKS.md with the machine, date and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "bench" / ".data"
+PY = sys.executable
+
+
+def make_jpegs(folder: Path, n: int, size=(500, 375)) -> Path:
+    """``n`` JPEG photos-like files (smooth colour fields plus noise), ImageFolder layout."""
+    marker = folder / f".done-{n}"
+    if marker.exists():
+        return folder
+    import numpy as np
+    from PIL import Image
+
+    shutil.rmtree(folder, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(n):
+        cls = folder / f"class{i % 4}"
+        cls.mkdir(parents=True, exist_ok=True)
+        base = np.stack([np.sin(xx / rng.uniform(20, 80) + rng.uniform(0, 6)) * np.cos(yy / rng.uniform(20, 80)) for _ in range(3)], -1)
+        img = ((base * 0.5 + 0.5) * 200 + rng.normal(0, 12, (h, w, 3))).clip(0, 255).astype("uint8")
+        Image.fromarray(img).save(cls / f"img{i:05d}.jpg", quality=90)
+    marker.write_text("ok")
+    return folder
+
+
+def env_for(threads: int) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHPROC_", "TORCHELASTIC_"))}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def run(args: List[str], nproc: int = 0, threads: int = 2, extra_env: Optional[Dict[str, str]] = None,
+        storage: Optional[str] = None) -> List[dict]:
+    """One measurement in fresh process(es); returns every rank's BENCH record."""
+    store = storage or tempfile.mkdtemp(prefix="bench-run-")
+    cmd = [PY, "-m", "bench.workload", *args, "--storage", store]
+    if nproc:
+        cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "--no-python", *cmd]
+    env = env_for(threads)
+    env.update(extra_env or {})
+    t0 = time.time()
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    recs = [json.loads(l.split("BENCH ", 1)[1]) for l in out.stdout.splitlines() if "BENCH " in l]
+    if out.returncode != 0 or not recs:
+        raise RuntimeError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    for r in recs:
+        r["t0"] = t0
+    if storage is None:
+        shutil.rmtree(store, ignore_errors=True)
+    return recs
+
+
+def throughput(recs: List[dict]) -> float:
+    start, end = min(r["start"] for r in recs), max(r["end"] for r in recs)
+    return sum(r["samples"] for r in recs if r["rank"] == 0 or r["mode"] in ("plain", "pil")) / (end - start)
+
+
+def alternate(a, b, runs: int):
+    """Run ``a()`` and ``b()`` alternately ``runs`` times each; lists of their results."""
+    ra, rb = [], []
+    for _ in range(runs):
+        ra.append(a())
+        rb.append(b())
+    return ra, rb
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: List[List[str]] = []
+
+    def add(self, row: str, what: str, ours: str, base: str, ratio: float, target: str, ok: Optional[bool]) -> None:
+        self.rows.append([row, what, ours, base, f"{ratio:.3f}", target, "yes" if ok else ("no" if ok is not None else "-")])
+        print(" | ".join(self.rows[-1]), flush=True)
+
+    def markdown(self) -> str:
+        head = ["row", "measure", "batchproc", "baseline", "ratio", "target", "met"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench")
+    p.add_argument("--runs", type=int, default=5, help="alternating runs per side (medians)")
+    p.add_argument("--images", type=int, default=96)
+    p.add_argument("--rows", default="abcdefg")
+    p.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    args = p.parse_args(argv)
+    jpegs = str(make_jpegs(DATA / "jpeg500", args.images))
+    img = ["--data", jpegs, "--model", "resnet18", "--bs", "32"]
+    table, notes = Table(), []
+    R = args.runs
+    started = time.time()
+
+    if "a" in args.rows or "e" in args.rows:
+        plain, ours = alternate(lambda: run(["plain", *img, "--nw", "0"]),
+                                lambda: run(["framework", *img, "--nw", "0"]), R)
+        tp, to = med([throughput(r) for r in plain]), med([throughput(r) for r in ours])
+        table.add("a", "throughput, 1 process (img/s)", f"{to:.2f}", f"{tp:.2f}", to / tp, ">= 0.97", to / tp >= 0.97)
+        mp, mo = med([r[0]["maxrss_mb"] for r in plain]), med([r[0]["maxrss_mb"] for r in ours])
+        table.add("e", "peak RSS per rank (MiB)", f"{mo:.0f}", f"{mp:.0f}", mo / mp, "<= 1.1", mo / mp <= 1.1)
+    if "b" in args.rows:
+        plain, ours = alternate(lambda: run(["plain", *img, "--nw", "0"], threads=2),
+                                lambda: run(["framework", *img, "--nw", "0"], nproc=2, threads=1), R)
+        tp, to = med([throughput(r) for r in plain]), med([throughput(r) for r in ours])
+        table.add("b", "throughput, 2 ranks vs plain on 2 cores (img/s)", f"{to:.2f}", f"{tp:.2f}", to / tp, ">= 0.95", to / tp >= 0.95)
+    if "c" in args.rows:
+        every, rare = alternate(lambda: run(["framework", *img, "--nw", "0", "--interval", "1"]),
+                                lambda: run(["framework", *img, "--nw", "0"]), R)
+        te, tr = med([throughput(r) for r in every]), med([throughput(r) for r in rare])
+        table.add("c", "checkpoint_interval=1 vs never (img/s)", f"{te:.2f}", f"{tr:.2f}", te / tr, ">= 0.97", te / tr >= 0.97)
+        cost = {}
+        for n in (1000, 100_000):
+            syn = ["synthetic", "--model", "tiny", "--bs", "4", "--n", str(n), "--max-batches", "200"]
+            e1, e2 = alternate(lambda: run([*syn, "--interval", "1"], threads=1),
+                               lambda: run([*syn, "--interval", "1000000"], threads=1), R)
+            cost[n] = med([(r1[0]["end"] - r1[0]["start"]) - (r2[0]["end"] - r2[0]["start"]) for r1, r2 in zip(e1, e2)]) / 200 * 1000
+        table.add("c", "commit cost, 100k vs 1k samples (ms/commit)", f"{cost[100_000]:.2f}", f"{cost[1000]:.2f}",
+                  cost[100_000] / cost[1000] if cost[1000] > 0 else float("nan"), "~1.0 (independent)", None)
+    if "d" in args.rows:
+        syn = ["synthetic", "--model", "tiny", "--bs", "32", "--n", "100000"]
+        dirs = {}
+        for pct, step in ((10, 312), (90, 2812)):
+            dirs[pct] = tempfile.mkdtemp(prefix=f"bench-resume{pct}-")
+            run(syn, threads=1, storage=dirs[pct], extra_env={"BATCHPROC_FAULT": f"stop@step={step}"})
+
+        def to_first(pct):
+            r = run(syn, threads=1, storage=dirs[pct], extra_env={"BATCHPROC_FAULT": "stop@step=0"})[0]
+            return r["marks"]["first_batch"] - r["t0"]
+        t10, t90 = alternate(lambda: to_first(10), lambda: to_first(90), R)
+        table.add("d", "launch to first batch, resume at 90% vs 10% (s)", f"{med(t90):.2f}", f"{med(t10):.2f}",
+                  med(t90) / med(t10), "<= 1.1", med(t90) / med(t10) <= 1.1)
+        for d in dirs.values():
+            shutil.rmtree(d, ignore_errors=True)
+    if "f" in args.rows:
+        notes.append(startup_breakdown(R))
+    if "g" in args.rows:
+        pil, ours = alternate(lambda: run(["pil", *img, "--nw", "0"]),
+                              lambda: run(["shipped", *img]), R)
+        tp, to = med([throughput(r) for r in pil]), med([throughput(r) for r in ours])
+        table.add("g", "shipped image path vs PIL ImageFolder loop (img/s)", f"{to:.2f}", f"{tp:.2f}", to / tp, ">= 1.2", to / tp >= 1.2)
+
+    report = render(table, notes, args, time.time() - started)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(report)
+    print(report)
+    return 0
+
+
+def startup_breakdown(runs: int) -> str:
+    """Row f: ``batchproc run`` of a 2-slot experiment to its first processed batch, by stage."""
+    stages = []
+    for _ in range(runs):
+        tmp = Path(tempfile.mkdtemp(prefix="bench-startup-"))
+        cfg = tmp / "exp.yaml"
+        cfg.write_text(f"""name: startup
+entrypoint: python3 -m launch.torch_distributed python3 -m bench.workload synthetic --model tiny --bs 4 --n 64
+resources: {{slots_per_trial: 2}}
+checkpoint_storage: {tmp}/runs
+""")
+        t0 = time.time()
+        out = subprocess.run([PY, "-m", "batchproc", "run", str(cfg)], cwd=ROOT, env=env_for(1),
+                             capture_output=True, text=True, timeout=600)
+        recs = [json.loads(l.split("BENCH ", 1)[1]) for l in out.stdout.splitlines() if "BENCH " in l]
+        r0 = [r for r in recs if r["rank"] == 0][0]
+        stages.append({"to worker start": r0["process_start"] - t0, "imports (torch, batchproc)": r0["imported"] - r0["process_start"],
+                       "process group + open run": r0["marks"]["init"] - r0["start"],
+                       "first batch": r0["marks"]["first_batch"] - r0["marks"]["init"],
+                       "total": r0["marks"]["first_batch"] - t0})
+        shutil.rmtree(tmp, ignore_errors=True)
+    lines = ["Row f, `batchproc run` (2 slots, tiny model) to the first processed batch, medians of "
+             f"{runs} runs (s):", ""]
+    for k in stages[0]:
+        lines.append(f"- {k}: {med([s[k] for s in stages]):.2f}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def render(table: Table, notes: List[str], args, elapsed: float) -> str:
+    import torch
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    return f"""# Benchmarks
+
+Command: `python -m bench --runs {args.runs} --images {args.images} --rows {args.rows}` ({elapsed / 60:.1f} min)
+Date: {datetime.date.today().isoformat()}. Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, no GPU.
+Each side runs {args.runs} times, alternating, each in a fresh process; medians. Workload: {args.images} JPEG
+files 500x375 px (generated), decode + Resize 256 + CenterCrop 224, ResNet-18 (random weights), batch 32.
+
+{table.markdown()}
+
+{chr(10).join(notes)}
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
