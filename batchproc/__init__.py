@@ -6,7 +6,7 @@ The public names are imported lazily so that ``batchproc status`` answers withou
 from typing import TYPE_CHECKING, Any
 
 __all__ = ["TorchBatchProcessor", "TorchBatchProcessorContext", "torch_batch_process",
-           "MetricReducer", "BatchProcessResult"]
+           "MetricReducer", "BatchProcessResult", "get_hparams"]
 __version__ = "0.1.0"
 
 _WHERE = {
@@ -21,6 +21,16 @@ if TYPE_CHECKING:
     from batchproc.processor import TorchBatchProcessor, TorchBatchProcessorContext
     from batchproc.reducer import MetricReducer
     from batchproc.run import BatchProcessResult, torch_batch_process
+
+
+def get_hparams() -> dict:
+    """The experiment's hyperparameters, before (or without) a processor's context.
+
+    ``batchproc run`` passes them to the entrypoint; a script run on its own gets ``{}``.
+    """
+    from batchproc.settings import RunSettings
+
+    return dict(RunSettings.from_env().hparams)
 
 
 def __getattr__(name: str) -> Any:

@@ -6,6 +6,8 @@ holds and the samples that failed to load (dropped under ``bad_samples="skip"``)
 
 from __future__ import annotations
 
+import os
+import signal
 import traceback
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
@@ -57,10 +59,12 @@ class _Bad(NamedTuple):
     index: int
     error: str
     description: str
+    trace: str = ""
 
 
 class _IndexedDataset(Dataset):
-    """Returns ``(index, sample)``; under "skip" a failing sample becomes a ``_Bad`` marker."""
+    """Returns ``(index, sample)``; a failing sample becomes a ``_Bad`` marker (with its traceback
+    under "raise", for the main process to raise)."""
 
     def __init__(self, dataset: Dataset, skip_bad: bool) -> None:
         self.dataset = dataset
@@ -73,19 +77,26 @@ class _IndexedDataset(Dataset):
         try:
             return index, self.dataset[index]
         except Exception as e:
-            desc = describe_sample(self.dataset, index)
-            if self.skip_bad:
-                return index, _Bad(index, f"{type(e).__name__}: {e}", desc)
-            raise BadSampleError(
-                f"loading {desc} of {type(self.dataset).__name__} failed with {type(e).__name__}: {e}. "
-                f"Fix or remove it, or pass bad_samples='skip' to drop bad samples and record them "
-                f"in errors.jsonl.\n{traceback.format_exc()}") from e
+            # Returned, not raised, under either policy: raised in a loader worker, the message
+            # would reach the user buried under "Caught ... in DataLoader worker process 0".
+            return index, _Bad(index, f"{type(e).__name__}: {e}", describe_sample(self.dataset, index),
+                               "" if self.skip_bad else traceback.format_exc())
 
 
 class LoadedBatch(NamedTuple):
     batch: Any  # None when every sample of the batch was bad
     indices: List[int]
-    bad: List[Dict[str, Any]]
+    bad: List[_Bad]
+
+    def bad_records(self) -> List[Dict[str, Any]]:
+        """The skipped samples as ``errors.jsonl`` rows; raises (in the main process) under "raise"."""
+        for b in self.bad:
+            if b.trace:
+                raise BadSampleError(
+                    f"loading {b.description} failed with {b.error}. Fix or remove it, or pass "
+                    f"bad_samples='skip' to drop bad samples and record them in errors.jsonl.\n"
+                    f"Traceback of the load:\n{b.trace}")
+        return [{"index": b.index, "sample": b.description, "error": b.error} for b in self.bad]
 
 
 class _Collate:
@@ -96,20 +107,43 @@ class _Collate:
         good, indices, bad = [], [], []
         for index, sample in items:
             if isinstance(sample, _Bad):
-                bad.append({"index": sample.index, "sample": sample.description, "error": sample.error})
+                bad.append(sample)
             else:
                 good.append(sample)
                 indices.append(index)
         return LoadedBatch(self.collate_fn(good) if good else None, indices, bad)
 
 
+def default_num_workers(local_world_size: int) -> int:
+    """Loader processes per rank when the user did not say: the rank's share of the cores, less
+    the one its main process needs, at least 1 (so the next batch loads while this one runs)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, max(1, cores // max(1, local_world_size) - 1))
+
+
+class _WorkerInit:
+    """Loader workers ignore Ctrl-C: the main process turns it into a checkpoint-and-stop, and
+    a worker dying of SIGINT first would fail the batch in flight."""
+
+    def __init__(self, user_fn: Optional[Callable[[int], None]]) -> None:
+        self.user_fn = user_fn
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.user_fn is not None:
+            self.user_fn(worker_id)
+
+
 def build_loader(dataset: Dataset, sampler: RankBatchSampler, dataloader_kwargs: Dict[str, Any],
-                 bad_samples: str, device: torch.device) -> DataLoader:
-    """A DataLoader over this rank's remaining batches (pinned memory when feeding a GPU)."""
+                 bad_samples: str, device: torch.device, local_world_size: int = 1) -> DataLoader:
+    """A DataLoader over this rank's remaining batches: prefetching workers, pinned memory for GPUs."""
     if bad_samples not in BAD_SAMPLE_POLICIES:
         raise ValueError(f"bad_samples must be one of {BAD_SAMPLE_POLICIES}, got {bad_samples!r}")
     kwargs = dict(dataloader_kwargs)
     collate_fn = kwargs.pop("collate_fn", None) or default_collate
     kwargs.setdefault("pin_memory", device.type == "cuda")
+    kwargs.setdefault("num_workers", default_num_workers(local_world_size) if len(sampler) > 1 else 0)
+    if kwargs["num_workers"] > 0:
+        kwargs["worker_init_fn"] = _WorkerInit(kwargs.get("worker_init_fn"))
     return DataLoader(_IndexedDataset(dataset, bad_samples == "skip"), batch_sampler=sampler,
                       collate_fn=_Collate(collate_fn), **kwargs)

@@ -12,13 +12,16 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 import torch
 
 from batchproc.distributed import WorkerEnv
 from batchproc.reducer import MetricReducer, ReducerRegistry, json_safe
 from batchproc.storage import Stager
+
+
+R = TypeVar("R", bound=MetricReducer)
 
 
 class TorchBatchProcessorContext:
@@ -68,7 +71,7 @@ class TorchBatchProcessorContext:
         yield pathlib.Path(folder)
         self._stager.close_upload(folder, seq)
 
-    def wrap_reducer(self, reducer: MetricReducer, name: Optional[str] = None) -> MetricReducer:
+    def wrap_reducer(self, reducer: R, name: Optional[str] = None) -> R:
         """Register ``reducer``: its result is ``metrics[name]`` (or merged in, if ``name`` is None)."""
         return self._reducers.wrap(reducer, name)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import numbers
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, TypeVar
 
 import torch
 
@@ -33,6 +33,9 @@ class MetricReducer(abc.ABC):
     @abc.abstractmethod
     def cross_slot_reduce(self, per_slot_metrics: List[Any]) -> Any:
         """Combine the partial results of every slot into the metric (a dict if unnamed)."""
+
+
+R = TypeVar("R", bound=MetricReducer)
 
 
 def _storable(value: Any) -> Any:
@@ -60,7 +63,7 @@ class ReducerRegistry:
         self._reducers: Dict[str, MetricReducer] = {}
         self._named: Dict[str, bool] = {}
 
-    def wrap(self, reducer: MetricReducer, name: Optional[str]) -> MetricReducer:
+    def wrap(self, reducer: "R", name: Optional[str]) -> "R":
         if not isinstance(reducer, MetricReducer):
             raise TypeError(f"wrap_reducer() needs a MetricReducer, got {type(reducer).__name__}")
         key = name if name is not None else f"<{type(reducer).__name__}#{len(self._reducers)}>"

@@ -185,7 +185,8 @@ class _Job:
         G, total, W = resumed.watermark, resumed.total_batches, env.world_size
         steps = sharding.steps_per_rank(G, total, W)
         sampler = sharding.RankBatchSampler(fingerprint["dataset_len"], self.batch_size, total, G, W, env.rank)
-        batches = iter(build_loader(self.dataset, sampler, self.loader_kwargs, self.bad_samples, env.device))
+        batches = iter(build_loader(self.dataset, sampler, self.loader_kwargs, self.bad_samples, env.device,
+                                    env.local_world_size))
         new_errors: List[Dict[str, Any]] = []
         skipped_total = resumed.skipped_samples
         preempted = False
@@ -198,8 +199,9 @@ class _Job:
                     if g < total:
                         loaded = next(batches)
                         if loaded.bad:
-                            new_errors.extend(loaded.bad)
-                            skipped_total += len(loaded.bad)
+                            records = loaded.bad_records()
+                            new_errors.extend(records)
+                            skipped_total += len(records)
                             self._check_bad_budget(skipped_total)
                         if loaded.batch is not None:
                             context.global_batch_idx, context.batch_indices = g, loaded.indices
@@ -223,6 +225,8 @@ class _Job:
                     processor.on_finish()
                     ckpt.commit(processor, total, new_errors, RunState.RUNNING)
         finally:
+            # Shut loader workers down now: left to the garbage collector, each waits 5 s.
+            getattr(batches, "_shutdown_workers", lambda: None)()
             progress.close()
             stager.close()
             context._close()

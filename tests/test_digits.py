@@ -1,0 +1,134 @@
+"""The default experiment's data, model and script: digits PNGs, the trained CNN, classify_images.py
+end to end through torchrun with 1 and 2 processes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from batchproc.images import ImageFiles
+from batchproc.writers import read_rows
+from conftest import PY, ROOT, Procs
+
+sys.path.insert(0, str(ROOT / "examples"))
+import classify_images  # noqa: E402
+from digits_cnn import WEIGHTS_FILE, DigitsCNN, digits_preprocess, load_digits_cnn  # noqa: E402
+from digits_data import MARKER, N_DIGITS, digits_index, ensure_digits_folder  # noqa: E402
+
+
+# torchvision 0.29 deprecates its decoders (batchproc.images silences this; pytest re-enables it).
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> str:
+    return ensure_digits_folder(tmp_path_factory.mktemp("data"))
+
+
+def test_digits_folder_holds_sklearn_digits_once(digits):
+    from sklearn.datasets import load_digits
+
+    folder = Path(digits)
+    files = sorted(folder.rglob("*.png"))
+    assert len(files) == N_DIGITS and (folder / MARKER).exists()
+    stamp = (folder / MARKER).stat().st_mtime_ns
+    assert ensure_digits_folder(folder.parent) == digits and (folder / MARKER).stat().st_mtime_ns == stamp
+    ref = load_digits()
+    ds = ImageFiles(digits)
+    assert ds.classes == [str(i) for i in range(10)]
+    for i in (0, 500, N_DIGITS - 1):
+        row = digits_index(ds.files[i])
+        assert int(ds.classes[ds.labels[i]]) == ref.target[row]
+        image = ds[i]["image"]
+        assert image.shape == (3, 8, 8)
+        assert np.array_equal(image[0].numpy(), np.rint(ref.images[row] * 255 / 16).astype(np.uint8))
+
+
+def test_trained_weights_load_weights_only_and_classify(digits):
+    state = torch.load(WEIGHTS_FILE, weights_only=True)
+    DigitsCNN().load_state_dict(state)
+    model = load_digits_cnn().eval()
+    ds = ImageFiles(digits, transform=digits_preprocess())
+    x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    with torch.inference_mode():
+        pred = model(x).argmax(1)
+    acc = float((pred == torch.tensor(ds.labels)).float().mean())
+    assert acc > 0.98, acc
+
+
+def test_options_hparams_win_over_flags_over_defaults():
+    opts = classify_images.parse_options(["--batch-size", "8", "--format", "jsonl"], {"batch_size": "16"})
+    assert opts["batch_size"] == 16 and opts["format"] == "jsonl" and opts["model"] == "digits_cnn"
+    assert opts["max_bad_samples"] is None and opts["data_storage_options"] == {}
+
+
+def test_label_map_matches_imagenet_style_folder_names():
+    model = ["tench", "Chihuahua", "Japanese spaniel"]
+    assert classify_images.label_map(["n02085620-Chihuahua", "n02085782-Japanese_spaniel", "cat"], model) == [1, 2, -1]
+
+
+def test_torchvision_model_without_cached_weights_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    said = []
+    model = classify_images.make_model("resnet18", None, said.append)
+    assert said == [f"no pretrained weights found at {tmp_path}/hub/checkpoints/resnet18-f37072fd.pth; "
+                    "using random weights"]
+    assert len(model.classes) == 1000 and "random" in model.description
+
+
+def run_classify(procs, nproc: int, digits: str, storage: Path, env=None, preempted: bool = False) -> dict:
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "--monitor-interval=0.2", "examples/classify_images.py", "--data", digits, "--storage", str(storage),
+           "--batch-size", "100", "--checkpoint-interval", "3", "--num-workers", "0", "--format", "jsonl"]
+    done = procs.run(cmd, env=env, timeout=240)
+    assert done.rc == 0, done.out
+    if preempted:
+        assert "preempted after" in done.out, done.out
+        return {}
+    lines = [l for l in done.out.splitlines() if "metrics: " in l]
+    assert lines, done.out
+    return json.loads(lines[-1].split("metrics: ", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def reference(digits, tmp_path_factory):
+    """One uninterrupted single-process run: (metrics, run dir)."""
+    procs = Procs()
+    try:
+        run = tmp_path_factory.mktemp("ref") / "run"
+        return run_classify(procs, 1, digits, run), run
+    finally:
+        procs.cleanup()
+
+
+def test_digits_end_to_end_one_and_two_processes_agree(procs, digits, reference, tmp_path):
+    metrics, ref_run = reference
+    assert metrics["accuracy"] > 0.98 and metrics["top5_accuracy"] > 0.999
+    assert run_classify(procs, 2, digits, tmp_path / "run2") == metrics
+    preds = {}
+    for run in (ref_run, tmp_path / "run2"):
+        rows = read_rows(str(run))
+        assert sorted(r["index"] for r in rows) == list(range(N_DIGITS))  # every image exactly once
+        preds[run] = {r["path"]: r["pred"] for r in rows}
+        assert json.loads((run / "metrics.json").read_text()) == metrics
+    assert preds[ref_run] == preds[tmp_path / "run2"]
+    row = min(read_rows(str(ref_run)), key=lambda r: r["index"])
+    assert row["path"].endswith("/0/0000.png") and row["label"] == 0 and row["label_name"] == "0"
+    assert len(row["top5"]) == 5 and row["top5"][0] == row["pred"] and row["pred_name"] == str(row["pred"])
+
+
+def test_digits_preempted_then_resumed_with_another_world_size(procs, digits, reference, tmp_path):
+    """The default experiment's promise: stop mid-way (2 processes), resume (1): every image once,
+    the same accuracy as an uninterrupted run."""
+    run = tmp_path / "run"
+    run_classify(procs, 2, digits, run, env={"BATCHPROC_FAULT": "stop@step=2"}, preempted=True)
+    partial = read_rows(str(run))
+    assert 0 < len(partial) < N_DIGITS
+    resumed = run_classify(procs, 1, digits, run)
+    assert sorted(r["index"] for r in read_rows(str(run))) == list(range(N_DIGITS))
+    assert resumed == reference[0]
