@@ -122,14 +122,17 @@ def default_num_workers(local_world_size: int) -> int:
 
 
 class _WorkerInit:
-    """Loader workers ignore Ctrl-C: the main process turns it into a checkpoint-and-stop, and
-    a worker dying of SIGINT first would fail the batch in flight."""
+    """Loader workers ignore the preemption signals. torchrun signals each worker's whole process
+    group and Ctrl-C reaches the terminal's; the main process turns the signal into a
+    checkpoint-and-stop, which needs the batch in flight, so its loader workers must not die
+    first. (They still exit with their parent, and torchrun's SIGKILL after the grace period.)"""
 
     def __init__(self, user_fn: Optional[Callable[[int], None]]) -> None:
         self.user_fn = user_fn
 
     def __call__(self, worker_id: int) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
         if self.user_fn is not None:
             self.user_fn(worker_id)
 

@@ -185,8 +185,9 @@ class _Job:
         G, total, W = resumed.watermark, resumed.total_batches, env.world_size
         steps = sharding.steps_per_rank(G, total, W)
         sampler = sharding.RankBatchSampler(fingerprint["dataset_len"], self.batch_size, total, G, W, env.rank)
-        batches = iter(build_loader(self.dataset, sampler, self.loader_kwargs, self.bad_samples, env.device,
-                                    env.local_world_size))
+        loader = build_loader(self.dataset, sampler, self.loader_kwargs, self.bad_samples, env.device,
+                              env.local_world_size)
+        batches: Any = None
         new_errors: List[Dict[str, Any]] = []
         skipped_total = resumed.skipped_samples
         preempted = False
@@ -194,6 +195,8 @@ class _Job:
         progress = Progress(env.is_chief, G, total, self.batch_size)
         try:
             with PreemptionWatcher(env, self.run_dir) as watcher:
+                # Workers start inside the watcher, so a signal during their start-up is caught too.
+                batches = iter(loader)
                 for step in range(steps):
                     g = sharding.global_batch(G, W, env.rank, step)
                     if g < total:

@@ -132,3 +132,17 @@ def test_digits_preempted_then_resumed_with_another_world_size(procs, digits, re
     resumed = run_classify(procs, 1, digits, run)
     assert sorted(r["index"] for r in read_rows(str(run))) == list(range(N_DIGITS))
     assert resumed == reference[0]
+
+
+def test_digits_job_with_images_and_run_dir_on_s3(procs, digits, reference, s3_server, s3_bucket):
+    """The same job reading its images from S3 and committing to S3 (moto server on 127.0.0.1)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.put(digits.rstrip("/") + "/", f"{s3_bucket}/digits/", recursive=True)
+    run = f"{s3_bucket}/runs/digits"
+    metrics = run_classify(procs, 2, f"{s3_bucket}/digits", run, env=s3_server["env"])
+    assert metrics == reference[0]
+    rows = read_rows(run)
+    assert sorted(r["index"] for r in rows) == list(range(N_DIGITS))
+    assert all(r["path"].startswith(f"{s3_bucket}/digits/") for r in rows)
