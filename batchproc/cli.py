@@ -114,7 +114,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             lock.release()
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
+def _existing_run(args: argparse.Namespace) -> "RunDir | int":
+    """The run directory RUN names, or the exit code of why there is none."""
     try:
         run_dir = _open_run(args.run, args.set)
     except ConfigError as e:
@@ -123,20 +124,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if not run_dir.exists(""):
         _err(f"no run directory at {run_dir.url}")
         return 1
+    return run_dir
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    run_dir = _existing_run(args)
+    if isinstance(run_dir, int):
+        return run_dir
     status = report.read_status(run_dir)
     print(json.dumps(status, indent=1, sort_keys=True) if args.json else report.format_status(status))
     return 0
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
-    try:
-        run_dir = _open_run(args.run, args.set)
-    except ConfigError as e:
-        _err(str(e))
-        return EXIT_USAGE
-    if not run_dir.exists(""):
-        _err(f"no run directory at {run_dir.url}")
-        return 1
+    run_dir = _existing_run(args)
+    if isinstance(run_dir, int):
+        return run_dir
     state = report.read_state(run_dir)
     report.request_stop(run_dir)
     if state is report.RunState.RUNNING:
