@@ -30,10 +30,11 @@ class _Lines:
 
 
 class Progress:
-    """Counts global batches done by all ranks (rank 0 assumes the others keep its pace)."""
+    """Samples done by all ranks (rank 0 counts the others' batches as done at its own pace)."""
 
-    def __init__(self, is_chief: bool, done: int, total: int, batch_size: int) -> None:
+    def __init__(self, is_chief: bool, done: int, total: int, batch_size: int, dataset_len: int) -> None:
         self._bar: Optional[Any] = None
+        self._batch_size, self._n, self._total = batch_size, dataset_len, total
         if not is_chief or total == 0:
             return
         tty = sys.stderr.isatty()
@@ -41,14 +42,17 @@ class Progress:
             return
         from tqdm import tqdm
 
-        # Counted in batches, shown in samples (unit_scale), so the rate reads as samples/s.
-        self._bar = tqdm(total=total, initial=done, unit="sample", unit_scale=batch_size, desc="batchproc",
-                         dynamic_ncols=tty, file=sys.stderr if tty else _Lines(sys.stderr),
+        self._bar = tqdm(total=self._samples(total), initial=self._samples(done), unit="sample", desc="batchproc", dynamic_ncols=tty,
+                         file=sys.stderr if tty else _Lines(sys.stderr),
                          mininterval=0.5 if tty else 5.0, smoothing=0.1)
 
-    def update(self, batches: int) -> None:
+    def _samples(self, batches: int) -> int:
+        return min(self._n, min(batches, self._total) * self._batch_size)
+
+    def advance(self, done_before: int, done_after: int) -> None:
+        """All ranks moved the global batches ``[done_before, done_after)`` forward."""
         if self._bar is not None:
-            self._bar.update(batches)
+            self._bar.update(self._samples(done_after) - self._samples(done_before))
 
     def close(self) -> None:
         if self._bar is not None:

@@ -192,7 +192,7 @@ class _Job:
         skipped_total = resumed.skipped_samples
         preempted = False
         step = 0
-        progress = Progress(env.is_chief, G, total, self.batch_size)
+        progress = Progress(env.is_chief, G, total, self.batch_size, fingerprint["dataset_len"])
         try:
             with PreemptionWatcher(env, self.run_dir) as watcher:
                 # Workers start inside the watcher, so a signal during their start-up is caught too.
@@ -212,7 +212,7 @@ class _Job:
                     if self.faults.fires("stop", step):
                         watcher.request("fault hook")
                     self.faults.maybe_kill("kill", step)
-                    progress.update(min(W, total - (G + step * W)))
+                    progress.advance(G + step * W, G + (step + 1) * W)
                     done = step + 1
                     if done == steps:
                         break
