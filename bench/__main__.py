@@ -66,15 +66,22 @@ def run(args: List[str], nproc: int = 0, threads: int = 2, extra_env: Optional[D
         cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "--no-python", *cmd]
     env = env_for(threads)
     env.update(extra_env or {})
+    env["BENCH_OUT"] = out_dir = tempfile.mkdtemp(prefix="bench-out-")
     t0 = time.time()
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    recs = [json.loads(l.split("BENCH ", 1)[1]) for l in out.stdout.splitlines() if "BENCH " in l]
+    recs = read_records(out_dir)
     if out.returncode != 0 or not recs:
         raise RuntimeError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     for r in recs:
         r["t0"] = t0
     if storage is None:
         shutil.rmtree(store, ignore_errors=True)
+    return recs
+
+
+def read_records(out_dir: str) -> List[dict]:
+    recs = [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("rank*.json"))]
+    shutil.rmtree(out_dir, ignore_errors=True)
     return recs
 
 
@@ -190,10 +197,11 @@ entrypoint: python3 -m launch.torch_distributed python3 -m bench.workload synthe
 resources: {{slots_per_trial: 2}}
 checkpoint_storage: {tmp}/runs
 """)
+        env = dict(env_for(1), BENCH_OUT=tempfile.mkdtemp(prefix="bench-out-"))
         t0 = time.time()
-        out = subprocess.run([PY, "-m", "batchproc", "run", str(cfg)], cwd=ROOT, env=env_for(1),
-                             capture_output=True, text=True, timeout=600)
-        recs = [json.loads(l.split("BENCH ", 1)[1]) for l in out.stdout.splitlines() if "BENCH " in l]
+        subprocess.run([PY, "-m", "batchproc", "run", str(cfg)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+        recs = read_records(env["BENCH_OUT"])
         r0 = [r for r in recs if r["rank"] == 0][0]
         stages.append({"to worker start": r0["process_start"] - t0, "imports (torch, batchproc)": r0["imported"] - r0["process_start"],
                        "process group + open run": r0["marks"]["init"] - r0["start"],

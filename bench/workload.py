@@ -152,11 +152,17 @@ def main() -> None:
                                      max_batches=ARGS.max_batches, dataloader_kwargs=kwargs, storage=ARGS.storage)
         samples = result.metrics.get("samples", 0)
     end = time.time()
-    print("BENCH " + json.dumps({
+    record = json.dumps({
         "rank": rank, "mode": ARGS.mode, "start": start, "end": end, "samples": samples,
         "process_start": T_PROCESS, "imported": T_IMPORTED, "marks": MARKS,
         "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "threads": torch.get_num_threads()}), flush=True)
+        "threads": torch.get_num_threads()})
+    out_dir = os.environ.get("BENCH_OUT")
+    if out_dir:  # ranks' stdout interleave without torchrun's --tee; a file each does not
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            f.write(record)
+    else:
+        print("BENCH " + record, flush=True)
 
 
 if __name__ == "__main__":

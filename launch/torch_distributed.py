@@ -50,6 +50,8 @@ def _torchrun_options() -> Dict[str, object]:
 
 def _parse_overrides(overrides: Sequence[str]) -> Dict[str, Optional[str]]:
     """torchrun's dest -> value (None for flags without one) of each override; unknown flags raise."""
+    if not overrides:
+        return {}  # nothing to check: spare the launch the ~2 s import of torch's parser
     options = _torchrun_options()
     given: Dict[str, Optional[str]] = {}
     i = 0
@@ -221,6 +223,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         env = child_env(settings)
         env.setdefault("OMP_NUM_THREADS", str(max(1, _cpu_count() // nproc)))
+        if not single_node:
+            # torch 2.14: with the rendezvous store shared with the workers (the default), a node
+            # started again after a crash waits for a store address that the surviving node never
+            # publishes (it keeps the first round's), and both fail. Unshared, every round
+            # publishes a fresh one (see batchproc.distributed._worker_store).
+            env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
         if sys.stderr.isatty():  # workers write to torchrun's pipes, but a person is watching
             env.setdefault(ENV_PROGRESS, "1")
         before = status_stamp(run_dir)

@@ -1,0 +1,626 @@
+"""Exactly-once under randomized failures: a campaign of real multi-process jobs.
+
+    python -m bench.chaos --scenarios 50 --seed 1 [--s3]
+
+Each scenario runs the test job (``tests/scripts/sum_job.py``: N samples, every output row written
+through ``upload_path()``, exact metrics) with ``batchproc run`` on a generated experiment yaml, on
+1-3 CPU processes (gloo, torchrun through ``launch.torch_distributed``), and breaks it a few times
+at random, mixing in each attempt:
+
+* SIGTERM to ``batchproc run`` or to the launcher under it, at a random time (mostly counted
+  from the first worker's start, so that it often lands while batches are processed, sometimes
+  from the command's start, so that it also lands in start-up and shutdown);
+* SIGKILL of a random worker (pid from its ``WORKER rank=R pid=P`` line) at a random time, with
+  ``max_restarts`` >= 1 so torchrun restarts the workers;
+* a kill in the middle of a commit (``BATCHPROC_FAULT=kill-after-stage|kill-after-record@rank=R``);
+* a truncated latest checkpoint record (``checkpoints/ckpt-*.json``) between attempts;
+* a world-size change between attempts (``--set resources.slots_per_trial=K``, K in 1..3);
+* the run directory on the local disk, or (``--s3``: half of the scenarios) on S3, served by
+  moto's server on 127.0.0.1 that this command starts.
+
+Then it runs the job again without faults until it exits 0 (a bounded number of times) and
+checks the run against a clean single-process run of the same job: every sample's row exactly
+once in ``outputs/``, only tagged shard files there, nothing left in ``staging/``, ``metrics.json``
+equal. The closing line counts samples lost and duplicated (rows in stray files count as
+duplicated), scenarios whose metrics differ, and attempts that did not end within
+``--step-timeout`` (hung: killed, with every process they started). A scenario that never
+completes counts its missing samples as lost. The exit code is 0 only when all four are 0.
+
+Every process is started in a session of its own, its descendants are recorded (pid and start
+time) while it runs, and all are killed by pid or process group when it ends or times out; a
+process that outlives its ``batchproc run`` is reported as an orphan and killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+NAME = "chaos"
+TAGGED = re.compile(r"^rows\.[0-9a-f]{8}-r\d+-u\d+\.jsonl$")
+WORKER = re.compile(r"WORKER rank=(\d+) pid=(\d+)")
+SLOW_ATTEMPT_S = 60.0  # reported (not counted as hung): an attempt this long deserves a look
+ORPHAN_GRACE_S = 15.0  # a process still alive this long after its batchproc run ended is an orphan
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+def _start_time(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _children_map() -> Dict[int, List[int]]:
+    children: Dict[int, List[int]] = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children[ppid].append(int(entry))
+    return children
+
+
+def descendants(pid: int) -> List[int]:
+    children, out, todo = _children_map(), [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int, start: Optional[int]) -> bool:
+    """Whether ``pid`` is still the process that had start time ``start`` (not a reused pid)."""
+    st = _start_time(pid)
+    if st is None or st != start:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Tracked:
+    """A command in a session of its own; its output goes to a log, its descendants are recorded."""
+
+    def __init__(self, cmd: List[str], env: Dict[str, str], log_path: Path) -> None:
+        self.log = open(log_path, "w")
+        self.log.write("$ " + shlex.join(cmd) + "\n")
+        self.log.flush()
+        self.started = time.monotonic()
+        self.p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, errors="replace", start_new_session=True)
+        self.seen: Dict[int, Optional[int]] = {}
+        self.workers: Dict[int, int] = {}  # rank -> pid, the latest seen
+        self.worker_seen = threading.Event()
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher.start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            self.log.write(line)
+            m = WORKER.search(line)
+            if m:
+                with self._lock:
+                    self.workers[int(m.group(1))] = int(m.group(2))
+                self.worker_seen.set()
+        self.log.flush()
+
+    def _snapshot(self) -> None:
+        for pid in descendants(self.p.pid):
+            if pid not in self.seen:
+                self.seen[pid] = _start_time(pid)
+
+    def _watch(self) -> None:
+        while self.p.poll() is None:
+            self._snapshot()
+            time.sleep(0.2)
+
+    def worker_pid(self, rank: int) -> Optional[int]:
+        with self._lock:
+            return self.workers.get(rank)
+
+    def launcher_pid(self) -> Optional[int]:
+        """The direct child of ``batchproc run``: the entrypoint (our launcher)."""
+        kids = _children_map().get(self.p.pid, [])
+        return kids[0] if kids else None
+
+    def signal_descendant(self, pid: Optional[int], sig: int) -> bool:
+        """Signal ``pid`` only if it is still one of our own live processes."""
+        if pid is None or self.p.poll() is not None or pid not in descendants(self.p.pid):
+            return False
+        try:
+            os.kill(pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def wait(self, timeout: float) -> Optional[int]:
+        try:
+            rc = self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self._reader.join(timeout=10)
+        return rc
+
+    def leftovers(self) -> List[int]:
+        """Processes it started that are still alive (after it ended)."""
+        self._snapshot()
+        return [pid for pid, st in self.seen.items() if _alive(pid, st)]
+
+    def kill_all(self) -> None:
+        self._snapshot()
+        try:
+            os.killpg(self.p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid, st in self.seen.items():
+            if _alive(pid, st):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        try:
+            self.p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def close(self) -> None:
+        self._reader.join(timeout=10)
+        self.log.close()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+# -- storage ---------------------------------------------------------------------------------
+
+
+class LocalStore:
+    kind = "local"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.run = root / NAME
+
+    def config(self) -> str:
+        return f"  type: shared_fs\n  host_path: {self.root}\n"
+
+    def files(self, rel: str) -> List[str]:
+        base = self.run / rel
+        return sorted(str(p.relative_to(self.run)) for p in base.rglob("*") if p.is_file()) if base.exists() else []
+
+    def read(self, rel: str) -> bytes:
+        return (self.run / rel).read_bytes()
+
+    def write(self, rel: str, data: bytes) -> None:
+        (self.run / rel).write_bytes(data)
+
+    def exists(self, rel: str) -> bool:
+        return (self.run / rel).exists()
+
+
+class S3Store:
+    kind = "s3"
+
+    def __init__(self, fs: Any, endpoint: str, bucket: str, prefix: str) -> None:
+        self.fs, self.endpoint, self.bucket, self.prefix = fs, endpoint, bucket, prefix
+        self.run = f"{bucket}/{prefix}/{NAME}"
+
+    def config(self) -> str:
+        return f"  type: s3\n  bucket: {self.bucket}\n  prefix: {self.prefix}\n  endpoint_url: {self.endpoint}\n"
+
+    def files(self, rel: str) -> List[str]:
+        self.fs.invalidate_cache()
+        try:
+            found = self.fs.find(f"{self.run}/{rel}")
+        except FileNotFoundError:
+            return []
+        return sorted(p[len(self.run) + 1:] for p in found)
+
+    def read(self, rel: str) -> bytes:
+        return self.fs.cat_file(f"{self.run}/{rel}")
+
+    def write(self, rel: str, data: bytes) -> None:
+        self.fs.pipe_file(f"{self.run}/{rel}", data)
+
+    def exists(self, rel: str) -> bool:
+        self.fs.invalidate_cache()
+        return self.fs.exists(f"{self.run}/{rel}")
+
+
+class S3Server:
+    """moto's S3 server in this process, on 127.0.0.1 only."""
+
+    def __init__(self) -> None:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint}
+        os.environ.update(self.env)
+        import s3fs
+
+        self.fs = s3fs.S3FileSystem(skip_instance_cache=True, client_kwargs={"endpoint_url": self.endpoint})
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+# -- scenarios -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Attempt:
+    slots: int
+    max_restarts: int = 0
+    sigterm_at: Optional[float] = None      # seconds after the anchor
+    sigterm_anchor: str = "worker"          # "worker" (first WORKER line) or "start"
+    sigterm_target: str = "run"             # "run" (batchproc run) or "launcher"
+    kill_rank: Optional[int] = None         # SIGKILL this worker ...
+    kill_delay: float = 0.0                 # ... this long after the first WORKER line
+    commit_fault: Optional[str] = None      # BATCHPROC_FAULT
+    truncate_after: bool = False            # truncate the latest record once the attempt ended
+
+    def describe(self) -> str:
+        parts = [f"K{self.slots}", f"mr{self.max_restarts}"]
+        if self.sigterm_at is not None:
+            anchor = "w+" if self.sigterm_anchor == "worker" else ""
+            parts.append(f"term({self.sigterm_target})@{anchor}{self.sigterm_at:.1f}s")
+        if self.kill_rank is not None:
+            parts.append(f"kill(r{self.kill_rank})+{self.kill_delay:.1f}s")
+        if self.commit_fault:
+            parts.append(self.commit_fault)
+        if self.truncate_after:
+            parts.append("truncate")
+        return " ".join(parts)
+
+
+@dataclasses.dataclass
+class Scenario:
+    index: int
+    n: int
+    batch_size: int
+    interval: int
+    storage: str
+    attempts: List[Attempt]
+    final_slots: List[int]
+
+    def describe(self) -> str:
+        return (f"n={self.n} bs={self.batch_size} interval={self.interval} storage={self.storage} "
+                f"attempts=[{'; '.join(a.describe() for a in self.attempts)}]")
+
+
+def make_scenario(rng: random.Random, index: int, s3: bool, max_faulty: int) -> Scenario:
+    attempts = []
+    for _ in range(rng.randint(1, max_faulty)):
+        slots = rng.randint(1, 3)
+        a = Attempt(slots=slots)
+        r = rng.random()  # each fault alone (a clean preemption must end in exit 75), or mixed
+        faults = (["sigterm"] if r < 0.3 else ["kill"] if r < 0.4 else ["commit"] if r < 0.5
+                  else rng.sample(["sigterm", "kill", "commit"], rng.choice([2, 2, 3])))
+        if "sigterm" in faults:
+            a.sigterm_anchor = "worker" if rng.random() < 0.7 else "start"
+            a.sigterm_at = round(rng.uniform(0.0, 3.0) if a.sigterm_anchor == "worker" else rng.uniform(0.3, 10.0), 2)
+            a.sigterm_target = rng.choice(["run", "launcher"])
+        if "kill" in faults:
+            a.kill_rank = rng.randrange(slots)
+            a.kill_delay = round(rng.uniform(0.0, 3.0), 2)
+        if "commit" in faults:
+            a.commit_fault = f"{rng.choice(['kill-after-stage', 'kill-after-record'])}@rank={rng.randrange(slots)}"
+        a.max_restarts = 1 if a.kill_rank is not None else rng.choice([0, 1])
+        a.truncate_after = rng.random() < 0.35
+        attempts.append(a)
+    return Scenario(index=index, n=rng.randint(12, 40), batch_size=rng.choice([1, 2, 3]),
+                    interval=rng.randint(1, 4), storage="s3" if s3 and rng.random() < 0.5 else "local",
+                    attempts=attempts, final_slots=[rng.randint(1, 3) for _ in range(4)])
+
+
+@dataclasses.dataclass
+class Outcome:
+    lost: int = 0
+    duplicated: int = 0
+    metric_mismatch: int = 0
+    hung: int = 0
+    orphans: int = 0
+    stray: List[str] = dataclasses.field(default_factory=list)
+    completed: bool = False
+    rcs: List[Any] = dataclasses.field(default_factory=list)
+    slow: int = 0
+    notes: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.lost or self.duplicated or self.metric_mismatch or self.hung or self.orphans
+                    or self.stray or not self.completed)
+
+
+class Campaign:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="batchproc-chaos-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.s3: Optional[S3Server] = None
+        self.bucket = f"chaos-{args.seed}-{os.getpid()}"
+        self.references: Dict[Tuple[int, int], Dict[str, Any]] = {}
+        self.live: List[Tracked] = []
+
+    # -- environment
+
+    def env(self, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHPROC_")}
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env["MASTER_ADDR"] = "127.0.0.1"
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env["SUM_JOB_SLEEP"] = str(self.args.sleep)
+        if self.s3 is not None:
+            env.update(self.s3.env)
+        env.update(extra or {})
+        return env
+
+    def start(self, cmd: List[str], log: Path, extra: Optional[Dict[str, str]] = None) -> Tracked:
+        t = Tracked(cmd, self.env(extra), log)
+        self.live.append(t)
+        return t
+
+    def finish(self, t: Tracked, out: Outcome, what: str) -> Optional[int]:
+        """Wait for ``t`` (bounded); a timeout is a hang: kill everything it started."""
+        rc = t.wait(self.args.step_timeout)
+        if rc is None:
+            out.hung += 1
+            out.notes.append(f"{what}: hung (no exit in {self.args.step_timeout:g}s), killed")
+            t.kill_all()
+        else:
+            if t.elapsed > SLOW_ATTEMPT_S:
+                out.slow += 1
+                out.notes.append(f"{what}: slow ({t.elapsed:.0f}s)")
+            # A SIGKILLed worker's DataLoader processes notice their parent is gone within ~5 s
+            # (torch's watchdog); only what is still there after that grace is an orphan.
+            deadline = time.monotonic() + ORPHAN_GRACE_S
+            while (left := t.leftovers()) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            if left:
+                out.orphans += len(left)
+                out.notes.append(f"{what}: {len(left)} process(es) outlived it: {left}")
+                t.kill_all()
+        t.close()
+        self.live.remove(t)
+        return rc
+
+    # -- pieces
+
+    def reference(self, n: int, bs: int) -> Dict[str, Any]:
+        if (n, bs) not in self.references:
+            d = self.workdir / f"ref-{n}-{bs}"
+            shutil.rmtree(d, ignore_errors=True)
+            out = Outcome()
+            t = self.start([PY, str(ROOT / "tests/scripts/sum_job.py"), str(n), str(bs), "1000", "-", str(d)],
+                           self.workdir / f"ref-{n}-{bs}.log", {"SUM_JOB_SLEEP": "0"})
+            rc = self.finish(t, out, "reference")
+            if rc != 0:
+                raise RuntimeError(f"the clean reference run failed (rc={rc}); see {t.log.name}")
+            self.references[(n, bs)] = json.loads((d / "metrics.json").read_text())
+        return self.references[(n, bs)]
+
+    def store(self, sc: Scenario, sdir: Path):
+        if sc.storage == "s3":
+            assert self.s3 is not None
+            return S3Store(self.s3.fs, self.s3.endpoint, self.bucket, f"s{sc.index}")
+        return LocalStore(sdir / "runs")
+
+    def write_config(self, sc: Scenario, sdir: Path, store) -> Path:
+        cfg = sdir / "experiment.yaml"
+        cfg.write_text(
+            f"name: {NAME}\n"
+            f"entrypoint: python3 -m launch.torch_distributed python3 tests/scripts/sum_job.py "
+            f"{sc.n} {sc.batch_size} {sc.interval}\n"
+            f"resources:\n  slots_per_trial: 1\n"
+            f"max_restarts: 0\n"
+            f"checkpoint_storage:\n{store.config()}")
+        return cfg
+
+    def run_attempt(self, cfg: Path, a: Attempt, log: Path, out: Outcome, what: str) -> Optional[int]:
+        cmd = [PY, "-m", "batchproc", "run", str(cfg), "--set", f"resources.slots_per_trial={a.slots}",
+               "--set", f"max_restarts={a.max_restarts}"]
+        t = self.start(cmd, log, {"BATCHPROC_FAULT": a.commit_fault} if a.commit_fault else None)
+        timers: List[threading.Thread] = []
+        if a.sigterm_at is not None:
+            def term() -> None:
+                if a.sigterm_anchor == "worker":
+                    while not t.worker_seen.wait(0.2):
+                        if t.p.poll() is not None:
+                            return
+                time.sleep(a.sigterm_at)
+                pid = t.p.pid if a.sigterm_target == "run" else t.launcher_pid()
+                if pid is not None and t.p.poll() is None:
+                    if pid == t.p.pid:
+                        try:
+                            os.kill(pid, signal.SIGTERM)
+                        except ProcessLookupError:
+                            pass
+                    else:
+                        t.signal_descendant(pid, signal.SIGTERM)
+            timers.append(threading.Thread(target=term, daemon=True))
+        if a.kill_rank is not None:
+            def kill() -> None:
+                while not t.worker_seen.wait(0.2):
+                    if t.p.poll() is not None:
+                        return
+                time.sleep(a.kill_delay)
+                t.signal_descendant(t.worker_pid(a.kill_rank), signal.SIGKILL)
+            timers.append(threading.Thread(target=kill, daemon=True))
+        for th in timers:
+            th.start()
+        rc = self.finish(t, out, what)
+        for th in timers:
+            th.join(timeout=1)
+        return rc
+
+    def truncate_latest(self, store, rng: random.Random, out: Outcome) -> None:
+        records = [f for f in store.files("checkpoints") if re.fullmatch(r"checkpoints/ckpt-\d{8}\.json", f)]
+        if len(records) < 2:  # with no valid record left, the run is refused by design (--fresh)
+            out.notes.append("truncate: skipped (fewer than 2 records)")
+            return
+        latest = records[-1]
+        data = store.read(latest)
+        store.write(latest, data[: rng.randrange(len(data))])
+        out.notes.append(f"truncated {latest}")
+
+    def check(self, sc: Scenario, store, out: Outcome) -> None:
+        counts: collections.Counter = collections.Counter()
+        for rel in store.files("outputs"):
+            name = rel.rsplit("/", 1)[-1]
+            rows = [json.loads(l) for l in store.read(rel).decode().splitlines() if l.strip()]
+            if not TAGGED.match(name) or rel.count("/") != 1:
+                out.stray.append(rel)
+                out.duplicated += len(rows)
+                continue
+            for r in rows:
+                if r.get("y") != float(r["index"]) ** 2:
+                    out.notes.append(f"wrong row {r} in {rel}")
+                    out.duplicated += 1
+                counts[r["index"]] += 1
+        out.lost += sum(1 for i in range(sc.n) if counts[i] == 0)
+        out.duplicated += sum(c - 1 for c in counts.values() if c > 1)
+        out.duplicated += sum(c for i, c in counts.items() if not 0 <= i < sc.n)
+        out.stray.extend(store.files("staging"))
+        ref = self.reference(sc.n, sc.batch_size)
+        metrics = json.loads(store.read("metrics.json")) if store.exists("metrics.json") else None
+        if metrics != ref:
+            out.metric_mismatch += 1
+            out.notes.append(f"metrics {metrics} != reference {ref}")
+
+    def scenario(self, sc: Scenario, rng: random.Random) -> Outcome:
+        sdir = self.workdir / f"s{sc.index:03d}"
+        sdir.mkdir(parents=True, exist_ok=True)
+        store = self.store(sc, sdir)
+        cfg = self.write_config(sc, sdir, store)
+        out = Outcome()
+        for i, a in enumerate(sc.attempts):
+            rc = self.run_attempt(cfg, a, sdir / f"attempt{i}.log", out, f"attempt {i}")
+            out.rcs.append(rc)
+            if a.truncate_after:
+                self.truncate_latest(store, rng, out)
+        for j in range(self.args.completion_runs):
+            k = sc.final_slots[j % len(sc.final_slots)]
+            rc = self.run_attempt(cfg, Attempt(slots=k), sdir / f"complete{j}.log", out, f"completion {j}")
+            out.rcs.append(f"K{k}:{rc}")
+            if rc == 0:
+                out.completed = True
+                break
+            if rc == 3:  # the run directory is still locked (a lease of a killed job): wait it out
+                time.sleep(5)
+        if not out.completed:
+            out.notes.append(f"did not complete in {self.args.completion_runs} runs")
+        self.check(sc, store, out)
+        return out
+
+    def close(self) -> None:
+        for t in list(self.live):
+            t.kill_all()
+            t.close()
+        self.live.clear()
+        if self.s3 is not None:
+            self.s3.stop()
+            self.s3 = None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--s3", action="store_true", help="put half of the run directories on S3 (moto on 127.0.0.1)")
+    parser.add_argument("--max-faulty-attempts", type=int, default=3, help="broken attempts per scenario (1..this)")
+    parser.add_argument("--completion-runs", type=int, default=4, help="clean runs allowed to complete the job")
+    parser.add_argument("--step-timeout", type=float, default=240.0, help="seconds before an attempt counts as hung")
+    parser.add_argument("--sleep", type=float, default=0.1, help="SUM_JOB_SLEEP: seconds per batch")
+    parser.add_argument("--workdir", help="where scenarios run (default: a temp dir, removed if all is well)")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir even if all is well")
+    args = parser.parse_args(argv)
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")  # run the cleanup below
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # nohup'd with `&`, SIGINT would be ignored
+        signal.signal(sig, interrupted)
+    campaign = Campaign(args)
+    endings: collections.Counter = collections.Counter()
+    totals = Outcome(completed=True)
+    incomplete = orphans = stray = slow = 0
+    t_start = time.monotonic()
+    print(f"chaos: seed={args.seed} scenarios={args.scenarios} s3={args.s3} workdir={campaign.workdir}", flush=True)
+    try:
+        if args.s3:
+            campaign.s3 = S3Server()
+            campaign.s3.fs.mkdir(campaign.bucket)
+        for i in range(args.scenarios):
+            rng = random.Random(f"{args.seed}/{i}")
+            sc = make_scenario(rng, i, args.s3, args.max_faulty_attempts)
+            t0 = time.monotonic()
+            out = campaign.scenario(sc, rng)
+            for field in ("lost", "duplicated", "metric_mismatch", "hung"):
+                setattr(totals, field, getattr(totals, field) + getattr(out, field))
+            incomplete += not out.completed
+            for rc in out.rcs[:len(sc.attempts)]:
+                endings[{0: "completed", 75: "preempted", None: "hung"}.get(rc, "failed")] += 1
+            orphans += out.orphans
+            stray += len(out.stray)
+            slow += out.slow
+            verdict = "ok" if out.clean else "FAIL"
+            print(f"scenario {i}: {verdict} {time.monotonic() - t0:.0f}s {sc.describe()} exits={out.rcs} "
+                  f"lost={out.lost} duplicated={out.duplicated} metric_mismatch={out.metric_mismatch} "
+                  f"hung={out.hung}" + (f" stray={out.stray}" if out.stray else "")
+                  + (f" notes={out.notes}" if out.notes else ""), flush=True)
+    finally:
+        campaign.close()
+    wall = time.monotonic() - t_start
+    bad = totals.lost or totals.duplicated or totals.metric_mismatch or totals.hung or incomplete or orphans or stray
+    print("chaos: broken attempts ended " + ", ".join(f"{k}={v}" for k, v in sorted(endings.items())), flush=True)
+    print(f"chaos: wall={wall:.0f}s incomplete={incomplete} orphans={orphans} stray_files={stray} slow_attempts={slow}"
+          + (f" (logs kept in {campaign.workdir})" if bad or args.keep else ""), flush=True)
+    if not bad and not args.keep and not args.workdir:
+        shutil.rmtree(campaign.workdir, ignore_errors=True)
+    print(f"scenarios={args.scenarios} lost={totals.lost} duplicated={totals.duplicated} "
+          f"metric_mismatch={totals.metric_mismatch} hung={totals.hung}", flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
