@@ -10,8 +10,9 @@ At each checkpoint (every ``checkpoint_interval`` steps, on preemption, and at t
 4. every rank publishes its staged files under ``outputs/`` (idempotent moves).
 
 On start (rank 0 alone, before any work): the latest record whose checksums hold is loaded; the
-publication it lists is completed; staged files that no record lists (work after the last
-checkpoint) are deleted. Only rank 0 touches the records; every rank publishes its own files.
+publication it lists is completed (also when it is the final one); staged files that no record
+lists (work after the last checkpoint) are deleted. Only rank 0 touches the records; every rank
+publishes its own files.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from batchproc.distributed import WorkerEnv
 from batchproc.errors import CorruptCheckpointError, FingerprintMismatchError
 from batchproc.faults import Faults
 from batchproc.reducer import ReducerRegistry, json_safe
-from batchproc.report import RunState, write_errors, write_progress
-from batchproc.storage import OUTPUTS, STAGING, RunDir, Stager
+from batchproc.report import RunState, read_state, write_errors, write_progress, write_state
+from batchproc.storage import OUTPUTS, STAGING, RunDir, Stager, StorageUnavailableError
 
 RECORDS = "checkpoints"
 FINGERPRINT_FILE = "fingerprint.json"
 FORMAT = 1
 MAX_ERRORS_KEPT = 10_000
+KEEP_RECORDS = 3
 _RECORD_RE = re.compile(r"^ckpt-(\d{8})\.json$")
 _TAG_RE = re.compile(r"\.([0-9a-f]{8})-r(\d+)-u(\d+)(\.|$)")
 
@@ -126,6 +128,8 @@ def load_latest(run_dir: RunDir) -> Optional[Tuple[Dict[str, Any], Dict[str, Lis
         try:
             record, slots = _load_record(run_dir, seq)
             return record, slots, damaged
+        except StorageUnavailableError:
+            raise  # storage is down, the record may be fine: never set it aside for that
         except (ValueError, KeyError, OSError, RuntimeError, EOFError) as e:
             print(f"batchproc: warning: checkpoint {record_name(seq)} of {run_dir.url} is damaged ({e}); "
                   f"falling back to the one before it", file=sys.stderr)
@@ -167,11 +171,15 @@ def open_run(run_dir: RunDir, fingerprint: Dict[str, Any], restart_count: int) -
         upload_counters=record.get("upload_counters", {}), attempts=record.get("attempts", 0) + 1,
         restarts=record.get("restarts", 0) + restart_count,
         samples_done_before=record.get("committed_samples", 0), metrics=record.get("metrics", {}))
-    if resumed.completed:
-        return resumed  # a finished run: nothing to finish or clean, nothing more is written
+    # Even for a finished run: a crash between the final record and the end of its publication
+    # must not leave that record's files in staging (idempotent; a no-op when nothing is left).
     for staged, final in record.get("publish", []):
         run_dir.move(staged, final)
     run_dir.rm(STAGING, recursive=True)
+    if resumed.completed and read_state(run_dir) is not RunState.COMPLETED:
+        # The same crash leaves the run marked failed (by the launcher), and a finished run's
+        # rerun writes nothing else: without this it would report that failure forever.
+        write_state(run_dir, RunState.COMPLETED)
     return resumed
 
 
@@ -254,6 +262,10 @@ class Checkpointer:
         record["checksum"] = _checksum(record)
         self.run_dir.write_atomic(states_name(seq), blob)
         self.run_dir.write_json(record_name(seq), record)
+        # Keep the last few records only (the one before the latest is the fallback if the
+        # latest is damaged): storage stays bounded and listing them on resume stays O(1).
+        for old in (record_name(seq - KEEP_RECORDS), states_name(seq - KEEP_RECORDS)):
+            self.run_dir.rm(old)
         if new_errors:
             write_errors(self.run_dir, self.errors)
         elapsed = max(1e-9, time.time() - self.started)

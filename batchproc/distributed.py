@@ -111,10 +111,15 @@ def init_worker(pg_timeout_s: float = 1800.0) -> WorkerEnv:
 
 def _worker_store(rank: int, world_size: int, restart_count: int,
                   timeout: datetime.timedelta) -> "torch.distributed.Store":
-    """The process group's store, under a prefix of its own per restart.
+    """The process group's store, in a key space of its own per worker group.
 
-    With torch 2.14 and gloo, restarted workers can otherwise read the dead workers' addresses
-    left in torchrun's store and hang; a fresh key space per ``TORCHELASTIC_RESTART_COUNT`` avoids it.
+    When torchrun's agent hosts the store (``TORCHELASTIC_USE_AGENT_STORE``, its default), the
+    same server outlives restarts: with torch 2.14 and gloo, restarted workers can otherwise read
+    the dead workers' addresses left there and hang, so each ``TORCHELASTIC_RESTART_COUNT`` gets a
+    prefix of its own. Otherwise (our launcher on several nodes, see ``launch.torch_distributed``)
+    rank 0 hosts a fresh store on the port the rendezvous picked for this round, and the restart
+    count must stay out of the prefix: it differs between a surviving node (restarted its
+    workers) and a node started again (0), and the ranks would never meet.
     """
     host = os.environ["MASTER_ADDR"]
     port = int(os.environ["MASTER_PORT"])
@@ -124,4 +129,5 @@ def _worker_store(rank: int, world_size: int, restart_count: int,
         timeout=timeout, wait_for_workers=False, multi_tenant=not agent_hosts,
     )
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    return torch.distributed.PrefixStore(f"batchproc/{run_id}/restart{restart_count}", store)
+    prefix = f"batchproc/{run_id}/restart{restart_count}" if agent_hosts else f"batchproc/{run_id}"
+    return torch.distributed.PrefixStore(prefix, store)

@@ -3,6 +3,9 @@
 ``BATCHPROC_FAULT`` is a comma-separated list of ``point[@rank=R][@step=S]`` entries, e.g.
 ``stop@step=3`` (request a preemption after step 3), ``kill@rank=1@step=2`` (SIGKILL this
 process), ``kill-after-record`` / ``kill-after-stage`` (die in the middle of a commit).
+Each ``kill...`` point has a ``hang...`` twin (``hang@rank=1@step=2``, ``hang-after-stage``, ...)
+where the process stops responding instead, as a rank stuck in a driver call would: it sleeps
+forever, signals included, so only the process group's timeout frees the other ranks.
 Only points named here fire; each fires at most once per process.
 """
 
@@ -10,6 +13,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 from typing import Dict, List, Optional, Set
 
 from batchproc.settings import ENV_FAULT
@@ -50,5 +55,10 @@ class Faults:
         return False
 
     def maybe_kill(self, point: str, step: Optional[int] = None) -> None:
+        """SIGKILL this process at ``point`` (``kill...``), or hang there for its ``hang...`` twin."""
         if self.fires(point, step):
             os.kill(os.getpid(), signal.SIGKILL)
+        if point.startswith("kill") and self.fires("hang" + point[len("kill"):], step):
+            print(f"batchproc: fault hook: rank {self.rank} hangs at {point} (step {step})", file=sys.stderr, flush=True)
+            while True:  # a signal handler may run, but the process never goes on
+                time.sleep(3600)

@@ -98,7 +98,11 @@ def resolve_exit_code(child_rc: int, run_dir: Optional[RunDir], before: Optional
     trusted = child_rc == 0 or before is None or status.get("updated") != before
     state = report.RunState(status["state"]) if trusted and status.get("state") else None
     rc = report.exit_code(state, child_rc)
-    if rc not in (0, report.EXIT_PREEMPTED) and state in (None, report.RunState.RUNNING):
+    # A finished run stays finished: a rerun that failed before its workers could say anything
+    # (signalled at start-up) must not mark it failed, or every later rerun, which finds nothing
+    # to do and writes nothing, would report that failure again.
+    finished = status.get("state") == report.RunState.COMPLETED.value
+    if rc not in (0, report.EXIT_PREEMPTED) and state in (None, report.RunState.RUNNING) and not finished:
         try:
             report.write_state(run_dir, report.RunState.FAILED, exit_code=rc)
         except Exception as e:

@@ -3,15 +3,22 @@
 Atomicity: on a local filesystem a file is written to a temporary name *beside* its target and
 renamed (``os.replace``), so it is atomic even when the system temp dir is elsewhere; on object
 stores one PUT of the whole object to its final name is the atomic step.
+
+Transient errors: on object stores every operation is retried with backoff when it fails for a
+reason that says nothing about the request (connection refused or reset, timeout, a 5xx); one
+that keeps failing raises :class:`StorageUnavailableError`, never taken for a missing or damaged
+file. A missing file or a denied access fails at once.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -26,6 +33,10 @@ from batchproc.errors import RunDirLockedError
 OUTPUTS = "outputs"
 STAGING = "staging"
 LOCK_FILES = (".lock", ".lock.holder", "lock.json")
+
+
+class StorageUnavailableError(OSError):
+    """An object-store operation kept failing with transient errors until its retries ran out."""
 
 
 class RunDir:
@@ -49,14 +60,20 @@ class RunDir:
         if not self.is_local:
             self.fs.invalidate_cache()
 
+    def _io(self, what: str, rel: str, fn):
+        """Run one storage operation; on object stores, retry its transient errors."""
+        if self.is_local:
+            return fn()
+        return _retry(fn, what=f"{what} {self.path(rel)}")
+
     # -- reads ------------------------------------------------------------------------------
 
     def exists(self, rel: str) -> bool:
         self._fresh()
-        return self.fs.exists(self.path(rel))
+        return self._io("checking", rel, lambda: self.fs.exists(self.path(rel)))
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        return self._io("reading", rel, lambda: self.fs.cat_file(self.path(rel)))
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
@@ -71,7 +88,7 @@ class RunDir:
         """Names (not paths) directly under ``rel``; empty if it does not exist."""
         self._fresh()
         try:
-            entries = self.fs.ls(self.path(rel), detail=False)
+            entries = self._io("listing", rel, lambda: self.fs.ls(self.path(rel), detail=False))
         except FileNotFoundError:
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
@@ -81,7 +98,7 @@ class RunDir:
         self._fresh()
         base = self.path(rel)
         try:
-            found = self.fs.find(base)
+            found = self._io("listing", rel, lambda: self.fs.find(base))
         except FileNotFoundError:
             return []
         prefix = self.root + "/"
@@ -111,14 +128,14 @@ class RunDir:
                     os.unlink(tmp)
                 raise
         else:
-            self.fs.pipe_file(target, data)
+            self._io("writing", rel, lambda: self.fs.pipe_file(target, data))
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_atomic(rel, json.dumps(obj, indent=1, sort_keys=True).encode())
 
     def rm(self, rel: str, recursive: bool = False) -> None:
         try:
-            self.fs.rm(self.path(rel), recursive=recursive)
+            self._io("deleting", rel, lambda: self.fs.rm(self.path(rel), recursive=recursive))
         except FileNotFoundError:
             pass
 
@@ -130,13 +147,16 @@ class RunDir:
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 os.replace(src, dst)
             return
-        if self.fs.exists(src):
+        if self._io("checking", src_rel, lambda: self.fs.exists(src)):
             # Copy then delete: a crash in between leaves both, and the rerun copies again.
-            self.fs.copy(src, dst)
-            self.fs.rm(src)
+            self._io("copying to " + dst, src_rel, lambda: self.fs.copy(src, dst))
+            try:
+                self._io("deleting", src_rel, lambda: self.fs.rm(src))
+            except FileNotFoundError:  # a retried delete whose first try went through
+                pass
 
     def put_file(self, local_path: str, rel: str) -> None:
-        self.fs.put_file(local_path, self.path(rel))
+        self._io(f"uploading {local_path} to", rel, lambda: self.fs.put_file(local_path, self.path(rel)))
 
     def remove_all(self) -> None:
         """Delete the run's contents (``--fresh``), keeping the lock of the job that asked."""
@@ -223,7 +243,7 @@ class Stager:
                 for staged, _ in pairs:
                     rel = staged.split("/", 4)[4]  # staging/<attempt>/r<rank>/u<seq>/<rel>
                     local = os.path.join(folder, *rel.split("/"))
-                    _retry(lambda: self.run_dir.put_file(local, staged), what=f"upload of {local} to {self.run_dir.path(staged)}")
+                    self.run_dir.put_file(local, staged)  # retried there
                 shutil.rmtree(folder, ignore_errors=True)
             except BaseException as e:  # reported at the next commit
                 self._errors.append(e)
@@ -248,15 +268,66 @@ class Stager:
             self._thread = None
 
 
-def _retry(fn, what: str, attempts: int = 4, delay_s: float = 0.5):
-    """Run ``fn``, retrying transient storage errors with exponential backoff."""
+# OSErrors that describe the request, not the moment: trying again cannot help.
+_PERMANENT_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+                        NotADirectoryError)
+_PERMANENT_ERRNOS = (errno.EINVAL, errno.ENOENT, errno.EACCES, errno.EPERM, errno.EEXIST)
+_transient: Optional[Tuple[type, ...]] = None
+
+
+def _transient_types() -> Tuple[type, ...]:
+    """OSError and TimeoutError, and the client libraries' own connection errors.
+
+    s3fs turns S3's error replies into OSErrors, but a refused or dropped connection reaches us
+    as botocore's (or aiohttp's) exception, which is no OSError.
+    """
+    global _transient
+    if _transient is None:
+        found: List[type] = [OSError, TimeoutError]
+        try:
+            from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+            found += [BotoConnectionError, HTTPClientError]
+        except ImportError:
+            pass
+        try:
+            from aiohttp import ClientError
+            found.append(ClientError)
+        except ImportError:
+            pass
+        _transient = tuple(found)
+    return _transient
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a storage operation that raised ``error`` may succeed if tried again."""
+    if isinstance(error, StorageUnavailableError):
+        return False  # retried already
+    if isinstance(error, _PERMANENT_OS_ERRORS):
+        return False
+    if isinstance(error, OSError) and error.errno in _PERMANENT_ERRNOS:
+        return False
+    return isinstance(error, _transient_types())
+
+
+def _retry(fn, what: str, attempts: int = 5, delay_s: float = 0.5):
+    """Run ``fn``, retrying transient storage errors with exponential backoff (0.5, 1, 2, 4 s).
+
+    Permanent errors (missing file, access denied) are raised as they are; transient ones that
+    outlast the retries raise :class:`StorageUnavailableError` naming the operation.
+    """
     for i in range(attempts):
         try:
             return fn()
-        except (OSError, TimeoutError) as e:
-            if isinstance(e, (FileNotFoundError, PermissionError)) or i == attempts - 1:
-                raise OSError(f"{what} failed after {i + 1} tries: {e}") from e
-            time.sleep(delay_s * (2 ** i))
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            if i == attempts - 1:
+                raise StorageUnavailableError(
+                    f"{what} failed after {attempts} tries: {type(e).__name__}: {e}") from e
+            delay = delay_s * (2 ** i)
+            print(f"batchproc: warning: {what} failed ({type(e).__name__}: {e}); "
+                  f"retrying in {delay:g}s ({i + 1}/{attempts - 1})", file=sys.stderr, flush=True)
+            time.sleep(delay)
 
 
 # -- locking -------------------------------------------------------------------------------
@@ -270,7 +341,7 @@ class RunLock:
     def __init__(self, run_dir: RunDir, holder: str) -> None:
         self.run_dir = run_dir
         self.info = {"holder": holder, "host": socket.gethostname(), "pid": os.getpid(),
-                     "since": time.time(), "id": uuid.uuid4().hex}
+                     "since": time.time(), "id": uuid.uuid4().hex, "pid_space": _pid_space()}
         self._file_lock = None
         self._stop = threading.Event()
         self._heartbeat: Optional[threading.Thread] = None
@@ -291,12 +362,31 @@ class RunLock:
             return self
         # Object stores have no flock: a lease object refreshed by a heartbeat stands in for it.
         held = rd.read_json_or_none("lock.json")
-        if held and held.get("id") != self.info["id"] and time.time() - held.get("heartbeat", 0) < self.LEASE_TTL_S:
+        if (held and held.get("id") != self.info["id"] and time.time() - held.get("heartbeat", 0) < self.LEASE_TTL_S
+                and not self._holder_gone(held)):
             raise RunDirLockedError(self._busy_message(held))
         self._write_lease()
         self._heartbeat = threading.Thread(target=self._beat, name="batchproc-lease", daemon=True)
         self._heartbeat.start()
         return self
+
+    @staticmethod
+    def _holder_gone(held: Dict[str, Any]) -> bool:
+        """A lease left by a process that no longer exists (killed before it could release it).
+
+        Only decidable for a holder in our own pid space (same boot of the same machine, same pid
+        namespace); anywhere else the lease stands until it expires.
+        """
+        space = _pid_space()
+        if space is None or held.get("pid_space") != space or not isinstance(held.get("pid"), int):
+            return False
+        try:
+            os.kill(held["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # alive, someone else's
+            return False
+        return False
 
     def _write_lease(self) -> None:
         self.run_dir.write_json("lock.json", dict(self.info, heartbeat=time.time()))
@@ -322,8 +412,22 @@ class RunLock:
             self._file_lock.release()
             self._file_lock = None
         elif self._heartbeat is not None:
-            self.run_dir.rm("lock.json")
             self._heartbeat = None
+            try:
+                self.run_dir.rm("lock.json")
+            except Exception as e:  # the job's own outcome matters more; the lease expires
+                print(f"batchproc: warning: cannot release the lease {self.run_dir.path('lock.json')} ({e}); "
+                      f"it expires {self.LEASE_TTL_S:g} s after its last heartbeat", file=sys.stderr)
+
+
+def _pid_space() -> Optional[str]:
+    """This machine's boot and this process's pid namespace: where a pid names one process."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
 
 
 def acquire_run_lock(run_dir: RunDir, holder: str) -> RunLock:

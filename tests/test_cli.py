@@ -114,7 +114,8 @@ def test_hparams_reach_the_job_and_fresh_starts_over(procs, tmp_path):
     assert out.rc == 0, out.out
     run_dir = tmp_path / "runs" / "sums"
     assert sorted(r["index"] for r in output_rows(run_dir)) == list(range(N))
-    assert len(list((run_dir / "checkpoints").glob("*.json"))) == -(-(N // BS) // 4)
+    records = sorted((run_dir / "checkpoints").glob("ckpt-*.json"))  # the last 3 are kept
+    assert len(records) == 3 and records[-1].name == f"ckpt-{-(-(N // BS) // 4) - 1:08d}.json"
 
 
 def test_bad_config_names_the_key(procs, tmp_path):
