@@ -85,7 +85,7 @@ def check_fingerprint(run_dir: RunDir, fingerprint: Dict[str, Any]) -> Dict[str,
     """Record the job's fingerprint, or check it against the one recorded; returns the recorded one."""
     recorded = run_dir.read_json_or_none(FINGERPRINT_FILE)
     if recorded is None:
-        run_dir.write_json(FINGERPRINT_FILE, fingerprint)
+        run_dir.write_json(FINGERPRINT_FILE, fingerprint, durable=True)
         return fingerprint
     for key in ("dataset_len", "batch_size", "max_batches"):
         if recorded.get(key) != fingerprint.get(key):
@@ -260,8 +260,8 @@ class Checkpointer:
             "committed_samples": committed_samples, "metrics": self.metrics_so_far,
         }
         record["checksum"] = _checksum(record)
-        self.run_dir.write_atomic(states_name(seq), blob)
-        self.run_dir.write_json(record_name(seq), record)
+        self.run_dir.write_atomic(states_name(seq), blob, durable=True)
+        self.run_dir.write_json(record_name(seq), record, durable=True)
         # Keep the last few records only (the one before the latest is the fallback if the
         # latest is damaged): storage stays bounded and listing them on resume stays O(1).
         for old in (record_name(seq - KEEP_RECORDS), states_name(seq - KEEP_RECORDS)):

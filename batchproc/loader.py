@@ -131,8 +131,10 @@ class _WorkerInit:
         self.user_fn = user_fn
 
     def __call__(self, worker_id: int) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+        for sig in signals:
             signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # blocked by the parent around the fork
         if self.user_fn is not None:
             self.user_fn(worker_id)
 

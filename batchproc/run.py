@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 import uuid
 from typing import Any, Dict, List, Optional, Type
@@ -21,7 +22,7 @@ from batchproc.errors import TooManyBadSamplesError, UserCodeError
 from batchproc.faults import Faults
 from batchproc.loader import build_loader, check_dataloader_kwargs, describe_sample
 from batchproc.progress import Progress
-from batchproc.preempt import PreemptionWatcher, clear_stop_request
+from batchproc.preempt import SIGNALS as PREEMPT_SIGNALS, PreemptionWatcher, clear_stop_request
 from batchproc.processor import TorchBatchProcessor, TorchBatchProcessorContext
 from batchproc.reducer import ReducerRegistry
 from batchproc.report import METRICS_FILE, RunState, write_metrics, write_state
@@ -195,8 +196,14 @@ class _Job:
         progress = Progress(env.is_chief, G, total, self.batch_size, fingerprint["dataset_len"])
         try:
             with PreemptionWatcher(env, self.run_dir) as watcher:
-                # Workers start inside the watcher, so a signal during their start-up is caught too.
-                batches = iter(loader)
+                # Loader workers are forked here with the preemption signals blocked: one arriving
+                # before a worker has set them to SIG_IGN (loader._WorkerInit) would kill it. The
+                # main process gets the signal when the mask is restored, as a stop request.
+                masked = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPT_SIGNALS)
+                try:
+                    batches = iter(loader)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, masked)
                 for step in range(steps):
                     g = sharding.global_batch(G, W, env.rank, step)
                     if g < total:

@@ -110,8 +110,12 @@ class RunDir:
         if self.is_local:
             os.makedirs(self.path(rel), exist_ok=True)
 
-    def write_atomic(self, rel: str, data: bytes) -> None:
-        """Write ``data`` to ``rel`` so that readers see the old file or the whole new one."""
+    def write_atomic(self, rel: str, data: bytes, durable: bool = False) -> None:
+        """Write ``data`` to ``rel`` so that readers see the old file or the whole new one.
+
+        ``durable`` also survives a power loss (fsync before the rename): the commit protocol asks
+        it for checkpoint records and their states only; a crashed process loses nothing either way.
+        """
         target = self.path(rel)
         if self.is_local:
             directory = os.path.dirname(target)
@@ -121,7 +125,8 @@ class RunDir:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                     f.flush()
-                    os.fsync(f.fileno())
+                    if durable:
+                        os.fsync(f.fileno())
                 os.replace(tmp, target)
             except BaseException:
                 if os.path.exists(tmp):
@@ -130,8 +135,8 @@ class RunDir:
         else:
             self._io("writing", rel, lambda: self.fs.pipe_file(target, data))
 
-    def write_json(self, rel: str, obj: Any) -> None:
-        self.write_atomic(rel, json.dumps(obj, indent=1, sort_keys=True).encode())
+    def write_json(self, rel: str, obj: Any, durable: bool = False) -> None:
+        self.write_atomic(rel, json.dumps(obj, indent=1, sort_keys=True).encode(), durable)
 
     def rm(self, rel: str, recursive: bool = False) -> None:
         try:
