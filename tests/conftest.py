@@ -13,6 +13,9 @@ from typing import Dict, List, Optional
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench/ is not an installed package
+
+from bench.chaos import descendants  # noqa: E402  (one /proc walk for the tests and the campaign)
 SCRIPTS = ROOT / "tests" / "scripts"
 PY = sys.executable
 
@@ -39,14 +42,7 @@ class Procs:
         return p
 
     def run(self, cmd: List[str], env: Optional[Dict[str, str]] = None, timeout: float = 180, **kw) -> "Finished":
-        p = self.start(cmd, env, **kw)
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill(p)
-            out, _ = p.communicate()
-            raise AssertionError(f"{cmd} timed out after {timeout}s; output:\n{out}")
-        return Finished(p.returncode, out)
+        return self.finish(self.start(cmd, env, **kw), timeout)
 
     def wait_for(self, p: subprocess.Popen, pattern: str, timeout: float = 120) -> List[str]:
         """Read ``p``'s output until a line matches ``pattern`` (a regex); returns the lines read."""
@@ -94,25 +90,6 @@ class Procs:
                 pass
         for p in self.procs:
             p.wait(timeout=30)
-
-
-def descendants(pid: int) -> List[int]:
-    """PIDs of every live descendant of ``pid`` (from /proc)."""
-    children: Dict[int, List[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 class Finished:
