@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence
 from batchproc import report
 from batchproc.config import load_config
 from batchproc.errors import ConfigError, RunDirLockedError
+from batchproc.outcome import PreemptionSignals
 from batchproc.storage import RunDir
 
 EXIT_USAGE = 2
@@ -68,7 +69,15 @@ def _print_summary(rc: int, run_dir: RunDir, args: argparse.Namespace) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from batchproc.outcome import child_env, resolve_exit_code, run_child, status_stamp
+    # Record preemption signals before anything slow (imports, config, the run lock): with Python's
+    # default actions a SIGTERM there would kill us and the run would end as failed, although
+    # "stop, run again to resume" is all the signal means (see batchproc.outcome).
+    with PreemptionSignals() as signals:
+        return _run(args, signals)
+
+
+def _run(args: argparse.Namespace, signals: PreemptionSignals) -> int:
+    from batchproc.outcome import child_env, resolve_exit_code, run_child, status_stamp, stop_before_start
     from batchproc.storage import acquire_run_lock
     from launch.torch_distributed import launcher_overrides, max_nodes
 
@@ -96,17 +105,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
             _err(str(e))
             return EXIT_LOCKED
     try:
+        print(f"batchproc: run directory {run_dir.url}", flush=True)
+        if signals.received:
+            # Asked to stop before anything started: start nothing (nor wipe anything for --fresh).
+            # Its status is written only under our lock: on several nodes the others may be running.
+            rc = stop_before_start(run_dir if lock is not None else None, signals.received)
+            _print_summary(rc, run_dir, args)
+            return rc
         if args.fresh:
             run_dir.remove_all()
-        print(f"batchproc: run directory {run_dir.url}", flush=True)
         env = child_env(config.run_settings(lock_held=lock is not None))
         before = status_stamp(run_dir)
         try:
-            child_rc = run_child(entrypoint, env)
+            child_rc = run_child(entrypoint, env, signals)
         except OSError as e:
             _err(f"cannot start the entrypoint {shlex.join(entrypoint)!r}: {e}")
             return EXIT_NOT_FOUND
-        rc = resolve_exit_code(child_rc, run_dir, before)
+        rc = resolve_exit_code(child_rc, run_dir, before, signals.forwarded)
         _print_summary(rc, run_dir, args)
         return rc
     finally:

@@ -21,7 +21,8 @@ import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from batchproc.errors import RunDirLockedError
-from batchproc.outcome import child_env, resolve_exit_code, run_child, status_stamp
+from batchproc.outcome import (PreemptionSignals, child_env, resolve_exit_code, run_child, status_stamp,
+                               stop_before_start)
 from batchproc.settings import ENV_PROGRESS, RunSettings
 
 MODULE = "launch.torch_distributed"
@@ -195,6 +196,14 @@ def _gpu_count() -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Launch, wait, and return 0 (completed), 75 (preempted) or the failure's exit code."""
+    # Record preemption signals before anything slow (torch's import for the GPU count and the
+    # overrides' check, the run lock): with Python's default actions a SIGTERM there would kill us
+    # and the run would end as failed, although it only means "stop, run again to resume".
+    with PreemptionSignals() as signals:
+        return _launch(argv, signals)
+
+
+def _launch(argv: Optional[Sequence[str]], signals: PreemptionSignals) -> int:
     overrides, script = parse_args(sys.argv[1:] if argv is None else argv)
     settings = RunSettings.from_env()
     try:
@@ -221,6 +230,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 3
         settings = dataclasses.replace(settings, lock_held=True)
     try:
+        if signals.received:
+            # Asked to stop before anything started: start nothing. The status is written only
+            # under the run's lock (ours or our parent's): on several nodes others may be running.
+            print(f"{MODULE}: {signals.reason}: torchrun not started", file=sys.stderr)
+            return stop_before_start(run_dir if settings.lock_held else None, signals.received)
         env = child_env(settings)
         env.setdefault("OMP_NUM_THREADS", str(max(1, _cpu_count() // nproc)))
         if not single_node:
@@ -232,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if sys.stderr.isatty():  # workers write to torchrun's pipes, but a person is watching
             env.setdefault(ENV_PROGRESS, "1")
         before = status_stamp(run_dir)
-        return resolve_exit_code(run_child(cmd, env), run_dir, before)
+        return resolve_exit_code(run_child(cmd, env, signals), run_dir, before, signals.forwarded)
     finally:
         if lock is not None:
             lock.release()
