@@ -100,6 +100,7 @@ class Model:
     preprocess: Callable[[torch.Tensor], Any]
     classes: List[str]  # output index -> name
     description: str
+    channels_last: bool = False  # NHWC weights: faster convolutions on CPUs and GPUs alike
 
 
 def make_model(name: str, weights: Optional[str], log: Callable[[str], None]) -> Model:
@@ -146,7 +147,7 @@ def _torchvision_model(name: str, weights: Optional[str], log: Callable[[str], N
             log(f"no pretrained weights found at {cached}; using random weights")
         build = _seeded(lambda: tvm.get_model(name, weights=None))
         what = f"{name} with random weights"
-    return Model(build, preprocess_from_weights(default), categories, what)
+    return Model(build, preprocess_from_weights(default), categories, what, channels_last=True)
 
 
 def _seeded(make: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
@@ -217,7 +218,7 @@ class ClassifyProcessor(TorchBatchProcessor):
     def __init__(self, context: TorchBatchProcessorContext) -> None:
         super().__init__(context)
         s = self.setup
-        self.model = context.prepare_model_for_inference(s.model.build())
+        self.model = context.prepare_model_for_inference(s.model.build(), channels_last=s.model.channels_last)
         self.classes = s.model.classes
         self.to_model_label = torch.tensor(s.to_model_label + [UNKNOWN_LABEL], dtype=torch.long)
         self.accuracy, self.top5_accuracy = TopKAccuracy(1), TopKAccuracy(TOP_K)

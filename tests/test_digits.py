@@ -81,6 +81,28 @@ def test_torchvision_model_without_cached_weights_says_so(tmp_path, monkeypatch)
     assert len(model.classes) == 1000 and "random" in model.description
 
 
+def test_torchvision_model_through_the_example_predicts_like_a_plain_loop(digits, tmp_path, monkeypatch):
+    """The shipped path (ImageFiles, the weights' preprocessing, channels_last, row writer) gives a
+    plain contiguous-model loop's probabilities for the same images."""
+    for name in ("BATCHPROC_RUN_DIR", "BATCHPROC_HPARAMS", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    run = tmp_path / "run"
+    rc = classify_images.main(["--data", digits, "--model", "resnet18", "--weights", "random", "--storage", str(run),
+                               "--batch-size", "8", "--max-batches", "2", "--num-workers", "0", "--format", "jsonl"])
+    assert rc == 0
+    rows = sorted(read_rows(str(run)), key=lambda r: r["index"])
+    assert [r["index"] for r in rows] == list(range(16))
+    model = classify_images.make_model("resnet18", "random", lambda msg: None)
+    plain = model.build().eval()
+    ds = ImageFiles(digits, transform=model.preprocess)
+    with torch.inference_mode():
+        probs = plain(torch.stack([ds[i]["image"] for i in range(16)])).softmax(1)
+    top_p, top_i = probs.topk(5, dim=1)
+    assert np.allclose([r["top5_probs"] for r in rows], top_p.numpy(), atol=1e-4)
+    clear = (top_p[:, 0] - top_p[:, 1]) > 1e-3  # a near tie may flip with the memory format
+    assert [r["pred"] for r, c in zip(rows, clear) if c] == top_i[clear, 0].tolist()
+
+
 def run_classify(procs, nproc: int, digits: str, storage: Path, env=None, preempted: bool = False) -> dict:
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "--monitor-interval=0.2", "examples/classify_images.py", "--data", digits, "--storage", str(storage),
