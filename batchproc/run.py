@@ -21,11 +21,12 @@ from batchproc.distributed import WorkerEnv, init_worker
 from batchproc.errors import TooManyBadSamplesError, UserCodeError
 from batchproc.faults import Faults
 from batchproc.loader import build_loader, check_dataloader_kwargs, describe_sample
+from batchproc.prefetch import DevicePrefetcher, device_prefetch_enabled
 from batchproc.progress import Progress
 from batchproc.preempt import SIGNALS as PREEMPT_SIGNALS, PreemptionWatcher, clear_stop_request
 from batchproc.processor import TorchBatchProcessor, TorchBatchProcessorContext
 from batchproc.reducer import ReducerRegistry
-from batchproc.report import METRICS_FILE, RunState, write_metrics, write_state
+from batchproc.report import METRICS_FILE, RunState, read_status_file, write_metrics, write_state
 from batchproc.settings import RunSettings
 from batchproc.storage import STAGING, RunDir, RunLock, Stager, acquire_run_lock
 
@@ -102,6 +103,10 @@ def torch_batch_process(
 
 def _record_failure(run_dir: RunDir, error: BaseException) -> None:
     try:
+        # A finished run stays finished: a rerun interrupted before it found that out (Ctrl-C
+        # during start-up) has lost nothing, and every later rerun would report its failure.
+        if read_status_file(run_dir).get("state") == RunState.COMPLETED.value:
+            return
         write_state(run_dir, RunState.FAILED, error=f"{type(error).__name__}: {error}"[:2000])
     except Exception:  # the original error matters more than the status file
         pass
@@ -204,10 +209,11 @@ class _Job:
                     batches = iter(loader)
                 finally:
                     signal.pthread_sigmask(signal.SIG_SETMASK, masked)
+                items = self._with_device_copies(batches)
                 for step in range(steps):
                     g = sharding.global_batch(G, W, env.rank, step)
                     if g < total:
-                        loaded = next(batches)
+                        loaded, context._device_copies = next(items)
                         if loaded.bad:
                             records = loaded.bad_records()
                             new_errors.extend(records)
@@ -252,6 +258,13 @@ class _Job:
         metrics = env.broadcast(ckpt.metrics_so_far)
         return self._result(watermark, total, metrics, completed=not preempted, preempted=preempted,
                             steps=step + 1 if preempted else steps)
+
+    def _with_device_copies(self, batches: Any) -> Any:
+        """``(loaded batch, device copies of its tensors)`` items; the copies come from the side-stream
+        prefetcher when it is on, else there are none and ``to_device`` copies on demand."""
+        if not device_prefetch_enabled(self.env.device):
+            return ((loaded, {}) for loaded in batches)
+        return DevicePrefetcher(batches, self.env.device, batch_of=lambda loaded: loaded.batch)
 
     def _process(self, processor: TorchBatchProcessor, batch: Any, g: int) -> None:
         try:
