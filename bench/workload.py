@@ -7,8 +7,12 @@ threads or allocator state. Model construction happens before the clock starts i
 
 MODE: ``plain`` (DataLoader + model loop over batchproc's ImageFiles), ``framework`` (the same
 through torch_batch_process), ``pil`` (torchvision ImageFolder + PIL transforms, the usual plain
-loop), ``shipped`` (ImageFiles with batchproc's defaults and RowWriter, through the framework),
-``synthetic`` (cheap model on in-memory tensors through the framework, for commit/resume costs).
+loop), ``example`` (the shipped path whole: ImageFiles with the model's own preprocessing,
+batchproc's default loader, and examples/classify_images.py's processor with its Parquet rows and
+metrics), ``synthetic`` (cheap model on in-memory tensors through the framework, for commit/resume
+costs), ``gpu-model`` / ``gpu-framework`` (ResNet-50 in bf16 and channels_last on CUDA over uint8
+images pre-staged in host memory: a model-only loop, and the same through torch_batch_process).
+``--model none`` skips the model (the data path alone).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import resource
 import sys
 import tempfile
 import time
+from typing import Optional
 
 T_PROCESS = time.time()
 
@@ -35,10 +40,75 @@ MODEL: torch.nn.Module
 MARKS: dict = {}
 
 
+class _NoModel(torch.nn.Module):
+    def forward(self, x):
+        return x.new_zeros((len(x), 1000), dtype=torch.float32)
+
+
 def build_model(name: str) -> torch.nn.Module:
     if name == "tiny":
         return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    if name == "none":
+        return _NoModel()
     return torchvision.models.get_model(name, weights=None, num_classes=1000)
+
+
+GPU_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+GPU_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+
+
+def gpu_model(device: torch.device) -> torch.nn.Module:
+    """ResNet-50, bf16 weights, channels_last: the usual fast GPU inference set-up."""
+    model = torchvision.models.resnet50(weights=None).eval().requires_grad_(False)
+    return model.to(device, dtype=torch.bfloat16, memory_format=torch.channels_last)
+
+
+def gpu_forward(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW on the device -> predicted classes on the host (one sync per batch)."""
+    x = images.to(torch.bfloat16).sub_(GPU_MEAN.to(images.device, torch.bfloat16))
+    x = x.div_(GPU_STD.to(images.device, torch.bfloat16)).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return model(x).argmax(1).cpu()
+
+
+class _HostImages(torch.utils.data.Dataset):
+    """``n`` uint8 3x224x224 images already decoded in (shared) host memory."""
+
+    def __init__(self, n: int) -> None:
+        self.images = torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+def gpu_model_loop(ds: _HostImages) -> int:
+    """The model-only baseline: pinned host batches, non-blocking copies, nothing else."""
+    device = torch.device("cuda")
+    model = gpu_model(device)
+    host = ds.images.pin_memory()
+    with torch.inference_mode():
+        gpu_forward(model, host[:ARGS.bs].to(device))  # cuDNN picks its kernels once, as below
+        torch.cuda.synchronize()
+        MARKS["warm"] = time.time()
+        preds = [gpu_forward(model, host[i:i + ARGS.bs].to(device, non_blocking=True))
+                 for i in range(0, len(host), ARGS.bs)]
+    return sum(len(p) for p in preds)
+
+
+class GpuPredict(TorchBatchProcessor):
+    def __init__(self, context):
+        self.context = context
+        self.model = gpu_model(context.device)
+        self.count = context.wrap_reducer(Count(), "samples")
+        gpu_forward(self.model, torch.zeros(ARGS.bs, 3, 224, 224, dtype=torch.uint8, device=context.device))
+        torch.cuda.synchronize()
+        MARKS["warm"] = time.time()
+
+    def process_batch(self, batch, batch_idx):
+        self.count.update(len(gpu_forward(self.model, self.context.to_device(batch))))
 
 
 class Count(MetricReducer):
@@ -62,11 +132,6 @@ class Predict(TorchBatchProcessor):
         self.model = context.prepare_model_for_inference(MODEL)
         self.count = context.wrap_reducer(Count(), "samples")
         self.preds = []
-        self.writer = None
-        if ARGS.mode == "shipped":
-            from batchproc.writers import RowWriter
-
-            self.writer = RowWriter(context, format="parquet")
 
     def process_batch(self, batch, batch_idx):
         x = batch["image"] if isinstance(batch, dict) else batch
@@ -75,23 +140,36 @@ class Predict(TorchBatchProcessor):
             pred = self.model(x).argmax(1)
         MARKS.setdefault("first_batch", time.time())
         self.count.update(len(pred))
-        if self.writer is not None:
-            self.writer.add([{"path": p, "pred": int(c)} for p, c in zip(batch["path"], pred.tolist())])
-        else:
-            self.preds.append(pred)
+        self.preds.append(pred)
 
     def on_checkpoint_start(self):
-        if self.writer is not None:
-            self.writer.flush()
-        elif self.preds:
+        if self.preds:
             with self.context.upload_path() as path:
                 torch.save(torch.cat(self.preds), path / "preds.pt")
             self.preds = []
 
 
+def run_example(bs: int, nw: Optional[int]) -> int:
+    """examples/classify_images.py's processor over ARGS.data, with the model built before the clock."""
+    import dataclasses
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import classify_images as ci
+
+    model = dataclasses.replace(ci.make_model(ARGS.model, "random", log=lambda msg: None), build=lambda: MODEL)
+    ds = ImageFiles(ARGS.data, transform=model.preprocess)
+    setup = ci.Setup(model, ds.classes, ci.label_map(ds.classes, model.classes), "parquet")
+    kwargs = {} if nw is None else {"num_workers": nw}
+    result = torch_batch_process(ci.make_processor(setup), ds, batch_size=bs, checkpoint_interval=ARGS.interval,
+                                 max_batches=ARGS.max_batches, dataloader_kwargs=kwargs, storage=ARGS.storage)
+    return len(ds) if result.completed else 0
+
+
 def dataset():
     if ARGS.mode == "synthetic":
         return _Synthetic(ARGS.n)
+    if ARGS.mode.startswith("gpu-"):
+        return _HostImages(ARGS.n)
     if ARGS.mode == "pil":
         from torchvision import transforms as T
 
@@ -130,7 +208,7 @@ def plain_loop(ds) -> int:
 def main() -> None:
     global ARGS, MODEL
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["plain", "framework", "pil", "shipped", "synthetic"])
+    p.add_argument("mode", choices=["plain", "framework", "pil", "example", "synthetic", "gpu-model", "gpu-framework"])
     p.add_argument("--data")
     p.add_argument("--model", default="resnet18")
     p.add_argument("--bs", type=int, default=32)
@@ -140,15 +218,19 @@ def main() -> None:
     p.add_argument("--max-batches", type=int, default=None)
     p.add_argument("--storage", default=None, help="run directory (default: from batchproc run)")
     ARGS = p.parse_args()
-    MODEL = build_model(ARGS.model)
-    ds = dataset()
+    MODEL = build_model(ARGS.model) if not ARGS.mode.startswith("gpu-") else None
+    ds = dataset() if ARGS.mode != "example" else None
     rank = int(os.environ.get("RANK", "0"))
     start = time.time()
     if ARGS.mode in ("plain", "pil"):
         samples = plain_loop(ds)
+    elif ARGS.mode == "example":
+        samples = run_example(ARGS.bs, ARGS.nw)
+    elif ARGS.mode == "gpu-model":
+        samples = gpu_model_loop(ds)
     else:
         kwargs = {} if ARGS.nw is None else {"num_workers": ARGS.nw}
-        result = torch_batch_process(Predict, ds, batch_size=ARGS.bs, checkpoint_interval=ARGS.interval,
+        result = torch_batch_process(GpuPredict if ARGS.mode == "gpu-framework" else Predict, ds, batch_size=ARGS.bs, checkpoint_interval=ARGS.interval,
                                      max_batches=ARGS.max_batches, dataloader_kwargs=kwargs, storage=ARGS.storage)
         samples = result.metrics.get("samples", 0)
     end = time.time()

@@ -1,0 +1,18 @@
+"""``python -m bench`` still runs end to end (tiny sizes: the figures themselves are not checked)."""
+
+from __future__ import annotations
+
+from conftest import PY, ROOT
+
+
+def test_bench_writes_its_table_and_keeps_the_text_around_it(procs, tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\nintro\n\n<!-- bench: generated, from here -->\nold\n<!-- bench: to here -->\n\nhistory\n")
+    done = procs.run([PY, "-m", "bench", "--runs", "1", "--images", "8", "--rows", "agh", "--out", str(out)],
+                     cwd=ROOT, timeout=300)
+    assert done.rc == 0, done.out
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n") and text.rstrip().endswith("history") and "\nold\n" not in text
+    for row in ("| a | throughput, 1 process", "| e | peak RSS", "| g | shipped image path", "| g | data path alone"):
+        assert row in text, text
+    assert "Row h" in text
