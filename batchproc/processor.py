@@ -11,14 +11,19 @@ import contextlib
 import json
 import os
 import pathlib
+import shutil
 import tempfile
-from typing import Any, Dict, Iterator, List, Optional, Sequence, TypeVar
+import warnings
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 import torch
 
 from batchproc.distributed import WorkerEnv
 from batchproc.reducer import MetricReducer, ReducerRegistry, json_safe
 from batchproc.storage import Stager
+
+if TYPE_CHECKING:
+    from batchproc.storage import RunDir
 
 
 R = TypeVar("R", bound=MetricReducer)
@@ -90,7 +95,7 @@ class TorchBatchProcessorContext:
         if not self._env.is_chief:
             return
         self._tb_path.mkdir(parents=True, exist_ok=True)
-        with open(self._tb_path / "metrics.jsonl", "a") as f:
+        with open(self._tb_path / REPORTED_METRICS, "a") as f:
             f.write(json.dumps({"group": group, "steps_completed": steps_completed,
                                 "metrics": json_safe(metrics)}) + "\n")
         writer = self._tensorboard_writer()
@@ -163,11 +168,41 @@ class TorchBatchProcessor(abc.ABC):
         """Called once per rank after the last batch of the whole job (not on preemption)."""
 
 
+TENSORBOARD_DIR = "tensorboard"
+REPORTED_METRICS = "metrics.jsonl"
+
+
 def default_tensorboard_path(run_dir_url: str, is_local: bool, rank: int) -> pathlib.Path:
-    """TensorBoard files go in the run directory when it is local, else a local temp folder."""
+    """TensorBoard files go in the run directory when it is local, else a local temp folder
+    (SummaryWriter needs a local path) that :func:`push_tensorboard` uploads at the attempt's end."""
     if is_local:
-        return pathlib.Path(run_dir_url.removeprefix("file://")) / "tensorboard"
+        return pathlib.Path(run_dir_url.removeprefix("file://")) / TENSORBOARD_DIR
     return pathlib.Path(tempfile.gettempdir()) / f"batchproc-tb-{os.getpid()}-r{rank}"
+
+
+def pull_reported_metrics(run_dir: "RunDir", local: pathlib.Path) -> None:
+    """Fetch the run's ``metrics.jsonl`` into ``local``, so this attempt appends to it as a local
+    run directory's attempts do (object stores cannot append)."""
+    rel = f"{TENSORBOARD_DIR}/{REPORTED_METRICS}"
+    if run_dir.exists(rel):
+        local.mkdir(parents=True, exist_ok=True)
+        (local / REPORTED_METRICS).write_bytes(run_dir.read_bytes(rel))
+
+
+def push_tensorboard(run_dir: "RunDir", local: pathlib.Path) -> None:
+    """Upload this rank's files from ``local`` into ``<run_dir>/tensorboard/``, then drop them.
+
+    A failed upload warns: the run's outputs and metrics are already committed."""
+    if not local.is_dir():
+        return
+    try:
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            run_dir.put_file(str(path), f"{TENSORBOARD_DIR}/{path.relative_to(local).as_posix()}")
+    except Exception as e:
+        warnings.warn(f"batchproc: TensorBoard files in {local} were not uploaded to "
+                      f"{run_dir.url}/{TENSORBOARD_DIR}: {e}", stacklevel=2)
+        return
+    shutil.rmtree(local, ignore_errors=True)
 
 
 __all__: Sequence[str] = ("TorchBatchProcessor", "TorchBatchProcessorContext")

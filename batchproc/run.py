@@ -24,7 +24,8 @@ from batchproc.loader import build_loader, check_dataloader_kwargs, describe_sam
 from batchproc.prefetch import DevicePrefetcher, device_prefetch_enabled
 from batchproc.progress import Progress
 from batchproc.preempt import SIGNALS as PREEMPT_SIGNALS, PreemptionWatcher, clear_stop_request
-from batchproc.processor import TorchBatchProcessor, TorchBatchProcessorContext
+from batchproc.processor import (TorchBatchProcessor, TorchBatchProcessorContext, default_tensorboard_path,
+                                 pull_reported_metrics, push_tensorboard)
 from batchproc.reducer import ReducerRegistry
 from batchproc.report import METRICS_FILE, RunState, read_status_file, write_metrics, write_state
 from batchproc.settings import RunSettings
@@ -183,6 +184,8 @@ class _Job:
         reducers = ReducerRegistry()
         stager = Stager(self.run_dir, attempt, env.rank)
         tb_path = self._tensorboard_path()
+        if env.is_chief and not self.run_dir.is_local:
+            pull_reported_metrics(self.run_dir, tb_path)
         context = TorchBatchProcessorContext(env, stager, reducers, self.settings.hparams, tb_path, self.run_dir.url)
         self.context = context
         processor = self.processor_cls(context)
@@ -246,6 +249,8 @@ class _Job:
             progress.close()
             stager.close()
             context._close()
+            if not self.run_dir.is_local:
+                push_tensorboard(self.run_dir, tb_path)
         watermark = total if not preempted else sharding.watermark_after(G, total, W, step + 1)
         env.barrier()  # every rank has published before the run is called done
         if env.is_chief:
@@ -298,7 +303,6 @@ class _Job:
         return self.env.broadcast(metrics)
 
     def _tensorboard_path(self):
-        from batchproc.processor import default_tensorboard_path
         return default_tensorboard_path(self.run_dir.root, self.run_dir.is_local, self.env.rank)
 
     def _result(self, watermark: int, total: int, metrics: Dict[str, Any], completed: bool = False,

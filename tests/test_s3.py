@@ -31,11 +31,18 @@ def test_full_run_on_s3(procs, tmp_path, s3_server, s3_bucket):
 
 def test_preempted_then_resumed_on_s3(procs, tmp_path, s3_server, s3_bucket):
     url = f"{s3_bucket}/runs/resumed"
-    first = procs.run(job_cmd(2, 21, 2, 2, "-", url), env=dict(s3_server["env"], BATCHPROC_FAULT="stop@step=2"))
+    env = dict(s3_server["env"], SUM_JOB_REPORT="1")  # report_metrics at each checkpoint
+    first = procs.run(job_cmd(2, 21, 2, 2, "-", url), env=dict(env, BATCHPROC_FAULT="stop@step=2"))
     assert first.rc == 0 and first.result()["preempted"], first.out
-    assert s3_indices(url)[0] == list(range(12))
-    second = procs.run(job_cmd(1, 21, 2, 2, "-", url), env=s3_server["env"])
+    indices, fs = s3_indices(url)
+    assert indices == list(range(12))
+    reported = fs.cat_file(url + "/tensorboard/metrics.jsonl").decode().splitlines()
+    second = procs.run(job_cmd(1, 21, 2, 2, "-", url), env=env)
     assert second.rc == 0 and second.result()["completed"], second.out
     assert s3_indices(url)[0] == list(range(21))
+    # Reported metrics reach the run directory on S3, and the resumed attempt appends to them.
+    fs.invalidate_cache()
+    after = fs.cat_file(url + "/tensorboard/metrics.jsonl").decode().splitlines()
+    assert reported and after[:len(reported)] == reported and len(after) > len(reported)
     ref = procs.run(job_cmd(0, 21, 2, 100, "-", tmp_path / "ref"))
     assert second.result()["metrics"] == ref.result()["metrics"]

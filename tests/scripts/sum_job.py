@@ -90,6 +90,8 @@ class Processor(TorchBatchProcessor):
 
     def on_checkpoint_start(self):
         self.calls["on_checkpoint_start"] += 1
+        if os.environ.get("SUM_JOB_REPORT"):
+            self.context.report_metrics("checkpoint", self.context.global_batch_idx, {"rows": len(self.rows)})
         if self.rows:
             with self.context.upload_path() as path:
                 with open(path / "rows.jsonl", "w") as f:
