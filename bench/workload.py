@@ -157,6 +157,8 @@ def run_example(bs: int, nw: Optional[int]) -> int:
     import classify_images as ci
 
     model = dataclasses.replace(ci.make_model(ARGS.model, "random", log=lambda msg: None), build=lambda: MODEL)
+    if ARGS.contiguous:  # the example without channels_last, to show what that layout is worth
+        model = dataclasses.replace(model, channels_last=False)
     ds = ImageFiles(ARGS.data, transform=model.preprocess)
     setup = ci.Setup(model, ds.classes, ci.label_map(ds.classes, model.classes), "parquet")
     kwargs = {} if nw is None else {"num_workers": nw}
@@ -216,6 +218,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--interval", type=int, default=10**6)
     p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--contiguous", action="store_true", help="example: keep the model's default memory format")
     p.add_argument("--storage", default=None, help="run directory (default: from batchproc run)")
     ARGS = p.parse_args()
     MODEL = build_model(ARGS.model) if not ARGS.mode.startswith("gpu-") else None
