@@ -174,35 +174,54 @@ REPORTED_METRICS = "metrics.jsonl"
 
 def default_tensorboard_path(run_dir_url: str, is_local: bool, rank: int) -> pathlib.Path:
     """TensorBoard files go in the run directory when it is local, else a local temp folder
-    (SummaryWriter needs a local path) that :func:`push_tensorboard` uploads at the attempt's end."""
+    (SummaryWriter needs a local path) that :class:`TensorBoardMirror` uploads."""
     if is_local:
         return pathlib.Path(run_dir_url.removeprefix("file://")) / TENSORBOARD_DIR
     return pathlib.Path(tempfile.gettempdir()) / f"batchproc-tb-{os.getpid()}-r{rank}"
 
 
-def pull_reported_metrics(run_dir: "RunDir", local: pathlib.Path) -> None:
-    """Fetch the run's ``metrics.jsonl`` into ``local``, so this attempt appends to it as a local
-    run directory's attempts do (object stores cannot append)."""
-    rel = f"{TENSORBOARD_DIR}/{REPORTED_METRICS}"
-    if run_dir.exists(rel):
-        local.mkdir(parents=True, exist_ok=True)
-        (local / REPORTED_METRICS).write_bytes(run_dir.read_bytes(rel))
+class TensorBoardMirror:
+    """Keeps ``<run_dir>/tensorboard/`` up to date with this rank's local TensorBoard folder,
+    for run directories on object stores (SummaryWriter needs a local path).
 
+    Rank 0 first fetches the run's ``metrics.jsonl``, so this attempt appends to it as a local run
+    directory's attempts do. :meth:`sync` runs after each checkpoint and uploads only the files
+    that changed; a failure warns, since outputs and metrics are already committed.
+    """
 
-def push_tensorboard(run_dir: "RunDir", local: pathlib.Path) -> None:
-    """Upload this rank's files from ``local`` into ``<run_dir>/tensorboard/``, then drop them.
+    def __init__(self, run_dir: "RunDir", local: pathlib.Path, chief: bool) -> None:
+        self.run_dir, self.local = run_dir, local
+        self._sent: Dict[str, tuple] = {}
+        rel = f"{TENSORBOARD_DIR}/{REPORTED_METRICS}"
+        if chief and run_dir.exists(rel):
+            local.mkdir(parents=True, exist_ok=True)
+            (local / REPORTED_METRICS).write_bytes(run_dir.read_bytes(rel))
+            self._sent[REPORTED_METRICS] = self._stamp(local / REPORTED_METRICS)
 
-    A failed upload warns: the run's outputs and metrics are already committed."""
-    if not local.is_dir():
-        return
-    try:
-        for path in sorted(p for p in local.rglob("*") if p.is_file()):
-            run_dir.put_file(str(path), f"{TENSORBOARD_DIR}/{path.relative_to(local).as_posix()}")
-    except Exception as e:
-        warnings.warn(f"batchproc: TensorBoard files in {local} were not uploaded to "
-                      f"{run_dir.url}/{TENSORBOARD_DIR}: {e}", stacklevel=2)
-        return
-    shutil.rmtree(local, ignore_errors=True)
+    @staticmethod
+    def _stamp(path: pathlib.Path) -> tuple:
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+
+    def sync(self) -> bool:
+        if not self.local.is_dir():
+            return True
+        try:
+            for path in sorted(p for p in self.local.rglob("*") if p.is_file()):
+                rel, stamp = path.relative_to(self.local).as_posix(), self._stamp(path)
+                if self._sent.get(rel) != stamp:
+                    self.run_dir.put_file(str(path), f"{TENSORBOARD_DIR}/{rel}")
+                    self._sent[rel] = stamp
+        except Exception as e:
+            warnings.warn(f"batchproc: TensorBoard files in {self.local} were not uploaded to "
+                          f"{self.run_dir.url}/{TENSORBOARD_DIR}: {e}", stacklevel=2)
+            return False
+        return True
+
+    def close(self) -> None:
+        """Last upload; the local copy goes once it is safely uploaded."""
+        if self.sync():
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 __all__: Sequence[str] = ("TorchBatchProcessor", "TorchBatchProcessorContext")

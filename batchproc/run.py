@@ -24,8 +24,8 @@ from batchproc.loader import build_loader, check_dataloader_kwargs, describe_sam
 from batchproc.prefetch import DevicePrefetcher, device_prefetch_enabled
 from batchproc.progress import Progress
 from batchproc.preempt import SIGNALS as PREEMPT_SIGNALS, PreemptionWatcher, clear_stop_request
-from batchproc.processor import (TorchBatchProcessor, TorchBatchProcessorContext, default_tensorboard_path,
-                                 pull_reported_metrics, push_tensorboard)
+from batchproc.processor import (TensorBoardMirror, TorchBatchProcessor, TorchBatchProcessorContext,
+                                 default_tensorboard_path)
 from batchproc.reducer import ReducerRegistry
 from batchproc.report import METRICS_FILE, RunState, read_status_file, write_metrics, write_state
 from batchproc.settings import RunSettings
@@ -184,8 +184,7 @@ class _Job:
         reducers = ReducerRegistry()
         stager = Stager(self.run_dir, attempt, env.rank)
         tb_path = self._tensorboard_path()
-        if env.is_chief and not self.run_dir.is_local:
-            pull_reported_metrics(self.run_dir, tb_path)
+        tb_mirror = None if self.run_dir.is_local else TensorBoardMirror(self.run_dir, tb_path, env.is_chief)
         context = TorchBatchProcessorContext(env, stager, reducers, self.settings.hparams, tb_path, self.run_dir.url)
         self.context = context
         processor = self.processor_cls(context)
@@ -237,6 +236,8 @@ class _Job:
                         ckpt.commit(processor, sharding.watermark_after(G, total, W, done), new_errors,
                                     RunState.PREEMPTED if stop else RunState.RUNNING)
                         new_errors = []
+                        if tb_mirror is not None:
+                            tb_mirror.sync()
                     if stop:
                         preempted = True
                         break
@@ -249,8 +250,8 @@ class _Job:
             progress.close()
             stager.close()
             context._close()
-            if not self.run_dir.is_local:
-                push_tensorboard(self.run_dir, tb_path)
+            if tb_mirror is not None:
+                tb_mirror.close()
         watermark = total if not preempted else sharding.watermark_after(G, total, W, step + 1)
         env.barrier()  # every rank has published before the run is called done
         if env.is_chief:

@@ -46,3 +46,14 @@ def test_preempted_then_resumed_on_s3(procs, tmp_path, s3_server, s3_bucket):
     assert reported and after[:len(reported)] == reported and len(after) > len(reported)
     ref = procs.run(job_cmd(0, 21, 2, 100, "-", tmp_path / "ref"))
     assert second.result()["metrics"] == ref.result()["metrics"]
+
+
+def test_reported_metrics_reach_s3_at_each_checkpoint_even_if_the_job_then_dies(procs, s3_server, s3_bucket):
+    url = f"{s3_bucket}/runs/killed"
+    # 11 batches, a checkpoint every 2 steps: commits after steps 1 and 3, then SIGKILL at step 4.
+    env = dict(s3_server["env"], SUM_JOB_REPORT="1", BATCHPROC_FAULT="kill@step=4")
+    dead = procs.run(job_cmd(0, 21, 2, 2, "-", url), env=env)
+    assert dead.rc != 0, dead.out
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    reported = [json.loads(l) for l in fs.cat_file(url + "/tensorboard/metrics.jsonl").decode().splitlines()]
+    assert [r["group"] for r in reported] == ["checkpoint", "checkpoint"]
