@@ -12,6 +12,7 @@ we forwarded one, before any worker said how it ended, as preempted (:func:`reso
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -123,10 +124,7 @@ def run_child(cmd: Sequence[str], env: Mapping[str, str], signals: Optional[Pree
     existed and tells (``signals.forwarded``) whether the child was asked to stop; without it the
     signals are handled only while this call runs.
     """
-    own = signals is None
-    if signals is None:
-        signals = PreemptionSignals().__enter__()
-    try:
+    with PreemptionSignals() if signals is None else contextlib.nullcontext(signals) as signals:
         signals._started = True
         child = subprocess.Popen(list(cmd), env=dict(env), process_group=0)
         signals.attach(child)
@@ -134,9 +132,6 @@ def run_child(cmd: Sequence[str], env: Mapping[str, str], signals: Optional[Pree
             rc = child.wait()
         finally:
             signals.detach()
-    finally:
-        if own:
-            signals.__exit__()
     return 128 - rc if rc < 0 else rc
 
 

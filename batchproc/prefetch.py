@@ -40,14 +40,13 @@ class DevicePrefetcher:
         self._batch_of = batch_of
         self._stream = torch.cuda.Stream(device=device)
         self._next: Optional[Tuple[Any, DeviceCopies]] = None
-        self._exhausted = False
         self._preload()
 
     def _preload(self) -> None:
         try:
             item = next(self._items)
         except StopIteration:
-            self._next, self._exhausted = None, True
+            self._next = None
             return
         copies: DeviceCopies = {}
         with torch.cuda.stream(self._stream):

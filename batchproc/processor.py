@@ -14,16 +14,13 @@ import pathlib
 import shutil
 import tempfile
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, TypeVar
+from typing import Any, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 import torch
 
 from batchproc.distributed import WorkerEnv
 from batchproc.reducer import MetricReducer, ReducerRegistry, json_safe
-from batchproc.storage import Stager
-
-if TYPE_CHECKING:
-    from batchproc.storage import RunDir
+from batchproc.storage import RunDir, Stager
 
 
 R = TypeVar("R", bound=MetricReducer)
@@ -189,7 +186,7 @@ class TensorBoardMirror:
     that changed; a failure warns, since outputs and metrics are already committed.
     """
 
-    def __init__(self, run_dir: "RunDir", local: pathlib.Path, chief: bool) -> None:
+    def __init__(self, run_dir: RunDir, local: pathlib.Path, chief: bool) -> None:
         self.run_dir, self.local = run_dir, local
         self._sent: Dict[str, tuple] = {}
         rel = f"{TENSORBOARD_DIR}/{REPORTED_METRICS}"

@@ -53,8 +53,14 @@ def read_state(run_dir: RunDir) -> Optional[RunState]:
 
 
 def write_state(run_dir: RunDir, state: RunState, **details: Any) -> None:
-    """Set the run's state, keeping the progress already recorded."""
+    """Set the run's state, keeping the progress already recorded.
+
+    A completed run stays completed: a rerun that fails before finding out there is nothing left
+    to do (signalled during start-up) has lost nothing, and every later rerun, which writes
+    nothing, would otherwise report that failure for good."""
     status = read_status_file(run_dir)
+    if state is RunState.FAILED and status.get("state") == RunState.COMPLETED.value:
+        return
     status.update(details)
     status["state"] = state.value
     status["updated"] = time.time()

@@ -27,7 +27,7 @@ from batchproc.preempt import SIGNALS as PREEMPT_SIGNALS, PreemptionWatcher, cle
 from batchproc.processor import (TensorBoardMirror, TorchBatchProcessor, TorchBatchProcessorContext,
                                  default_tensorboard_path)
 from batchproc.reducer import ReducerRegistry
-from batchproc.report import METRICS_FILE, RunState, read_status_file, write_metrics, write_state
+from batchproc.report import METRICS_FILE, RunState, write_metrics, write_state
 from batchproc.settings import RunSettings
 from batchproc.storage import STAGING, RunDir, RunLock, Stager, acquire_run_lock
 
@@ -104,10 +104,6 @@ def torch_batch_process(
 
 def _record_failure(run_dir: RunDir, error: BaseException) -> None:
     try:
-        # A finished run stays finished: a rerun interrupted before it found that out (Ctrl-C
-        # during start-up) has lost nothing, and every later rerun would report its failure.
-        if read_status_file(run_dir).get("state") == RunState.COMPLETED.value:
-            return
         write_state(run_dir, RunState.FAILED, error=f"{type(error).__name__}: {error}"[:2000])
     except Exception:  # the original error matters more than the status file
         pass
