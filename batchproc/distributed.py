@@ -14,6 +14,8 @@ from typing import Any, List, Optional
 
 import torch
 
+from batchproc.settings import cpu_count, restart_count as _restart_count
+
 
 @dataclass
 class WorkerEnv:
@@ -78,7 +80,7 @@ def _set_cpu_threads(local_world_size: int) -> None:
     # Ranks on one host share its cores; without this each rank would spawn a thread per core.
     if "OMP_NUM_THREADS" in os.environ:
         return
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size)))
+    torch.set_num_threads(max(1, cpu_count() // max(1, local_world_size)))
 
 
 def init_worker(pg_timeout_s: float = 1800.0) -> WorkerEnv:
@@ -87,7 +89,7 @@ def init_worker(pg_timeout_s: float = 1800.0) -> WorkerEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-    restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    restart_count = _restart_count()
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Set
 
-from batchproc.settings import ENV_FAULT
+from batchproc.settings import ENV_FAULT, restart_count
 
 
 def _parse(spec: str) -> List[Dict[str, str]]:
@@ -38,7 +38,7 @@ class Faults:
         self.faults = _parse(spec if spec is not None else os.environ.get(ENV_FAULT, ""))
         self.fired: Set[int] = set()
         # Restarted workers must not fire the same fault again, or the job never ends.
-        self.restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        self.restart = restart_count()
 
     def fires(self, point: str, step: Optional[int] = None) -> bool:
         for i, f in enumerate(self.faults):

@@ -14,9 +14,8 @@ from typing import Any, Dict, Optional
 
 from batchproc.distributed import WorkerEnv
 from batchproc.report import STOP_FILE
+from batchproc.settings import PREEMPTION_SIGNALS
 from batchproc.storage import RunDir
-
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class PreemptionWatcher:
@@ -33,7 +32,7 @@ class PreemptionWatcher:
 
     def __enter__(self) -> "PreemptionWatcher":
         if threading.current_thread() is threading.main_thread():
-            for sig in SIGNALS:
+            for sig in PREEMPTION_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
         if self.env.is_chief and self.run_dir is not None:
             self._poller = threading.Thread(target=self._poll, name="batchproc-stop-poll", daemon=True)

@@ -12,19 +12,18 @@ so it stays off by default: see docs/BENCHMARKS.md.
 
 from __future__ import annotations
 
-import os
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-ENV_DEVICE_PREFETCH = "BATCHPROC_DEVICE_PREFETCH"
+from batchproc.settings import device_prefetch_requested
 
 #: id(host tensor) -> (host tensor, its device copy); the host tensor is held so its id stays unique.
 DeviceCopies = Dict[int, Tuple[torch.Tensor, torch.Tensor]]
 
 
 def device_prefetch_enabled(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get(ENV_DEVICE_PREFETCH, "0") == "1"
+    return device.type == "cuda" and device_prefetch_requested()
 
 
 class DevicePrefetcher:
@@ -34,7 +33,8 @@ class DevicePrefetcher:
     on the side stream, and the compute stream waits for that copy only when ``i + 1`` is taken.
     """
 
-    def __init__(self, items: Iterator[Any], device: torch.device, batch_of=lambda item: item) -> None:
+    def __init__(self, items: Iterator[Any], device: torch.device,
+                 batch_of: Callable[[Any], Any] = lambda item: item) -> None:
         self._items = items
         self._device = device
         self._batch_of = batch_of

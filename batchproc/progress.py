@@ -7,11 +7,10 @@ otherwise, so logs of batch jobs stay clean.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Optional
 
-from batchproc.settings import ENV_PROGRESS
+from batchproc.settings import progress_forced
 
 
 class _Lines:
@@ -38,7 +37,7 @@ class Progress:
         if not is_chief or total == 0:
             return
         tty = sys.stderr.isatty()
-        if not tty and os.environ.get(ENV_PROGRESS) != "1":
+        if not tty and not progress_forced():
             return
         from tqdm import tqdm
 

@@ -1,8 +1,13 @@
-"""The launcher -> worker contract: the one place that spells the ``BATCHPROC_*`` environment names.
+"""The launcher -> worker contract, and the one place for batchproc's constants and switches.
 
 ``batchproc run`` (and ``launch.torch_distributed``) put a :class:`RunSettings` into the
 environment of the processes they start; :func:`batchproc.torch_batch_process` reads it back.
 A script run with plain ``python script.py`` sees no settings and uses the defaults.
+
+Also defined here, once: every ``BATCHPROC_*`` environment name and its reader, the torchrun
+variables batchproc reads besides the rank ones (``TORCHELASTIC_RESTART_COUNT``), the preemption
+signals, and the affinity-aware core count. A leaf module: it imports nothing of batchproc's and
+not torch, so the CLI and the launcher can use it without paying for torch's import.
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Dict, Mapping, MutableMapping, Optional
+import signal
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 ENV_NAME = "BATCHPROC_NAME"
 ENV_RUN_DIR = "BATCHPROC_RUN_DIR"
@@ -22,8 +28,46 @@ ENV_PG_TIMEOUT = "BATCHPROC_PG_TIMEOUT_S"
 ENV_LOCK_HELD = "BATCHPROC_LOCK_HELD"
 #: "1": show rank 0's progress bar even though stderr is a pipe (the launcher's is a terminal).
 ENV_PROGRESS = "BATCHPROC_PROGRESS"
+#: "1": copy the next batch to the GPU on a side stream (``batchproc.prefetch``; CUDA only, opt-in).
+ENV_DEVICE_PREFETCH = "BATCHPROC_DEVICE_PREFETCH"
 #: Test-only fault injection (see ``batchproc.faults``); never set in production.
 ENV_FAULT = "BATCHPROC_FAULT"
+#: Set by torchrun in each worker: how many times its agent restarted the worker group.
+ENV_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
+
+#: The signals that mean "checkpoint, stop, run again to resume": Kubernetes' and torchrun's
+#: SIGTERM, Ctrl-C's SIGINT, Slurm's SIGUSR1. Workers turn them into a preemption request.
+PREEMPTION_SIGNALS: Tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+#: What ``batchproc run`` and the launcher record and forward to their child: the preemption
+#: signals, and SIGHUP (a closed terminal), which would otherwise kill them with the run unrecorded.
+FORWARDED_SIGNALS: Tuple[signal.Signals, ...] = PREEMPTION_SIGNALS + (signal.SIGHUP,)
+#: torchrun's ``--signals-to-handle``: the forwarded signals and SIGQUIT, passed on to the workers.
+TORCHRUN_SIGNALS_TO_HANDLE = ",".join(s.name for s in FORWARDED_SIGNALS + (signal.SIGQUIT,))
+
+
+def cpu_count() -> int:
+    """The cores this process may run on (Slurm, cgroups, taskset), not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def restart_count(environ: Optional[Mapping[str, str]] = None) -> int:
+    """torchrun's restart count of this worker group (0 without torchrun)."""
+    env = os.environ if environ is None else environ
+    return int(env.get(ENV_RESTART_COUNT) or 0)
+
+
+def progress_forced(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether the launcher asked rank 0 to show its progress bar on a pipe (``BATCHPROC_PROGRESS``)."""
+    env = os.environ if environ is None else environ
+    return env.get(ENV_PROGRESS) == "1"
+
+
+def device_prefetch_requested(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether the side-stream device prefetch was turned on (``BATCHPROC_DEVICE_PREFETCH=1``)."""
+    env = os.environ if environ is None else environ
+    return env.get(ENV_DEVICE_PREFETCH, "0") == "1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +114,3 @@ class RunSettings:
             pg_timeout_s=float(env.get(ENV_PG_TIMEOUT) or 1800.0),
             lock_held=env.get(ENV_LOCK_HELD) == "1",
         )
-
-    def apply(self, environ: MutableMapping[str, str]) -> None:
-        """Write these settings into ``environ`` (e.g. a child's environment)."""
-        environ.update(self.to_env())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from batchproc import MetricReducer, TorchBatchProcessor, torch_batch_process
-from batchproc.prefetch import ENV_DEVICE_PREFETCH
+from batchproc.settings import ENV_DEVICE_PREFETCH
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
