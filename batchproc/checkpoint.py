@@ -32,7 +32,9 @@ from batchproc.distributed import WorkerEnv
 from batchproc.errors import CorruptCheckpointError, FingerprintMismatchError
 from batchproc.faults import Faults
 from batchproc.reducer import ReducerRegistry, json_safe
-from batchproc.report import RunState, read_state, write_errors, write_progress, write_state
+from batchproc import lifecycle
+from batchproc.lifecycle import RunState
+from batchproc.report import write_errors
 from batchproc.storage import OUTPUTS, STAGING, RunDir, Stager, StorageUnavailableError
 
 RECORDS = "checkpoints"
@@ -72,10 +74,16 @@ class Resumed:
     restarts: int = 0
     samples_done_before: int = 0
     metrics: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    finished: bool = False  #: every rank's on_finish returned (the run's state is COMPLETED)
+
+    @property
+    def all_committed(self) -> bool:
+        """Every batch is committed: what is left, if anything, is on_finish."""
+        return self.seq >= 0 and self.watermark >= self.total_batches
 
     @property
     def completed(self) -> bool:
-        return self.seq >= 0 and self.watermark >= self.total_batches
+        return self.all_committed and self.finished
 
 
 # -- fingerprint -----------------------------------------------------------------------------
@@ -176,10 +184,9 @@ def open_run(run_dir: RunDir, fingerprint: Dict[str, Any], restart_count: int) -
     for staged, final in record.get("publish", []):
         run_dir.move(staged, final)
     run_dir.rm(STAGING, recursive=True)
-    if resumed.completed and read_state(run_dir) is not RunState.COMPLETED:
-        # The same crash leaves the run marked failed (by the launcher), and a finished run's
-        # rerun writes nothing else: without this it would report that failure forever.
-        write_state(run_dir, RunState.COMPLETED)
+    # COMPLETED only once every rank's on_finish returned; all batches committed without it is
+    # FINISHING, and this attempt runs on_finish again (at-least-once).
+    resumed.finished = lifecycle.read_state(run_dir) is RunState.COMPLETED
     return resumed
 
 
@@ -270,10 +277,9 @@ class Checkpointer:
             write_errors(self.run_dir, self.errors)
         elapsed = max(1e-9, time.time() - self.started)
         total_samples = min(n, total * bs)
-        write_progress(self.run_dir, state, {
-            "committed_batches": watermark, "total_batches": total, "committed_samples": committed_samples,
-            "total_samples": total_samples, "samples_per_s": (committed_samples - self.start_samples) / elapsed,
-            "metrics": self.metrics_so_far, "restarts": self.resumed.restarts, "attempts": self.resumed.attempts,
-            "skipped_samples": self.skipped, "world_size": self.env.world_size, "attempt": self.attempt,
-            "checkpoint_seq": seq,
-        })
+        lifecycle.transition(
+            self.run_dir, state, committed_batches=watermark, total_batches=total,
+            committed_samples=committed_samples, total_samples=total_samples,
+            samples_per_s=(committed_samples - self.start_samples) / elapsed, metrics=self.metrics_so_far,
+            restarts=self.resumed.restarts, attempts=self.resumed.attempts, skipped_samples=self.skipped,
+            world_size=self.env.world_size, attempt=self.attempt, checkpoint_seq=seq)

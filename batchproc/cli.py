@@ -15,14 +15,10 @@ from typing import List, Optional, Sequence
 
 from batchproc import report
 from batchproc.config import load_config
-from batchproc.errors import ConfigError, RunDirLockedError
-from batchproc.outcome import PreemptionSignals
+from batchproc.errors import ConfigError
+from batchproc.lifecycle import ExitCode, RunState, read_state
+from batchproc.supervisor import PreemptionSignals
 from batchproc.storage import RunDir
-
-EXIT_USAGE = 2
-EXIT_LOCKED = 3
-EXIT_NOT_FOUND = 127  # as a shell says of a command it cannot start
-
 
 def _err(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
@@ -49,6 +45,7 @@ def _resume_command(args: argparse.Namespace) -> str:
 
 
 def _print_summary(rc: int, run_dir: RunDir, args: argparse.Namespace) -> None:
+    """The last lines a user reads: how it ended, why, and what the run directory holds now."""
     try:
         status = report.read_status(run_dir)
     except Exception as e:  # the exit code is known already; a summary is a courtesy
@@ -56,29 +53,33 @@ def _print_summary(rc: int, run_dir: RunDir, args: argparse.Namespace) -> None:
         return
     total = status.get("total_batches")
     done = f"{status.get('committed_batches', 0)}/{total if total is not None else '?'} batches"
-    if rc == 0:
+    if rc == ExitCode.COMPLETED:
         print(f"batchproc: completed ({done}). Outputs: {_url_join(run_dir.url, 'outputs/')}  "
               f"metrics: {_url_join(run_dir.url, report.METRICS_FILE)}")
         print("metrics: " + json.dumps(status.get("metrics", {}), sort_keys=True))
-    elif rc == report.EXIT_PREEMPTED:
+    elif rc == ExitCode.PREEMPTED:
         print(f"batchproc: preempted; progress saved ({done}). "
               f"Run the same command again to resume: {_resume_command(args)}")
+    elif status["state"] == RunState.COMPLETED.value:
+        # The run had completed before: this attempt failed before it could find that out.
+        print(f"batchproc: failed with exit code {rc} before doing anything (see the output above). "
+              f"The run directory still holds a completed run ({done}); nothing in it changed.", file=sys.stderr)
     else:
-        print(f"batchproc: failed with exit code {rc}. Last committed watermark: {done}; nothing committed "
-              f"was lost. Fix the cause, then resume with: {_resume_command(args)}", file=sys.stderr)
+        print(f"batchproc: failed with exit code {rc}: {report.describe_cause(status)}", file=sys.stderr)
+        print(f"batchproc: the run directory {run_dir.url} has {done} committed; nothing committed was lost. "
+              f"Fix the cause, then resume with: {_resume_command(args)}", file=sys.stderr)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     # Record preemption signals before anything slow (imports, config, the run lock): with Python's
     # default actions a SIGTERM there would kill us and the run would end as failed, although
-    # "stop, run again to resume" is all the signal means (see batchproc.outcome).
+    # "stop, run again to resume" is all the signal means (see batchproc.supervisor).
     with PreemptionSignals() as signals:
         return _run(args, signals)
 
 
 def _run(args: argparse.Namespace, signals: PreemptionSignals) -> int:
-    from batchproc.outcome import child_env, resolve_exit_code, run_child, status_stamp, stop_before_start
-    from batchproc.storage import acquire_run_lock
+    from batchproc.supervisor import supervise
     from launch.torch_distributed import launcher_overrides, max_nodes
 
     try:
@@ -90,43 +91,20 @@ def _run(args: argparse.Namespace, signals: PreemptionSignals) -> int:
         nodes = max_nodes(launcher_overrides(entrypoint))
     except (ConfigError, ValueError) as e:
         _err(str(e))
-        return EXIT_USAGE
+        return ExitCode.USAGE
     if args.fresh and nodes > 1:
         _err("--fresh on several nodes would let each node wipe the others' work; "
              f"clear {config.run_dir()} once with a single-node `batchproc run --fresh` or by hand")
-        return EXIT_USAGE
+        return ExitCode.USAGE
     run_dir = RunDir(config.run_dir(), config.storage_root()[1])
-    lock = None
+    print(f"batchproc: run directory {run_dir.url}", flush=True)
     # On several nodes each node runs this command: no single one can hold the run directory.
-    if nodes == 1:
-        try:
-            lock = acquire_run_lock(run_dir, holder=f"batchproc run {args.config}")
-        except RunDirLockedError as e:
-            _err(str(e))
-            return EXIT_LOCKED
-    try:
-        print(f"batchproc: run directory {run_dir.url}", flush=True)
-        if signals.received:
-            # Asked to stop before anything started: start nothing (nor wipe anything for --fresh).
-            # Its status is written only under our lock: on several nodes the others may be running.
-            rc = stop_before_start(run_dir if lock is not None else None, signals.received)
-            _print_summary(rc, run_dir, args)
-            return rc
-        if args.fresh:
-            run_dir.remove_all()
-        env = child_env(config.run_settings(lock_held=lock is not None))
-        before = status_stamp(run_dir)
-        try:
-            child_rc = run_child(entrypoint, env, signals)
-        except OSError as e:
-            _err(f"cannot start the entrypoint {shlex.join(entrypoint)!r}: {e}")
-            return EXIT_NOT_FOUND
-        rc = resolve_exit_code(child_rc, run_dir, before, signals.forwarded)
+    rc = supervise(entrypoint, config.run_settings(lock_held=False), run_dir, signals,
+                   holder=f"batchproc run {args.config}", take_lock=nodes == 1,
+                   prepare=run_dir.remove_all if args.fresh else None)
+    if rc not in (ExitCode.USAGE, ExitCode.LOCKED, ExitCode.NOT_FOUND):
         _print_summary(rc, run_dir, args)
-        return rc
-    finally:
-        if lock is not None:
-            lock.release()
+    return rc
 
 
 def _existing_run(args: argparse.Namespace) -> "RunDir | int":
@@ -135,7 +113,7 @@ def _existing_run(args: argparse.Namespace) -> "RunDir | int":
         run_dir = _open_run(args.run, args.set)
     except ConfigError as e:
         _err(str(e))
-        return EXIT_USAGE
+        return ExitCode.USAGE
     if not run_dir.exists(""):
         _err(f"no run directory at {run_dir.url}")
         return 1
@@ -155,11 +133,11 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     run_dir = _existing_run(args)
     if isinstance(run_dir, int):
         return run_dir
-    state = report.read_state(run_dir)
+    state = read_state(run_dir)
     report.request_stop(run_dir)
-    if state is report.RunState.RUNNING:
+    if state in (RunState.RUNNING, RunState.FINISHING):
         print(f"stop requested: the job on {run_dir.url} checkpoints at its next check and exits "
-              f"(exit code {report.EXIT_PREEMPTED}); `batchproc run` with the same config resumes it.")
+              f"(exit code {ExitCode.PREEMPTED.value}); `batchproc run` with the same config resumes it.")
     else:
         state_name = state.value if state else "not started"
         print(f"stop requested for {run_dir.url}, but its state is {state_name}: no job seems to be running.")
@@ -191,4 +169,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``batchproc`` command; returns its exit code."""
     args = _parser().parse_args(argv)
-    return args.func(args)
+    try:
+        rc: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`batchproc status RUN | head`): as CLI tools do, stop quietly.
+        # Python would print a traceback when it flushes stdout at exit; point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.BROKEN_PIPE
+    return rc

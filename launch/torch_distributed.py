@@ -5,7 +5,7 @@ run's settings: ``--nproc-per-node`` (slots_per_trial, else the GPU count, else 
 ``--max-restarts``, SIGUSR1 among the forwarded signals (Slurm), rank-prefixed output lines,
 ``--standalone`` on one node. Overrides before ``--`` are torchrun flags checked against
 torchrun's own parser; each replaces our default for the same flag. The exit code is 0 completed,
-75 preempted (run again to resume), anything else failed (see :mod:`batchproc.outcome`).
+75 preempted (run again to resume), anything else failed (see :mod:`batchproc.supervisor`).
 
 torch is imported only inside functions: ``batchproc`` imports this module and must stay fast.
 """
@@ -20,14 +20,12 @@ import shlex
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from batchproc.errors import RunDirLockedError
-from batchproc.outcome import (PreemptionSignals, child_env, resolve_exit_code, run_child, status_stamp,
-                               stop_before_start)
-from batchproc.settings import ENV_PROGRESS, RunSettings
+from batchproc.lifecycle import ExitCode
+from batchproc.supervisor import PreemptionSignals, supervise
+from batchproc.settings import ENV_PROGRESS, TORCHRUN_SIGNALS_TO_HANDLE as SIGNALS_TO_HANDLE, RunSettings, cpu_count
 
 MODULE = "launch.torch_distributed"
 USAGE = f"usage: python -m {MODULE} [TORCHRUN_OVERRIDES... --] SCRIPT [ARGS...]"
-SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 LOG_LINE_PREFIX = "[rank${rank}]: "
 # Any of these in the overrides means a rendezvous the user set up, which --standalone would replace.
 _RENDEZVOUS = ("rdzv_endpoint", "rdzv_backend", "master_addr", "master_port")
@@ -150,16 +148,11 @@ def local_world_size(settings: RunSettings, overrides: Sequence[str], gpu_count:
         return max(1, int(value))
     if value in ("gpu", "auto") and gpu_count:
         return gpu_count
-    return _cpu_count() if value in ("cpu", "auto") else 1
+    return cpu_count() if value in ("cpu", "auto") else 1
 
 
 def _nproc_override(overrides: Sequence[str]) -> Optional[str]:
     return _flag_value(overrides, "--nproc-per-node", "--nproc_per_node")
-
-
-def _cpu_count() -> int:
-    # The cores we may run on (Slurm, cgroups, taskset), not the machine's.
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def create_launch_cmd(settings: RunSettings, overrides: Sequence[str], script: Sequence[str],
@@ -215,41 +208,35 @@ def _launch(argv: Optional[Sequence[str]], signals: PreemptionSignals) -> int:
         single_node = max_nodes(overrides) == 1
     except ValueError as e:
         print(f"{MODULE}: error: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
 
-    from batchproc.storage import RunDir, acquire_run_lock
+    from batchproc.storage import RunDir
 
     run_dir = RunDir(settings.run_dir, settings.storage_options) if settings.run_dir else None
-    lock = None
-    # On several nodes every node runs a launcher: none of them can hold the lock alone.
-    if run_dir is not None and not settings.lock_held and single_node:
-        try:
-            lock = acquire_run_lock(run_dir, holder=f"{MODULE} {shlex.join(script)}")
-        except RunDirLockedError as e:
-            print(f"{MODULE}: error: {e}", file=sys.stderr)
-            return 3
-        settings = dataclasses.replace(settings, lock_held=True)
+    env_defaults = {"OMP_NUM_THREADS": str(max(1, cpu_count() // nproc))}
+    if not single_node:
+        # torch 2.14: with the rendezvous store shared with the workers (the default), a node
+        # started again after a crash waits for a store address that the surviving node never
+        # publishes (it keeps the first round's), and both fail. Unshared, every round
+        # publishes a fresh one (see batchproc.distributed._worker_store).
+        env_defaults["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    if sys.stderr.isatty():  # workers write to torchrun's pipes, but a person is watching
+        env_defaults[ENV_PROGRESS] = "1"
+    # On several nodes every launcher runs: none of them can hold the run's lock alone.
+    rc = supervise(cmd, settings, run_dir, signals, holder=f"{MODULE} {shlex.join(script)}",
+                   take_lock=not settings.lock_held and single_node, env_defaults=env_defaults, name=MODULE)
+    if run_dir is not None and not settings.lock_held and rc not in (ExitCode.COMPLETED, ExitCode.PREEMPTED):
+        _print_cause(run_dir)  # on its own (no `batchproc run` above us to say it)
+    return rc
+
+
+def _print_cause(run_dir: "RunDir") -> None:
+    from batchproc import report
+
     try:
-        if signals.received:
-            # Asked to stop before anything started: start nothing. The status is written only
-            # under the run's lock (ours or our parent's): on several nodes others may be running.
-            print(f"{MODULE}: {signals.reason}: torchrun not started", file=sys.stderr)
-            return stop_before_start(run_dir if settings.lock_held else None, signals.received)
-        env = child_env(settings)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, _cpu_count() // nproc)))
-        if not single_node:
-            # torch 2.14: with the rendezvous store shared with the workers (the default), a node
-            # started again after a crash waits for a store address that the surviving node never
-            # publishes (it keeps the first round's), and both fail. Unshared, every round
-            # publishes a fresh one (see batchproc.distributed._worker_store).
-            env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-        if sys.stderr.isatty():  # workers write to torchrun's pipes, but a person is watching
-            env.setdefault(ENV_PROGRESS, "1")
-        before = status_stamp(run_dir)
-        return resolve_exit_code(run_child(cmd, env, signals), run_dir, before, signals.forwarded)
-    finally:
-        if lock is not None:
-            lock.release()
+        print(f"{MODULE}: failed: {report.describe_cause(report.read_status(run_dir))}", file=sys.stderr)
+    except Exception:  # the exit code says it failed already
+        pass
 
 
 if __name__ == "__main__":

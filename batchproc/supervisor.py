@@ -13,19 +13,22 @@ we forwarded one, before any worker said how it ended, as preempted (:func:`reso
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import shlex
 import signal
 import subprocess
 import sys
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
+import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from batchproc import settings as _settings
-from batchproc.settings import RunSettings
+from batchproc import lifecycle
+from batchproc.lifecycle import ExitCode, RunState
+from batchproc.settings import FORWARDED_SIGNALS, RunSettings
 
 if TYPE_CHECKING:
     from batchproc.storage import RunDir
-
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 
 # Names that RunSettings.to_env() may leave out; a stale value from our own environment must not
 # reach the child (e.g. BATCHPROC_LOCK_HELD=1 from an outer job on another run directory).
@@ -139,20 +142,15 @@ def status_stamp(run_dir: Optional[RunDir]) -> Optional[float]:
     """When the run's status was last written; take it before starting a child (see below)."""
     if run_dir is None:
         return None
-    from batchproc import report
-
     try:
-        return report.read_status_file(run_dir).get("updated")
+        return lifecycle.read_status(run_dir).updated
     except Exception:  # no stamp: any state found afterwards counts as this attempt's
         return None
 
 
 def _record_preempted(run_dir: RunDir, reason: str) -> None:
-    from batchproc import report
-
     try:
-        # exit_code too: write_state keeps the other keys, and a failure's code must not linger.
-        report.write_state(run_dir, report.RunState.PREEMPTED, reason=reason, exit_code=report.EXIT_PREEMPTED)
+        lifecycle.transition(run_dir, RunState.PREEMPTED, reason=reason, exit_code=ExitCode.PREEMPTED)
     except Exception as e:  # the exit code says it already; the next run resumes either way
         print(f"batchproc: cannot record the preemption in {run_dir.url}: {e}", file=sys.stderr)
 
@@ -164,69 +162,142 @@ def stop_before_start(run_dir: Optional[RunDir], signals: Sequence[int]) -> int:
     there is one, marked PREEMPTED; or 0 if the run has completed, which it stays. Call it holding
     the run's lock (or under a parent that holds it): it writes the run's status.
     """
-    from batchproc import report
-
     if run_dir is None:
-        return report.EXIT_PREEMPTED
+        return ExitCode.PREEMPTED
     try:
-        if report.read_status_file(run_dir).get("state") == report.RunState.COMPLETED.value:
-            return 0
+        if lifecycle.read_state(run_dir) is RunState.COMPLETED:
+            return ExitCode.COMPLETED
         exists = run_dir.exists("")
     except Exception as e:  # we were asked to stop and started nothing: that stands
         print(f"batchproc: cannot read the run state in {run_dir.url}: {e}", file=sys.stderr)
-        return report.EXIT_PREEMPTED
+        return ExitCode.PREEMPTED
     if exists:  # none yet (a launcher under its parent's lock, say): there is no run to mark
         _record_preempted(run_dir, _reason(signals))
-    return report.EXIT_PREEMPTED
+    return ExitCode.PREEMPTED
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """How an attempt ended: the exit code, and the state to record (None: leave the status as is)."""
+
+    exit_code: int
+    record: Optional[RunState] = None
+    reason: str = ""
+
+
+_UNSAID = (None, RunState.RUNNING, RunState.FINISHING)  # the child ended without saying how
+
+
+def decide(child_rc: int, state: Optional[RunState], completed_before: bool, signalled: bool,
+           interrupted: bool = False, signal_reason: str = "") -> Verdict:
+    """The exit-code policy, as a pure function (tests/test_lifecycle.py holds it to a table).
+
+    ``state``: what this attempt's workers recorded (None if nothing, or only a previous attempt's
+    stamp); ``completed_before``: status.json says COMPLETED whatever this attempt did;
+    ``signalled``: we forwarded a preemption signal to the child; ``interrupted``: rank 0 recorded
+    the KeyboardInterrupt that Python's default SIGINT action raised in it.
+    """
+    rc = lifecycle.exit_code_for(state, child_rc)
+    if rc in (ExitCode.COMPLETED, ExitCode.PREEMPTED):
+        return Verdict(rc)
+    # Nobody said how it ended (or rank 0 said "KeyboardInterrupt"), and we had forwarded a
+    # signal: that signal ended the attempt. Committed progress is intact and a rerun resumes.
+    if signalled and (state in _UNSAID or interrupted):
+        if completed_before:
+            return Verdict(ExitCode.COMPLETED)  # the run had completed; nothing was left to do
+        when = "during start-up" if state is None else "before the workers could checkpoint"
+        return Verdict(ExitCode.PREEMPTED, RunState.PREEMPTED, f"{signal_reason} {when}".strip())
+    if state in _UNSAID and not completed_before:
+        return Verdict(rc, RunState.FAILED)  # a crash (OOM kill, SIGKILL, segfault) no worker could record
+    return Verdict(rc)  # FAILED as recorded by a worker, or a completed run's rerun that failed early
 
 
 def resolve_exit_code(child_rc: int, run_dir: Optional[RunDir], before: Optional[float] = None,
-                      signals: Sequence[int] = ()) -> int:
+                      signals: Sequence[int] = (), since: Optional[float] = None) -> int:
     """0 completed, 75 preempted (progress saved), else non-zero: the run failed.
 
     Without a run directory the child's code stands. With one, its recorded state decides, unless
     the child failed and the status still carries the stamp ``before`` (from :func:`status_stamp`):
     then no worker of this attempt wrote it (it died early), and a previous attempt's "preempted"
-    or "completed" must not pass for this one's. A failure that no worker recorded (crash, OOM
-    kill) is written as FAILED, unless we had forwarded a preemption signal (``signals``, from
-    :attr:`PreemptionSignals.forwarded`): then the child died of it while starting, before it
-    could checkpoint, and the attempt is PREEMPTED (75) -- or, on a completed run, still 0.
+    or "completed" must not pass for this one's. See :func:`decide` for the rest. A failure is
+    recorded with its root cause among the failure reports written since ``since``.
     """
     if run_dir is None:
         return child_rc
-    from batchproc import report
-
     try:
-        status = report.read_status_file(run_dir)
+        status = lifecycle.read_status(run_dir)
     except Exception as e:  # unreadable storage must not hide the child's own verdict
         print(f"batchproc: cannot read the run state in {run_dir.url}: {e}", file=sys.stderr)
-        return child_rc if child_rc != 0 else 1
+        return child_rc if child_rc != 0 else ExitCode.FAILED
     # A clean exit may leave the status as it was (a rerun of a finished run has nothing to write),
     # and the state then still tells the truth; a failed child that wrote nothing has failed.
-    trusted = child_rc == 0 or before is None or status.get("updated") != before
-    state = report.RunState(status["state"]) if trusted and status.get("state") else None
-    rc = report.exit_code(state, child_rc)
-    # A finished run stays finished: a rerun that failed before its workers could say anything
-    # (signalled at start-up) must not mark it failed, or every later rerun, which finds nothing
-    # to do and writes nothing, would report that failure again.
-    finished = status.get("state") == report.RunState.COMPLETED.value
-    if rc in (0, report.EXIT_PREEMPTED):
-        return rc
-    # No worker of this attempt said how it ended (nothing written, or still RUNNING: a rank died
-    # between writing RUNNING and installing its own handlers), or rank 0 recorded the
-    # KeyboardInterrupt that Python's default SIGINT action raised in it: with a signal forwarded,
-    # that signal is what ended the attempt. Committed progress is intact and a rerun resumes.
-    interrupted = (state is report.RunState.FAILED and signal.SIGINT in signals
-                   and str(status.get("error", "")).startswith("KeyboardInterrupt"))
-    if signals and (state in (None, report.RunState.RUNNING) or interrupted):
-        if finished:
-            return 0  # the run had completed before this attempt; nothing was left to do
-        when = "during start-up" if state is None else "before the workers could checkpoint"
-        _record_preempted(run_dir, _reason(signals, when))
-        return report.EXIT_PREEMPTED
-    if state in (None, report.RunState.RUNNING) and not finished:
+    trusted = child_rc == 0 or before is None or status.updated != before
+    state = status.state if trusted else None
+    interrupted = (state is RunState.FAILED and signal.SIGINT in signals
+                   and (status.error or "").startswith("KeyboardInterrupt"))
+    verdict = decide(child_rc, state, status.state is RunState.COMPLETED, bool(signals), interrupted,
+                     _reason(signals, "").strip())
+    try:
+        if verdict.record is RunState.PREEMPTED:
+            _record_preempted(run_dir, verdict.reason)
+        elif verdict.exit_code not in (ExitCode.COMPLETED, ExitCode.PREEMPTED):
+            _record_root_cause(run_dir, verdict, since)
+    except Exception as e:
+        print(f"batchproc: cannot record the failure in {run_dir.url}: {e}", file=sys.stderr)
+    return verdict.exit_code
+
+
+def _record_root_cause(run_dir: RunDir, verdict: Verdict, since: Optional[float]) -> None:
+    """FAILED with the root cause among the ranks' failure reports (a rank that failed first,
+    rather than rank 0 seeing its collective break because of it)."""
+    cause = lifecycle.root_cause(lifecycle.read_failures(run_dir, since))
+    if cause is not None:
+        lifecycle.record_failure(run_dir, cause, exit_code=verdict.exit_code)
+    elif verdict.record is RunState.FAILED:
+        lifecycle.transition(run_dir, RunState.FAILED, exit_code=verdict.exit_code)
+    lifecycle.clear_failures(run_dir)
+
+
+def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDir],
+              signals: PreemptionSignals, *, holder: str, take_lock: bool,
+              prepare: Optional[Callable[[], None]] = None,
+              env_defaults: Optional[Mapping[str, str]] = None, name: str = "batchproc") -> int:
+    """The supervision sequence that ``batchproc run`` and the launcher share.
+
+    signals (installed by the caller) -> the run's lock (``take_lock``) -> nothing more if a
+    stop came already -> ``prepare`` (``--fresh``) -> the child with ``settings`` in its
+    environment -> the exit code from the run's state (:func:`resolve_exit_code`).
+    """
+    from batchproc.errors import RunDirLockedError
+    from batchproc.storage import acquire_run_lock
+
+    lock = None
+    if run_dir is not None and take_lock:
         try:
-            report.write_state(run_dir, report.RunState.FAILED, exit_code=rc)
-        except Exception as e:
-            print(f"batchproc: cannot record the failure in {run_dir.url}: {e}", file=sys.stderr)
-    return rc
+            lock = acquire_run_lock(run_dir, holder=holder)
+        except RunDirLockedError as e:
+            print(f"{name}: error: {e}", file=sys.stderr)
+            return ExitCode.LOCKED
+        settings = dataclasses.replace(settings, lock_held=True)
+    try:
+        if signals.received:
+            # Asked to stop before anything started: start nothing (nor wipe anything for --fresh).
+            # The status is written only under the run's lock (ours or our parent's): on several
+            # nodes the others may be running.
+            print(f"{name}: {signals.reason}: nothing started", file=sys.stderr)
+            return stop_before_start(run_dir if settings.lock_held else None, signals.received)
+        if prepare is not None:
+            prepare()
+        env = child_env(settings)
+        for key, value in (env_defaults or {}).items():
+            env.setdefault(key, value)
+        before, since = status_stamp(run_dir), time.time()
+        try:
+            child_rc = run_child(cmd, env, signals)
+        except OSError as e:
+            print(f"{name}: error: cannot start {shlex.join(cmd)!r}: {e}", file=sys.stderr)
+            return ExitCode.NOT_FOUND
+        return resolve_exit_code(child_rc, run_dir, before, signals.forwarded, since)
+    finally:
+        if lock is not None:
+            lock.release()
