@@ -6,7 +6,6 @@ holds and the samples that failed to load (dropped under ``bad_samples="skip"``)
 
 from __future__ import annotations
 
-import os
 import signal
 import traceback
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from batchproc.errors import BadSampleError
+from batchproc.settings import PREEMPTION_SIGNALS, cpu_count
 from batchproc.sharding import RankBatchSampler
 
 BAD_SAMPLE_POLICIES = ("raise", "skip")
@@ -24,20 +24,20 @@ _REJECTED = {
                "shuffle the dataset itself (e.g. a fixed permutation of indices) if you need another order",
     "sampler": "batchproc builds the sampler that shards the dataset across ranks and skips committed work",
     "batch_sampler": "batchproc builds the batch sampler that shards the dataset across ranks and skips committed work",
-    "batch_size": "pass batch_size to torch_batch_process() itself, not in dataloader_kwargs",
-    "drop_last": "every sample is processed exactly once; no batch is dropped",
+    "batch_size": "batch_size was also passed to torch_batch_process(); give it once",
 }
 
 
-def check_dataloader_kwargs(kwargs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """Validate ``dataloader_kwargs``; reject the options that would break sharding or resume."""
+def check_dataloader_kwargs(kwargs: Optional[Dict[str, Any]], batch_size_given: bool = False) -> Dict[str, Any]:
+    """Validate ``dataloader_kwargs`` as Determined does: reject what would break sharding or
+    resume, and ``batch_size`` when ``torch_batch_process`` got one too (else it is taken from here)."""
     kwargs = dict(kwargs or {})
     for key, why in _REJECTED.items():
         if key not in kwargs:
             continue
         if key == "shuffle" and not kwargs[key]:
             continue
-        if key == "drop_last" and not kwargs[key]:
+        if key == "batch_size" and not batch_size_given:
             continue
         raise ValueError(f"dataloader_kwargs[{key!r}] is not supported: {why}.")
     return kwargs
@@ -117,8 +117,7 @@ class _Collate:
 def default_num_workers(local_world_size: int) -> int:
     """Loader processes per rank when the user did not say: the rank's share of the cores, less
     the one its main process needs, at least 1 (so the next batch loads while this one runs)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, max(1, cores // max(1, local_world_size) - 1))
+    return min(8, max(1, cpu_count() // max(1, local_world_size) - 1))
 
 
 class _WorkerInit:
@@ -131,10 +130,9 @@ class _WorkerInit:
         self.user_fn = user_fn
 
     def __call__(self, worker_id: int) -> None:
-        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-        for sig in signals:
+        for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # blocked by the parent around the fork
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)  # blocked by the parent around the fork
         if self.user_fn is not None:
             self.user_fn(worker_id)
 
@@ -145,6 +143,7 @@ def build_loader(dataset: Dataset, sampler: RankBatchSampler, dataloader_kwargs:
     if bad_samples not in BAD_SAMPLE_POLICIES:
         raise ValueError(f"bad_samples must be one of {BAD_SAMPLE_POLICIES}, got {bad_samples!r}")
     kwargs = dict(dataloader_kwargs)
+    kwargs.pop("drop_last", None)  # applied to the dataset's length (see run._Job._open); the sampler is ours
     collate_fn = kwargs.pop("collate_fn", None) or default_collate
     kwargs.setdefault("pin_memory", device.type == "cuda")
     kwargs.setdefault("num_workers", default_num_workers(local_world_size) if len(sampler) > 1 else 0)

@@ -14,12 +14,13 @@ import pathlib
 import shutil
 import tempfile
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence, TypeVar
+import sys
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, TypeVar, overload
 
 import torch
 
 from batchproc.distributed import WorkerEnv
-from batchproc.reducer import MetricReducer, ReducerRegistry, json_safe
+from batchproc.reducer import MetricReducer, ReducerRegistry, SimpleReducer, json_safe
 from batchproc.storage import RunDir, Stager
 
 
@@ -44,6 +45,11 @@ class TorchBatchProcessorContext:
         self.batch_indices: List[int] = []
         # Device copies of this batch's tensors, made ahead on a side stream (batchproc.prefetch).
         self._device_copies: Dict[int, Any] = {}
+        self._warned_types: Set[type] = set()
+        self._metrics: Optional[Dict[str, Any]] = None
+        self._run_dir: RunDir = stager.run_dir
+        self._model_sources: List[Dict[str, Any]] = []
+        self._model_registry_noted = False
 
     # -- placement --------------------------------------------------------------------------
 
@@ -52,9 +58,14 @@ class TorchBatchProcessorContext:
         """``cuda:LOCAL_RANK`` under a GPU launcher, else ``cpu``."""
         return self._env.device
 
-    def to_device(self, data: Any) -> Any:
-        """Move tensors in ``data`` (nested dicts, lists, tuples) to :attr:`device`."""
-        return _to_device(data, self._env.device, self._device_copies)
+    def to_device(self, data: Any, warned_types: Optional[Set[type]] = None) -> Any:
+        """Move ``data`` to :attr:`device`, as Determined does: tensors, numpy arrays (made
+        tensors), and any object with a ``.to()`` method (a HuggingFace ``BatchEncoding``), inside
+        nested dicts, lists and tuples. Other objects are returned as they are, with one warning per
+        type (``warned_types`` collects the types warned about; numbers, strings and None are
+        returned without one)."""
+        return _to_device(data, self._env.device, self._device_copies,
+                          self._warned_types if warned_types is None else warned_types)
 
     def prepare_model_for_inference(self, model: torch.nn.Module, *, channels_last: bool = False) -> torch.nn.Module:
         """Eval mode, on :attr:`device`, with gradients off (no autograd graph is built).
@@ -83,9 +94,66 @@ class TorchBatchProcessorContext:
         yield pathlib.Path(folder)
         self._stager.close_upload(folder, seq)
 
-    def wrap_reducer(self, reducer: R, name: Optional[str] = None) -> R:
-        """Register ``reducer``: its result is ``metrics[name]`` (or merged in, if ``name`` is None)."""
+    @overload
+    def wrap_reducer(self, reducer: R, name: Optional[str] = None, for_training: bool = True,
+                     for_validation: bool = True) -> R: ...
+
+    @overload
+    def wrap_reducer(self, reducer: Callable[[List[Any]], Any], name: Optional[str] = None,
+                     for_training: bool = True, for_validation: bool = True) -> SimpleReducer: ...
+
+    def wrap_reducer(self, reducer: Any, name: Optional[str] = None, for_training: bool = True,
+                     for_validation: bool = True) -> Any:
+        """Register a metric: its result is ``metrics[name]`` (or merged in, if ``name`` is None).
+
+        ``reducer`` is a :class:`MetricReducer`, returned as it is, or a function of the flat list
+        of every value passed to ``update()`` on the returned reducer, on every rank (Determined's
+        simple API). ``for_training``/``for_validation`` are accepted for Determined's sake: a batch
+        job has one kind of workload, and every wrapped reducer is reported.
+        """
+        if not isinstance(reducer, MetricReducer) and callable(reducer):
+            reducer = SimpleReducer(reducer)
         return self._reducers.wrap(reducer, name)
+
+    @property
+    def metrics(self) -> Optional[Dict[str, Any]]:
+        """The run's final metrics, from ``on_finish`` on (None before: they are not final)."""
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, value: Dict[str, Any]) -> None:
+        self._metrics = value
+
+    def report_task_using_model_version(self, model_version: Any) -> None:
+        """Record which model version this run uses (in ``<run_dir>/model_sources.jsonl``).
+
+        Determined links it in its model registry; batchproc has none, so it records what it can
+        read off the object (uuid, name, version) for the run's provenance."""
+        self._report_model_source("model_version", model_version)
+
+    def report_task_using_checkpoint(self, checkpoint: Any) -> None:
+        """Record which checkpoint this run uses (in ``<run_dir>/model_sources.jsonl``); see
+        :meth:`report_task_using_model_version`."""
+        self._report_model_source("checkpoint", checkpoint)
+
+    def _report_model_source(self, kind: str, obj: Any) -> None:
+        if not self._env.is_chief:
+            return
+        entry: Dict[str, Any] = {"kind": kind, "repr": repr(obj)[:500]}
+        for attr in ("uuid", "name", "model_id", "model_version", "version"):
+            value = getattr(obj, attr, None)
+            if isinstance(value, (str, int, float)):
+                entry[attr] = value
+        checkpoint = getattr(obj, "checkpoint", None)
+        if isinstance(getattr(checkpoint, "uuid", None), str):
+            entry["checkpoint_uuid"] = checkpoint.uuid
+        if not self._model_registry_noted:
+            self._model_registry_noted = True
+            print(f"batchproc: there is no model registry; report_task_using_{kind}() is recorded in "
+                  f"{self.run_dir}/{MODEL_SOURCES}", file=sys.stderr)
+        self._model_sources.append(entry)
+        self._run_dir.write_atomic(MODEL_SOURCES, "".join(json.dumps(e, sort_keys=True) + "\n"
+                                                          for e in self._model_sources).encode())
 
     def report_metrics(self, group: str, steps_completed: int, metrics: Dict[str, Any]) -> None:
         """Log metrics to TensorBoard (if installed) and ``<tensorboard path>/metrics.jsonl`` (rank 0)."""
@@ -132,18 +200,29 @@ class TorchBatchProcessorContext:
             self._tb_writer.close()
 
 
-def _to_device(data: Any, device: torch.device, copies: Dict[int, Any]) -> Any:
+_PLAIN = (str, bytes, int, float, bool, type(None))
+
+
+def _to_device(data: Any, device: torch.device, copies: Dict[int, Any], warned: Set[type]) -> Any:
     if isinstance(data, torch.Tensor):
         ahead = copies.get(id(data))
         if ahead is not None and ahead[0] is data:
             return ahead[1]
         return data.to(device, non_blocking=data.is_pinned())
     if isinstance(data, dict):
-        return type(data)((k, _to_device(v, device, copies)) for k, v in data.items())
+        return type(data)((k, _to_device(v, device, copies, warned)) for k, v in data.items())
     if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
-        return type(data)(*(_to_device(v, device, copies) for v in data))
+        return type(data)(*(_to_device(v, device, copies, warned) for v in data))
     if isinstance(data, (list, tuple)):
-        return type(data)(_to_device(v, device, copies) for v in data)
+        return type(data)(_to_device(v, device, copies, warned) for v in data)
+    if type(data).__module__ == "numpy" and hasattr(data, "dtype") and getattr(data, "ndim", 0) > 0:
+        return torch.from_numpy(data).to(device)
+    if callable(getattr(data, "to", None)) and not isinstance(data, _PLAIN):
+        return data.to(device)  # BatchEncoding, torch_geometric Data, ...
+    if not isinstance(data, _PLAIN) and type(data) not in warned:
+        warned.add(type(data))
+        warnings.warn(f"to_device(): cannot move an object of type {type(data).__name__} to {device}; "
+                      "it is returned as it is", stacklevel=3)
     return data
 
 
@@ -162,11 +241,16 @@ class TorchBatchProcessor(abc.ABC):
         """Flush buffered outputs through ``context.upload_path()``; called at every checkpoint."""
 
     def on_finish(self) -> None:
-        """Called once per rank after the last batch of the whole job (not on preemption)."""
+        """Called on every rank once all the work is committed: after the final
+        ``on_checkpoint_start()`` and the final commit of every rank (every rank's outputs are
+        published under ``<run_dir>/outputs/``; ``context.metrics`` holds the final metrics).
+        Not called on preemption. At-least-once: a run stopped during it runs it again on the
+        next start (loading no batch), so make it idempotent."""
 
 
 TENSORBOARD_DIR = "tensorboard"
 REPORTED_METRICS = "metrics.jsonl"
+MODEL_SOURCES = "model_sources.jsonl"
 
 
 def default_tensorboard_path(run_dir_url: str, is_local: bool, rank: int) -> pathlib.Path:

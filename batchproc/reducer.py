@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import numbers
-from typing import Any, Dict, List, Optional, TypeVar
+from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 import torch
 
@@ -36,6 +36,32 @@ class MetricReducer(abc.ABC):
 
 
 R = TypeVar("R", bound=MetricReducer)
+
+
+class SimpleReducer(MetricReducer):
+    """A function over every value passed to :meth:`update` on every slot (Determined's simple API).
+
+    The values are kept until the end (and in every checkpoint): meant for modest amounts, e.g.
+    one score per batch, as Determined says of its own.
+    """
+
+    def __init__(self, fn: Callable[[List[Any]], Any]) -> None:
+        self.fn = fn
+        self.reset()
+
+    def reset(self) -> None:
+        self.values: List[Any] = []
+
+    def update(self, value: Any) -> None:
+        self.values.append(value)
+
+    def per_slot_reduce(self) -> Any:
+        return self.values
+
+    def cross_slot_reduce(self, per_slot_metrics: List[Any]) -> Any:
+        # Determined interleaves the slots (round-robin, as batches were dealt); batchproc's slots
+        # also span attempts, so the order is that of the slots, then of the values in each.
+        return self.fn([v for slot in per_slot_metrics for v in slot])
 
 
 def _storable(value: Any) -> Any:

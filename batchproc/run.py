@@ -11,25 +11,30 @@ import os
 import signal
 import sys
 import uuid
+import warnings
 from typing import Any, Dict, List, Optional, Type
 
-import torch
 from torch.utils.data import Dataset
 
 from batchproc import checkpoint, sharding
 from batchproc.distributed import WorkerEnv, init_worker
 from batchproc.errors import TooManyBadSamplesError, UserCodeError
 from batchproc.faults import Faults
-from batchproc.loader import build_loader, check_dataloader_kwargs, describe_sample
+from batchproc.loader import build_loader, check_dataloader_kwargs
 from batchproc.prefetch import DevicePrefetcher, device_prefetch_enabled
 from batchproc.progress import Progress
-from batchproc.preempt import SIGNALS as PREEMPT_SIGNALS, PreemptionWatcher, clear_stop_request
+from batchproc.preempt import PreemptionWatcher, clear_stop_request
 from batchproc.processor import (TensorBoardMirror, TorchBatchProcessor, TorchBatchProcessorContext,
                                  default_tensorboard_path)
 from batchproc.reducer import ReducerRegistry
-from batchproc.report import METRICS_FILE, RunState, write_metrics, write_state
-from batchproc.settings import RunSettings
+from batchproc import lifecycle
+from batchproc.lifecycle import RunState
+from batchproc.report import METRICS_FILE, write_metrics
+from batchproc.settings import PREEMPTION_SIGNALS, RunSettings
 from batchproc.storage import STAGING, RunDir, RunLock, Stager, acquire_run_lock
+
+#: The attempt tag of files written during on_finish: the same on every run of it (see _Job._finish).
+FINISH_TAG = "ffffffff"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,13 +50,17 @@ class BatchProcessResult:
     steps_this_attempt: int = 0  #: steps this rank ran in this call
 
 
+DEFAULT_BATCH_SIZE = 1  # Determined's, when neither batch_size nor dataloader_kwargs["batch_size"] is given
+
+
 def torch_batch_process(
     batch_processor_cls: Type[TorchBatchProcessor],
     dataset: Dataset,
-    batch_size: int = 64,
-    checkpoint_interval: int = 5,
+    batch_size: Optional[int] = None,
     max_batches: Optional[int] = None,
+    checkpoint_interval: int = 5,
     dataloader_kwargs: Optional[Dict[str, Any]] = None,
+    distributed_context: Any = None,
     *,
     storage: Optional[str] = None,
     storage_options: Optional[Dict[str, Any]] = None,
@@ -60,41 +69,52 @@ def torch_batch_process(
 ) -> BatchProcessResult:
     """Run ``batch_processor_cls`` over ``dataset`` on every rank, checkpointed and resumable.
 
-    The loop, on every rank ``r`` of ``W``, from the committed watermark ``G``::
+    The positional parameters are Determined's, in its order and with its defaults; ours are
+    keyword-only. The loop, on every rank ``r`` of ``W``, from the committed watermark ``G``::
 
         for step in range(ceil((B - G) / W)):        # the same count on every rank
             g = G + step * W + r                      # exact round-robin, no padding
             if g < B: processor.process_batch(load(g), batch_idx=g // W)
             if step hits checkpoint_interval or a stop is agreed (one all-reduce):
                 commit: on_checkpoint_start -> uploads joined -> record -> publish
-        on_finish(); final commit; metrics = cross_slot_reduce(every slot, every attempt)
+        final commit (on_checkpoint_start -> ... -> publish)    # state: finishing
+        every rank has published; metrics final -> on_finish()  # at-least-once
+        every rank's on_finish returned                         # state: completed
 
     Args:
         batch_processor_cls: your :class:`TorchBatchProcessor` subclass.
         dataset: a map-style dataset with ``__len__``.
-        batch_size: samples per batch.
+        batch_size: samples per batch; ``None`` takes ``dataloader_kwargs["batch_size"]``, else 1.
+        max_batches: cap on the batches each worker processes (``<= 0``: no cap, with a warning).
         checkpoint_interval: steps between checkpoints.
-        max_batches: cap on the batches each worker processes.
-        dataloader_kwargs: passed to ``DataLoader`` (no shuffle, sampler, batch_sampler or batch_size).
+        dataloader_kwargs: passed to ``DataLoader`` (no shuffle, sampler or batch_sampler).
+        distributed_context: Determined's ``DistributedContext`` (or any object with
+            ``get_rank()`` and ``get_size()``); batchproc takes ranks from torchrun or an
+            initialized process group, and checks that they agree with it.
         storage: fsspec URL or path of the run directory; default from ``batchproc run``, else
             ``./runs/<script name>``.
+        storage_options: fsspec options for ``storage``.
         bad_samples: ``"raise"`` (fail naming the sample) or ``"skip"`` (drop and record it).
         max_bad_samples: with ``"skip"``, fail once more samples than this were skipped.
     """
-    _check_arguments(dataset, batch_size, checkpoint_interval, max_batches, bad_samples)
-    loader_kwargs = check_dataloader_kwargs(dataloader_kwargs)
+    loader_kwargs = check_dataloader_kwargs(dataloader_kwargs, batch_size is not None)
+    if batch_size is None:
+        batch_size = loader_kwargs.pop("batch_size", DEFAULT_BATCH_SIZE)
+    max_batches = _check_arguments(dataset, batch_size, checkpoint_interval, max_batches, bad_samples)
     settings = RunSettings.from_env()
     env = init_worker(settings.pg_timeout_s)
     run_dir = RunDir(*_resolve_storage(storage, storage_options, settings))
     lock: Optional[RunLock] = None
+    job: Optional[_Job] = None
     try:
+        _check_distributed_context(distributed_context, env)
         if env.is_chief and not settings.lock_held:
             lock = acquire_run_lock(run_dir, holder=f"{' '.join(sys.argv)}")
-        return _Job(env, run_dir, settings, dataset, batch_processor_cls, batch_size,
-                    checkpoint_interval, max_batches, loader_kwargs, bad_samples, max_bad_samples).run()
+        job = _Job(env, run_dir, settings, dataset, batch_processor_cls, batch_size,
+                   checkpoint_interval, max_batches, loader_kwargs, bad_samples, max_bad_samples)
+        return job.run()
     except BaseException as e:
-        if env.is_chief:
-            _record_failure(run_dir, e)
+        _record_failure(run_dir, e, env, job)
         raise
     finally:
         if lock is not None:
@@ -102,25 +122,57 @@ def torch_batch_process(
         env.shutdown()
 
 
-def _record_failure(run_dir: RunDir, error: BaseException) -> None:
+def _record_failure(run_dir: RunDir, error: BaseException, env: WorkerEnv, job: Optional["_Job"]) -> None:
+    """Every failing rank reports its error and phase; rank 0 also marks the run FAILED.
+
+    The supervisor (``batchproc run`` / the launcher) later replaces rank 0's error by the root
+    cause among all the reports: a rank whose peer failed first only sees its collective break.
+    """
+    phase = job.phase if job is not None else "before the first batch"
+    attempt = job.attempt if job is not None else None
     try:
-        write_state(run_dir, RunState.FAILED, error=f"{type(error).__name__}: {error}"[:2000])
+        failure = lifecycle.report_failure(run_dir, error, env.rank, phase, attempt)
+        if env.is_chief:
+            lifecycle.record_failure(run_dir, failure)
     except Exception:  # the original error matters more than the status file
         pass
 
 
-def _check_arguments(dataset: Any, batch_size: int, interval: int, max_batches: Optional[int],
-                     bad_samples: str) -> None:
+def _check_arguments(dataset: Any, batch_size: Any, interval: Any, max_batches: Optional[int],
+                     bad_samples: str) -> Optional[int]:
+    """Validate the arguments; returns ``max_batches`` as it will be used."""
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise ValueError(f"torch_batch_process needs a map-style dataset with __len__ and __getitem__; "
                          f"got {type(dataset).__name__}")
     for name, value in (("batch_size", batch_size), ("checkpoint_interval", interval)):
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
-        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    if max_batches is not None:
+        if not isinstance(max_batches, int) or isinstance(max_batches, bool):
+            raise ValueError(f"max_batches must be an int or None, got {max_batches!r}")
+        if max_batches <= 0:
+            # Determined's behaviour, kept so that ported scripts run the same.
+            warnings.warn(f"max_batches={max_batches} is not positive; processing the whole dataset",
+                          stacklevel=3)
+            max_batches = None
     if bad_samples not in ("raise", "skip"):
         raise ValueError(f"bad_samples must be 'raise' or 'skip', got {bad_samples!r}")
+    return max_batches
+
+
+def _check_distributed_context(context: Any, env: WorkerEnv) -> None:
+    if context is None:
+        return
+    try:
+        rank, size = int(context.get_rank()), int(context.get_size())
+    except AttributeError:
+        raise TypeError(f"distributed_context must have get_rank() and get_size() (Determined's "
+                        f"DistributedContext); got {type(context).__name__}") from None
+    if (rank, size) != (env.rank, env.world_size):
+        raise ValueError(f"distributed_context says rank {rank} of {size}, but this process is rank "
+                         f"{env.rank} of {env.world_size} (from torchrun's environment or the initialized "
+                         "process group). Launch with torchrun (python -m launch.torch_distributed), or "
+                         "initialize torch.distributed to match before calling torch_batch_process.")
 
 
 def _resolve_storage(storage: Optional[str], options: Optional[Dict[str, Any]],
@@ -145,10 +197,15 @@ class _Job:
         self.batch_size, self.interval, self.max_batches = batch_size, interval, max_batches
         self.loader_kwargs, self.bad_samples, self.max_bad_samples = loader_kwargs, bad_samples, max_bad_samples
         self.faults = Faults(env.rank)
+        self.phase = "before the first batch"  #: where a failure happened, for its report
+        self.attempt: Optional[str] = None
+        self.tb_mirror: Optional[TensorBoardMirror] = None
 
     def _open(self) -> "tuple[checkpoint.Resumed, Dict[str, Any], str]":
         """Rank 0 reads the resume point; every rank receives it (or rank 0's error)."""
         n = len(self.dataset)  # type: ignore[arg-type]
+        if self.loader_kwargs.get("drop_last"):
+            n -= n % self.batch_size  # as a DataLoader with drop_last=True would: the tail is not processed
         fingerprint = {"dataset_len": n, "batch_size": self.batch_size, "max_batches": self.max_batches,
                        "total_batches": sharding.num_batches(n, self.batch_size, self.max_batches, self.env.world_size)}
         opened: Any = None
@@ -159,9 +216,10 @@ class _Job:
                 fingerprint["total_batches"] = resumed.total_batches
                 if not resumed.completed:
                     clear_stop_request(self.run_dir)
-                    write_state(self.run_dir, RunState.RUNNING, attempts=resumed.attempts,
-                                restarts=resumed.restarts, world_size=self.env.world_size,
-                                committed_batches=resumed.watermark, total_batches=resumed.total_batches)
+                    lifecycle.transition(
+                        self.run_dir, RunState.FINISHING if resumed.all_committed else RunState.RUNNING,
+                        attempts=resumed.attempts, restarts=resumed.restarts, world_size=self.env.world_size,
+                        committed_batches=resumed.watermark, total_batches=resumed.total_batches)
                 opened = (resumed, fingerprint, uuid.uuid4().hex[:8])
             except BaseException as e:
                 opened = e
@@ -172,8 +230,9 @@ class _Job:
 
     def run(self) -> BatchProcessResult:
         resumed, fingerprint, attempt = self._open()
+        self.attempt = attempt
         if resumed.completed:
-            metrics = self._finished_metrics(resumed)
+            metrics = self._completed_metrics(resumed)
             return self._result(resumed.watermark, resumed.total_batches, metrics, completed=True)
 
         env = self.env
@@ -182,10 +241,40 @@ class _Job:
         tb_path = self._tensorboard_path()
         tb_mirror = None if self.run_dir.is_local else TensorBoardMirror(self.run_dir, tb_path, env.is_chief)
         context = TorchBatchProcessorContext(env, stager, reducers, self.settings.hparams, tb_path, self.run_dir.url)
-        self.context = context
-        processor = self.processor_cls(context)
-        ckpt = checkpoint.Checkpointer(self.run_dir, env, stager, reducers, resumed, fingerprint, attempt, self.faults)
+        self.context, self.tb_mirror = context, tb_mirror
+        try:
+            processor = self.processor_cls(context)
+            if resumed.all_committed:
+                # Every batch was committed and on_finish did not complete: run only on_finish.
+                metrics = env.broadcast(resumed.metrics if env.is_chief else None)
+                return self._finish(processor, context, resumed.total_batches, metrics, steps=0)
+            ckpt = checkpoint.Checkpointer(self.run_dir, env, stager, reducers, resumed, fingerprint, attempt,
+                                           self.faults)
+            try:
+                steps, preempted, reason = self._process(processor, context, ckpt, resumed, fingerprint)
+            finally:
+                stager.close()
+            G, total, W = resumed.watermark, resumed.total_batches, env.world_size
+            metrics = env.broadcast(ckpt.metrics_so_far)
+            if not preempted:
+                return self._finish(processor, context, total, metrics, steps=steps)
+            env.barrier()  # every rank has published before the run is called preempted
+            if env.is_chief:
+                self.run_dir.rm(STAGING, recursive=True)  # only empty folders are left
+                lifecycle.transition(self.run_dir, RunState.PREEMPTED, reason=reason)
+            return self._result(sharding.watermark_after(G, total, W, steps), total, metrics, preempted=True,
+                                steps=steps)
+        finally:
+            context._close()
+            if tb_mirror is not None:
+                tb_mirror.close()
 
+    def _process(self, processor: TorchBatchProcessor, context: TorchBatchProcessorContext,
+                 ckpt: checkpoint.Checkpointer, resumed: checkpoint.Resumed,
+                 fingerprint: Dict[str, Any]) -> "tuple[int, bool, Optional[str]]":
+        """The batches, checkpointed; ends with the final commit unless stopped. Returns
+        (steps run, preempted, why it was stopped)."""
+        env = self.env
         G, total, W = resumed.watermark, resumed.total_batches, env.world_size
         steps = sharding.steps_per_rank(G, total, W)
         sampler = sharding.RankBatchSampler(fingerprint["dataset_len"], self.batch_size, total, G, W, env.rank)
@@ -194,7 +283,6 @@ class _Job:
         batches: Any = None
         new_errors: List[Dict[str, Any]] = []
         skipped_total = resumed.skipped_samples
-        preempted = False
         step = 0
         progress = Progress(env.is_chief, G, total, self.batch_size, fingerprint["dataset_len"])
         try:
@@ -202,7 +290,7 @@ class _Job:
                 # Loader workers are forked here with the preemption signals blocked: one arriving
                 # before a worker has set them to SIG_IGN (loader._WorkerInit) would kill it. The
                 # main process gets the signal when the mask is restored, as a stop request.
-                masked = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPT_SIGNALS)
+                masked = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
                 try:
                     batches = iter(loader)
                 finally:
@@ -211,6 +299,7 @@ class _Job:
                 for step in range(steps):
                     g = sharding.global_batch(G, W, env.rank, step)
                     if g < total:
+                        self.phase = f"loading global batch {g}"
                         loaded, context._device_copies = next(items)
                         if loaded.bad:
                             records = loaded.bad_records()
@@ -219,47 +308,62 @@ class _Job:
                             self._check_bad_budget(skipped_total)
                         if loaded.batch is not None:
                             context.global_batch_idx, context.batch_indices = g, loaded.indices
-                            self._process(processor, loaded.batch, g)
+                            self.phase = f"in global batch {g}"
+                            self._process_batch(processor, loaded.batch, g)
                     if self.faults.fires("stop", step):
                         watcher.request("fault hook")
                     self.faults.maybe_kill("kill", step)
                     progress.advance(G + step * W, G + (step + 1) * W)
                     done = step + 1
-                    if done == steps:
-                        break
-                    stop = watcher.should_stop()
-                    if stop or done % self.interval == 0:
-                        ckpt.commit(processor, sharding.watermark_after(G, total, W, done), new_errors,
-                                    RunState.PREEMPTED if stop else RunState.RUNNING)
+                    last = done == steps
+                    stop = False if last else watcher.should_stop()
+                    if last or stop or done % self.interval == 0:
+                        state = RunState.FINISHING if last else RunState.PREEMPTED if stop else RunState.RUNNING
+                        self.phase = "in the final checkpoint" if last else f"in the checkpoint after step {done}"
+                        ckpt.commit(processor, sharding.watermark_after(G, total, W, done), new_errors, state)
                         new_errors = []
-                        if tb_mirror is not None:
-                            tb_mirror.sync()
+                        if self.tb_mirror is not None:
+                            self.tb_mirror.sync()
                     if stop:
-                        preempted = True
-                        break
-                if not preempted:
-                    processor.on_finish()
-                    ckpt.commit(processor, total, new_errors, RunState.RUNNING)
+                        return done, True, watcher.requested
+                return steps, False, None
         finally:
             # Shut loader workers down now: left to the garbage collector, each waits 5 s.
             getattr(batches, "_shutdown_workers", lambda: None)()
             progress.close()
-            stager.close()
-            context._close()
-            if tb_mirror is not None:
-                tb_mirror.close()
-        watermark = total if not preempted else sharding.watermark_after(G, total, W, step + 1)
-        env.barrier()  # every rank has published before the run is called done
+
+    def _finish(self, processor: TorchBatchProcessor, context: TorchBatchProcessorContext, total: int,
+                metrics: Dict[str, Any], steps: int) -> BatchProcessResult:
+        """Determined's end: after the final commit of every rank, ``on_finish`` on every rank.
+
+        The run is FINISHING (all outputs published, metrics final) until every rank's
+        ``on_finish`` returned, then COMPLETED. Files written in ``upload_path()`` during
+        ``on_finish`` are published at once under names that are the same on every run of it
+        (tag ``ffffffff``), so a rerun after a crash replaces them instead of adding copies.
+        """
+        env = self.env
+        env.barrier()  # every rank has published: on_finish may read any rank's outputs
         if env.is_chief:
-            self.run_dir.rm(STAGING, recursive=True)  # only empty folders are left
-            if preempted:
-                write_state(self.run_dir, RunState.PREEMPTED, reason=watcher.requested)
-            else:
-                write_metrics(self.run_dir, ckpt.metrics_so_far)
-                write_state(self.run_dir, RunState.COMPLETED)
-        metrics = env.broadcast(ckpt.metrics_so_far)
-        return self._result(watermark, total, metrics, completed=not preempted, preempted=preempted,
-                            steps=step + 1 if preempted else steps)
+            self.run_dir.rm(STAGING, recursive=True)
+            write_metrics(self.run_dir, metrics)
+            lifecycle.transition(self.run_dir, RunState.FINISHING, metrics=metrics)
+        context.metrics = metrics
+        finish_stager = Stager(self.run_dir, FINISH_TAG, env.rank)
+        context._stager = finish_stager
+        self.phase = "in on_finish"
+        try:
+            self.faults.maybe_kill("kill-in-finish")
+            processor.on_finish()
+            for staged, final in finish_stager.join():
+                self.run_dir.move(staged, final)
+        finally:
+            finish_stager.close()
+        self.phase = "after on_finish"
+        env.barrier()  # every rank's on_finish returned
+        if env.is_chief:
+            self.run_dir.rm(STAGING, recursive=True)
+            lifecycle.transition(self.run_dir, RunState.COMPLETED)
+        return self._result(total, total, metrics, completed=True, steps=steps)
 
     def _with_device_copies(self, batches: Any) -> Any:
         """``(loaded batch, device copies of its tensors)`` items; the copies come from the side-stream
@@ -268,7 +372,7 @@ class _Job:
             return ((loaded, {}) for loaded in batches)
         return DevicePrefetcher(batches, self.env.device, batch_of=lambda loaded: loaded.batch)
 
-    def _process(self, processor: TorchBatchProcessor, batch: Any, g: int) -> None:
+    def _process_batch(self, processor: TorchBatchProcessor, batch: Any, g: int) -> None:
         try:
             processor.process_batch(batch, g // self.env.world_size)
         except Exception as e:
@@ -289,17 +393,16 @@ class _Job:
                 f"{skipped} samples failed to load, more than max_bad_samples={self.max_bad_samples}; "
                 f"see {self.run_dir.url}/errors.jsonl for those committed so far. Fix the data or raise the bound.")
 
-    def _finished_metrics(self, resumed: checkpoint.Resumed) -> Dict[str, Any]:
+    def _completed_metrics(self, resumed: checkpoint.Resumed) -> Dict[str, Any]:
         """A run found complete: report its metrics, writing only what a crash at the end left out."""
         metrics: Any = None
         if self.env.is_chief:
             metrics = resumed.metrics
             if not self.run_dir.exists(METRICS_FILE):
                 write_metrics(self.run_dir, metrics)
-                write_state(self.run_dir, RunState.COMPLETED)
         return self.env.broadcast(metrics)
 
-    def _tensorboard_path(self):
+    def _tensorboard_path(self) -> Any:
         return default_tensorboard_path(self.run_dir.root, self.run_dir.is_local, self.env.rank)
 
     def _result(self, watermark: int, total: int, metrics: Dict[str, Any], completed: bool = False,
