@@ -168,9 +168,11 @@ def create_launch_cmd(settings: RunSettings, overrides: Sequence[str], script: S
         ("tee", ["--tee", "3"]),
         ("log_line_prefix_template", ["--log-line-prefix-template", LOG_LINE_PREFIX]),
     ]
-    if max_nodes(overrides) == 1 and not any(d in given for d in _RENDEZVOUS):
+    single_node = max_nodes(overrides) == 1 and not any(d in given for d in _RENDEZVOUS)
+    if single_node:
         defaults.append(("standalone", ["--standalone"]))  # c10d on a free port: no collisions
-    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    # One node needs no listener others can reach: torchrun's stores bind 127.0.0.1 (launch.loopback).
+    cmd = [sys.executable, "-m", "launch.loopback" if single_node else "torch.distributed.run"]
     for dest, tokens in defaults:
         if dest not in given:
             cmd += tokens

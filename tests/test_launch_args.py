@@ -19,6 +19,7 @@ from launch.torch_distributed import (
 )
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+LOOPBACK_TORCHRUN = [sys.executable, "-m", "launch.loopback"]  # one node: stores bind 127.0.0.1
 
 
 def value(cmd: List[str], *flags: str) -> Optional[str]:
@@ -53,7 +54,7 @@ def test_parse_args_without_double_dash_is_all_script():
 
 def test_defaults():
     cmd = cmd_for(max_restarts=3)
-    assert cmd[:3] == TORCHRUN
+    assert cmd[:3] == LOOPBACK_TORCHRUN
     assert value(cmd, "--nproc-per-node") == "1"
     assert value(cmd, "--max-restarts") == "3"
     assert value(cmd, "--signals-to-handle") == SIGNALS_TO_HANDLE
@@ -123,7 +124,8 @@ def test_malformed_overrides(overrides, message):
     ["--master-addr", "10.0.0.1"], ["--master_port", "29500"], ["--rdzv-backend", "c10d"],
 ])
 def test_no_standalone_with_a_rendezvous(overrides):
-    assert "--standalone" not in cmd_for(overrides)
+    cmd = cmd_for(overrides)
+    assert "--standalone" not in cmd and cmd[:3] == TORCHRUN  # the user's endpoint, as torchrun binds it
 
 
 @pytest.mark.parametrize("overrides", [[], ["--nnodes", "1"], ["--nnodes=1:1"]])
