@@ -1,24 +1,43 @@
 """Image files as a map-style dataset, from a local folder, a glob or any fsspec URL.
 
-``ImageFiles("s3://bucket/dogs/Images/*/*.jpg", transform=standard_preprocess())`` lists the files
-once, sorted (a resumed job must see the same order), and decodes each one with torchvision's
-native decoders (JPEG, PNG, WebP, GIF) into a 3-channel ``uint8`` CHW tensor; PIL is only a
-fallback for the formats torchvision cannot read (BMP, TIFF, ...).
+``ImageFiles("s3://bucket/dogs/Images/*/*.jpg", transform=standard_preprocess())`` serves the
+files sorted by path, and decodes each one with torchvision's native decoders (JPEG, PNG, WebP,
+GIF) into a 3-channel ``uint8`` CHW tensor; PIL is only a fallback for the formats torchvision
+cannot read (BMP, TIFF, ...).
+
+Listing is lazy. Under ``torch_batch_process`` the files are listed once per run, by rank 0 of
+the first attempt, and every rank of every attempt serves that frozen list (see
+:mod:`batchproc.inputs`): files added later are not part of the run, and a file gone or changed
+since (size, or ETag on S3, or modification time on local disk) fails as a bad sample naming it.
+Alone, the first ``len()`` or item lists the source.
+
+On object stores the files of a batch are fetched concurrently (and, under batchproc's loader,
+those of the next batches while this one decodes), one request per file: :meth:`ImageFiles.prefetch`
+and :meth:`ImageFiles.load_samples`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import concurrent.futures
 import io
+import operator
 import os
 import re
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, overload
 
 import fsspec
+import fsspec.asyn
+import fsspec.utils
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
+
+from batchproc.errors import InputChangedError
+from batchproc.inputs import IntColumn, Manifest, StringColumn, etag_version, mtime_version
 
 #: File name endings a folder listing keeps (a glob keeps whatever it matches).
 IMG_EXTENSIONS: Tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
@@ -27,6 +46,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LABEL_MODES = ("auto", "parent", "none")
 UNKNOWN_LABEL = -1
+#: Connections per process to S3 when ``storage_options`` do not say (aiobotocore's default is 10,
+#: too few to keep two batches of requests in flight).
+S3_POOL_CONNECTIONS = 64
 
 # torchvision 0.29 warns on every decode that its decoders are deprecated in favour of TorchCodec;
 # they are what this module deliberately uses (pinned torchvision), so that one warning is silenced.
@@ -56,6 +78,9 @@ class ImageFiles(Dataset):
     skip hidden names (``.x``) below the folder or the glob's fixed prefix. Without a
     ``transform`` that makes every image the same size, batches of more than one image cannot be
     stacked by the default collate function.
+
+    ``files``, ``paths`` and ``labels`` are read-only sequences over the columnar manifest (they
+    compare equal to lists); ``classes`` is a list.
     """
 
     def __init__(self, source: "str | os.PathLike[str]", transform: Optional[Transform] = None, *,
@@ -66,84 +91,454 @@ class ImageFiles(Dataset):
         self.source = os.fspath(source)
         self.transform = transform
         self.storage_options = dict(storage_options or {})
-        fs, root = fsspec.core.url_to_fs(self.source, **self.storage_options)
+        self.label_mode = labels
+        self.extensions = tuple(e.lower() for e in extensions)
+        fs, root = fsspec.core.url_to_fs(self.source, **self._fs_options())
         self._fs_cache: Any = fs
         self._fs_pid: Optional[int] = os.getpid()
-        files, class_of = _list_files(fs, root, labels, tuple(e.lower() for e in extensions))
-        if not files:
+        self._root: str = root
+        self._local = isinstance(fs, LocalFileSystem)
+        if self._local and not _MAGIC.search(root) and not os.path.exists(root):
+            # A stat, not a listing: cheap, and a typo is better reported here than at the first batch.
+            raise FileNotFoundError(f"no such file or folder: {root!r}")
+        self._manifest: Optional[Manifest] = None
+        self._listing: Optional[Manifest] = None  # this process's own listing, until a run freezes one
+        self._classes: List[str] = []
+        self._classes_read = False
+        self._reader: Optional[_Reader] = None
+
+    # -- the frozen-inputs protocol (batchproc.inputs) ---------------------------------------
+
+    def batchproc_source(self) -> str:
+        """The normalized URL (an absolute path locally), plus the options that change the listing."""
+        where = self._root if self._local else self._fs().unstrip_protocol(self._root)
+        options = []
+        if self.label_mode != "auto":
+            options.append(f"labels={self.label_mode}")
+        if self.extensions != IMG_EXTENSIONS:
+            options.append(f"extensions={','.join(self.extensions)}")
+        return f"{where} ({'; '.join(options)})" if options else where
+
+    def batchproc_list_inputs(self) -> Manifest:
+        """List the source (once per process: a listing already made here is reused)."""
+        if self._listing is None:
+            fs = self._fs()
+            self._listing = _list_images(fs, self._root, self.batchproc_source(), self.label_mode,
+                                         self.extensions, self._local)
+            if not self._local:
+                fs.invalidate_cache()  # s3fs would keep every object's info dict alive
+        if not len(self._listing):
             raise ValueError(f"no image files found at {self.source!r} "
-                             f"(a folder is searched for {', '.join(extensions)}; a glob is taken as is)")
-        #: Class names, sorted; ``labels[i]`` indexes into it (empty when the input has no labels).
-        self.classes: List[str] = sorted(set(class_of)) if class_of else []
-        index = {c: i for i, c in enumerate(self.classes)}
-        self.files: List[str] = files  # paths as the filesystem names them
-        self.labels: List[int] = [index[c] for c in class_of] if class_of else [UNKNOWN_LABEL] * len(files)
-        local = isinstance(fs, LocalFileSystem)
-        #: What ``path`` holds per item: a local path, or a full URL (``s3://...``).
-        self.paths: List[str] = files if local else [fs.unstrip_protocol(f) for f in files]
+                             f"(a folder is searched for {', '.join(self.extensions)}; a glob is taken as is)")
+        return self._listing
+
+    def batchproc_use_inputs(self, manifest: Manifest) -> None:
+        """Serve ``manifest``'s files (the run's frozen inputs) from now on."""
+        if self._classes_read and list(manifest.classes) != self._classes:
+            warnings.warn(f"ImageFiles({self.source!r}): the classes read before the run started "
+                          f"({len(self._classes)}) are not those of the run's frozen inputs "
+                          f"({len(manifest.classes)}); labels follow the frozen inputs. Read `classes` "
+                          f"after torch_batch_process() has started (e.g. in the processor) to get them.",
+                          stacklevel=2)
+        self._manifest = manifest
+        self._classes = list(manifest.classes)
+        self._reader = None
+        if self._listing is not manifest:
+            self._listing = None
+
+    @property
+    def manifest(self) -> Manifest:
+        """The files served: the run's frozen inputs, or this process's listing (made on demand)."""
+        if self._manifest is None:
+            self.batchproc_use_inputs(self.batchproc_list_inputs())
+        assert self._manifest is not None
+        return self._manifest
+
+    # -- the listing, as sequences --------------------------------------------------------------
+
+    @property
+    def classes(self) -> List[str]:
+        """Class names, sorted; ``labels[i]`` indexes into it (empty when the input has no labels)."""
+        self.manifest
+        self._classes_read = True
+        return self._classes
+
+    @property
+    def labels(self) -> IntColumn:
+        return IntColumn(self.manifest.labels)
+
+    @property
+    def files(self) -> "PrefixedColumn":
+        """Paths as the filesystem names them."""
+        m = self.manifest
+        return PrefixedColumn(_join_prefix(m.root), m.paths)
+
+    @property
+    def paths(self) -> "PrefixedColumn":
+        """What ``path`` holds per item: a local path, or a full URL (``s3://...``)."""
+        m = self.manifest
+        if self._local:
+            return PrefixedColumn(_join_prefix(m.root), m.paths)
+        return PrefixedColumn(_join_prefix(self._fs().unstrip_protocol(m.root) if m.root else ""), m.paths)
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _fs_options(self) -> Dict[str, Any]:
+        options = dict(self.storage_options)
+        if fsspec.core.split_protocol(self.source)[0] in ("s3", "s3a"):
+            config = dict(options.get("config_kwargs") or {})
+            config.setdefault("max_pool_connections", S3_POOL_CONNECTIONS)
+            options["config_kwargs"] = config
+        return options
 
     def _fs(self) -> Any:
         # One filesystem per process: async clients (s3fs) must not be shared with forked workers.
         if self._fs_pid != os.getpid():
-            self._fs_cache = fsspec.core.url_to_fs(self.source, **self.storage_options)[0]
+            self._fs_cache = fsspec.core.url_to_fs(self.source, **self._fs_options())[0]
             self._fs_pid = os.getpid()
+            self._reader = None
         return self._fs_cache
+
+    def _get_reader(self) -> "_Reader":
+        fs = self._fs()
+        if self._reader is None:
+            self._reader = _Reader(fs, self.manifest, self._local, self.paths)
+        return self._reader
 
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
-        state["_fs_cache"], state["_fs_pid"] = None, None  # rebuilt in the receiving process
+        state["_fs_cache"], state["_fs_pid"], state["_reader"] = None, None, None  # rebuilt in the receiving process
         return state
 
-    def __len__(self) -> int:
-        return len(self.files)
+    def _index(self, i: int) -> int:
+        n = len(self.manifest)
+        i = operator.index(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for {n} files")
+        return i
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """Start fetching these samples' files now (on object stores; a no-op on local disk)."""
+        self._get_reader().prefetch([self._index(i) for i in indices])
+
+    def load_samples(self, indices: Sequence[int]) -> List[Any]:
+        """Samples ``indices``, their files fetched concurrently; a sample that fails to load is the
+        exception it raised, so one bad file is one bad sample."""
+        reader = self._get_reader()
+        good = []
+        for i in indices:
+            try:
+                good.append(self._index(i))
+            except IndexError:
+                pass
+        reader.prefetch(good)
+        out: List[Any] = []
+        for i in indices:
+            try:
+                i = self._index(i)
+                path = reader.url(i)
+                image = decode_image_bytes(reader.read(i), path)
+                if self.transform is not None:
+                    image = self.transform(image)
+                out.append({"image": image, "label": int(self.manifest.labels[i]), "path": path})
+            except Exception as e:
+                out.append(e)
+        return out
+
+    def __getitems__(self, indices: Sequence[int]) -> List[Dict[str, Any]]:
+        """A batch's samples (torch's DataLoader calls this with the batch's indices)."""
+        items = self.load_samples(indices)
+        for item in items:
+            if isinstance(item, BaseException):
+                raise item
+        return items
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
-        data = self._fs().cat_file(self.files[i])
-        image = decode_image_bytes(data, self.paths[i])
-        if self.transform is not None:
-            image = self.transform(image)
-        return {"image": image, "label": self.labels[i], "path": self.paths[i]}
+        item = self.load_samples([i])[0]
+        if isinstance(item, BaseException):
+            raise item
+        return item  # type: ignore[no-any-return]
 
     def describe_sample(self, i: int) -> str:
         """The file behind sample ``i`` (batchproc names it when loading the sample fails)."""
         return self.paths[i]
 
     def __repr__(self) -> str:
-        return f"ImageFiles({self.source!r}, {len(self)} files, {len(self.classes)} classes)"
+        if self._manifest is None:
+            return f"ImageFiles({self.source!r}, not listed yet)"
+        return f"ImageFiles({self.source!r}, {len(self)} files, {len(self._classes)} classes)"
 
 
-def _list_files(fs: Any, root: str, labels: str, extensions: Tuple[str, ...]) -> Tuple[List[str], List[str]]:
-    """Sorted file paths under ``root`` (a path on ``fs``), and their class names (empty when unlabeled)."""
+def _join_prefix(root: str) -> str:
+    return "" if not root else (root if root.endswith("/") else root + "/")
+
+
+class PrefixedColumn(Sequence[str]):
+    """``prefix + s`` for every ``s`` of a :class:`StringColumn`, computed on access."""
+
+    __slots__ = ("prefix", "column")
+
+    def __init__(self, prefix: str, column: StringColumn) -> None:
+        self.prefix = prefix
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> List[str]: ...
+
+    def __getitem__(self, i: Union[int, slice]) -> Union[str, List[str]]:
+        if isinstance(i, slice):
+            return [self.prefix + s for s in self.column[i]]
+        return self.prefix + self.column[i]
+
+    def __iter__(self) -> Iterator[str]:
+        for s in self.column:
+            yield self.prefix + s
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"PrefixedColumn({self.prefix!r}, {len(self)} strings)"
+
+
+# -- reading files ---------------------------------------------------------------------------
+
+
+def _is_s3(fs: Any) -> bool:
+    try:
+        import s3fs
+    except ImportError:
+        return False
+    return isinstance(fs, s3fs.S3FileSystem) and hasattr(fs, "_call_s3")
+
+
+async def _get_s3(fs: Any, path: str) -> Tuple[bytes, Optional[str]]:
+    """One GET: the bytes and the ETag they came with (s3fs's ``cat_file`` drops the ETag, and
+    with its default ``max_concurrency`` sends a HEAD first: two round trips)."""
+    from batchproc.storage import is_transient
+
+    bucket, key, version_id = fs.split_path(path)
+    extra = {"VersionId": version_id} if version_id else {}
+    for attempt in range(3):
+        try:
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, **extra)  # retries its own errors
+            try:
+                data = await resp["Body"].read()
+            finally:
+                resp["Body"].close()
+            return data, resp.get("ETag")
+        except Exception as e:  # a body cut short is worth another try; a missing key is not
+            if attempt == 2 or not is_transient(e):
+                raise
+            await asyncio.sleep(0.2 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+async def _get_async(fs: Any, path: str) -> Tuple[bytes, Optional[str]]:
+    return await fs._cat_file(path), None
+
+
+class _Reader:
+    """One process's reads of one manifest. On async filesystems (S3, GCS, HTTP, ...) each file is
+    one request on fsspec's IO loop, started by :meth:`prefetch` and collected by :meth:`read`; on
+    local disk reads are plain and synchronous (the page cache is faster than any overlap)."""
+
+    MAX_PENDING = 1024  # prefetched files not yet read (a wrong guess of the next batch is dropped)
+
+    def __init__(self, fs: Any, manifest: Manifest, local: bool, urls: PrefixedColumn) -> None:
+        self.fs = fs
+        self.manifest = manifest
+        self.urls = urls
+        self.kind = "local" if local else "s3" if _is_s3(fs) else "async" if getattr(fs, "async_impl", False) else "sync"
+        self.pending: "collections.OrderedDict[int, concurrent.futures.Future[Tuple[bytes, Optional[str]]]]" = \
+            collections.OrderedDict()
+
+    def url(self, i: int) -> str:
+        return self.urls[i]
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        if self.kind in ("local", "sync"):
+            return
+        get = _get_s3 if self.kind == "s3" else _get_async
+        for i in indices:
+            if i not in self.pending:
+                self.pending[i] = asyncio.run_coroutine_threadsafe(get(self.fs, self.manifest.path(i)), self.fs.loop)
+        while len(self.pending) > self.MAX_PENDING:
+            self.pending.popitem(last=False)[1].cancel()
+
+    def read(self, i: int) -> bytes:
+        """File ``i``'s bytes, checked against the manifest; raises :class:`InputChangedError` naming
+        the file if it is gone or changed."""
+        try:
+            if self.kind == "local":
+                return self._read_local(i)
+            if self.kind == "sync":
+                data = self.fs.cat_file(self.manifest.path(i))
+                self._check_size(i, len(data))
+                return data  # type: ignore[no-any-return]
+            future = self.pending.pop(i, None)
+            if future is None:
+                self.prefetch([i])
+                future = self.pending.pop(i)
+            data, etag = future.result()
+        except FileNotFoundError:
+            raise InputChangedError(f"{self.url(i)} is gone: it was listed when the run's inputs were frozen") from None
+        self._check_size(i, len(data))
+        expected = int(self.manifest.versions[i])
+        if etag is not None and expected and self.manifest.version_kind == "etag" and etag_version(etag) != expected:
+            raise InputChangedError(f"{self.url(i)} changed since the run's inputs were frozen: its ETag is not the "
+                                    f"one listed then")
+        return data
+
+    def _read_local(self, i: int) -> bytes:
+        path = self.manifest.path(i)
+        st = os.stat(path)
+        self._check_size(i, st.st_size)
+        expected = int(self.manifest.versions[i])
+        if expected and self.manifest.version_kind == "mtime" and mtime_version(st.st_mtime) != expected:
+            raise InputChangedError(f"{path} changed since the run's inputs were frozen: it was modified since")
+        with open(path, "rb") as f:
+            return f.read()
+
+    def _check_size(self, i: int, size: int) -> None:
+        expected = int(self.manifest.sizes[i])
+        if expected >= 0 and size != expected:
+            raise InputChangedError(f"{self.url(i)} changed since the run's inputs were frozen: it has {size} "
+                                    f"bytes, {expected} when listed")
+
+
+# -- listing ---------------------------------------------------------------------------------
+
+
+class _Found:
+    """Files found by a listing, as three parallel lists (transient: the manifest is columnar)."""
+
+    def __init__(self) -> None:
+        self.paths: List[str] = []
+        self.sizes: List[int] = []
+        self.versions: List[int] = []
+
+    def add(self, path: str, size: int, version: int) -> None:
+        self.paths.append(path)
+        self.sizes.append(size)
+        self.versions.append(version)
+
+    def keep(self, pred: Callable[[str], bool]) -> "_Found":
+        out = _Found()
+        for p, s, v in zip(self.paths, self.sizes, self.versions):
+            if pred(p):
+                out.add(p, s, v)
+        return out
+
+
+def _version_kind(fs: Any, local: bool) -> str:
+    return "mtime" if local else "etag" if _is_s3(fs) else "none"
+
+
+def _info_version(info: Dict[str, Any], kind: str) -> int:
+    if kind == "mtime":
+        mtime = info.get("mtime")
+        if info.get("islink"):  # fsspec reports the link's own time; reads see the target's
+            mtime = os.stat(info["name"]).st_mtime
+        return mtime_version(mtime) if mtime is not None else 0
+    if kind == "etag" and info.get("ETag"):
+        return etag_version(info["ETag"])
+    return 0
+
+
+def _s3_walk(fs: Any, root: str) -> _Found:
+    """Every object under ``root/``, one flat LIST page per 1,000 keys, streamed page by page (no
+    info dict is kept: ``find``/``glob`` would cache them all, and walk a glob folder by folder)."""
+    bucket, key, _ = fs.split_path(root)
+    prefix = key.rstrip("/") + "/" if key else ""
+    found = _Found()
+
+    async def walk() -> None:
+        async for info in fs._iterdir(bucket, prefix=prefix, delimiter=""):
+            name = info["name"]
+            if not name.endswith("/"):  # folder markers
+                found.add(name, int(info["size"]), etag_version(info["ETag"]) if info.get("ETag") else 0)
+
+    fsspec.asyn.sync(fs.loop, walk)
+    return found
+
+
+def _from_infos(infos: Any, kind: str) -> _Found:
+    found = _Found()
+    for path, info in sorted(infos.items()):
+        if info.get("type") != "directory":
+            found.add(path, int(info.get("size") or 0) if info.get("size") is not None else -1, _info_version(info, kind))
+    return found
+
+
+def _list_images(fs: Any, root: str, source: str, label_mode: str, extensions: Tuple[str, ...],
+                 local: bool) -> Manifest:
+    """The manifest of ``root`` (a folder, a glob or a file on ``fs``), sorted by path."""
+    kind = _version_kind(fs, local)
+    s3 = _is_s3(fs)
     magic = _MAGIC.search(root)
     if magic:
         # Like a shell glob, wildcards do not match hidden names (".DS_Store", ".cache/").
         base = root[:magic.start()].rsplit("/", 1)[0]
-        found = fs.glob(root, detail=True)
-        files = sorted(p for p, info in found.items() if info.get("type") != "directory"
-                       and not any(_hidden(c) for c in p[len(base) + 1:].split("/")))
-        return files, ([_parent_name(p) for p in files] if labels == "parent" else [])
-    if fs.isfile(root):
-        return [root], ([_parent_name(root)] if labels == "parent" else [])
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"no such file or folder: {fs.unstrip_protocol(root)!r}")
-    root = root.rstrip("/")
-    top = fs.ls(root, detail=True)
-    subdirs = sorted(e["name"].rstrip("/") for e in top if e["type"] == "directory" and not _hidden(e["name"]))
-    top_images = [e for e in top if e["type"] != "directory" and not _hidden(e["name"])
-                  and e["name"].lower().endswith(extensions)]
-    files = _images_under(fs, root, extensions)
-    if labels == "parent":
-        return files, [_parent_name(p) for p in files]
-    if labels == "auto" and subdirs and not top_images:
+        if s3:
+            pattern = re.compile(fsspec.utils.glob_translate(root))
+            found = _s3_walk(fs, base).keep(lambda p: bool(pattern.match(p)))
+        else:
+            found = _from_infos(fs.glob(root, detail=True), kind)
+        found = found.keep(lambda p: not any(_hidden(c) for c in p[len(base) + 1:].split("/")))
+        classes = [_parent_name(p) for p in found.paths] if label_mode == "parent" else []
+        return _manifest(source, base, found, classes, kind)
+    root = root.rstrip("/") or root
+    found = _s3_walk(fs, root) if s3 else None
+    if not found or not found.paths:
+        if fs.isfile(root):
+            info = fs.info(root)
+            single = _Found()
+            single.add(root, int(info.get("size", -1)), _info_version(info, kind))
+            classes = [_parent_name(root)] if label_mode == "parent" else []
+            return _manifest(source, root.rsplit("/", 1)[0] if "/" in root else "", single, classes, kind)
+        if s3 or not fs.isdir(root):
+            raise FileNotFoundError(f"no such file or folder: {fs.unstrip_protocol(root)!r}")
+        found = _from_infos(fs.find(root, detail=True), kind)
+    cut = len(root) + 1 if root != "/" else 1
+    visible = found.keep(lambda p: not any(_hidden(c) for c in p[cut:].split("/")))
+    images = visible.keep(lambda p: p.lower().endswith(extensions))
+    if label_mode == "parent":
+        classes = [_parent_name(p) for p in images.paths]
+    elif (label_mode == "auto" and any("/" in p[cut:] for p in visible.paths)
+          and not any("/" not in p[cut:] for p in images.paths)):
         # ImageFolder layout: the first path component below the root is the class.
-        return files, [p[len(root) + 1:].split("/", 1)[0] for p in files]
-    return files, []
+        classes = [p[cut:].split("/", 1)[0] for p in images.paths]
+    else:
+        classes = []
+    return _manifest(source, root, images, classes, kind)
 
 
-def _images_under(fs: Any, root: str, extensions: Tuple[str, ...]) -> List[str]:
-    rel_start = len(root) + 1
-    return sorted(p for p in fs.find(root)
-                  if p.lower().endswith(extensions) and not any(_hidden(c) for c in p[rel_start:].split("/")))
+def _manifest(source: str, root: str, found: _Found, class_of: List[str], kind: str) -> Manifest:
+    order = sorted(range(len(found.paths)), key=found.paths.__getitem__)
+    cut = len(_join_prefix(root))
+    classes = sorted(set(class_of))
+    index = {c: i for i, c in enumerate(classes)}
+    return Manifest.build(
+        source, [found.paths[i][cut:] for i in order], sizes=[found.sizes[i] for i in order],
+        versions=[found.versions[i] for i in order],
+        labels=[index[class_of[i]] for i in order] if class_of else None, classes=classes, root=root,
+        version_kind=kind)
 
 
 def _hidden(name: str) -> bool:
@@ -213,5 +608,5 @@ def preprocess_from_weights(weights: Any) -> Transform:
     return weights.transforms()
 
 
-__all__ = ["ImageFiles", "decode_image_bytes", "standard_preprocess", "preprocess_from_weights",
+__all__ = ["ImageFiles", "PrefixedColumn", "decode_image_bytes", "standard_preprocess", "preprocess_from_weights",
            "IMG_EXTENSIONS", "UNKNOWN_LABEL"]

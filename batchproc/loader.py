@@ -11,14 +11,16 @@ import traceback
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
 from batchproc.errors import BadSampleError
 from batchproc.settings import PREEMPTION_SIGNALS, cpu_count
-from batchproc.sharding import RankBatchSampler
+from batchproc.sharding import RankBatchSampler, batch_indices
 
 BAD_SAMPLE_POLICIES = ("raise", "skip")
+#: Batches a loader process fetches ahead of the one it decodes (datasets with ``prefetch``).
+READAHEAD_BATCHES = 2
 _REJECTED = {
     "shuffle": "batches are assigned to ranks in dataset order so a resume can skip committed work; "
                "shuffle the dataset itself (e.g. a fixed permutation of indices) if you need another order",
@@ -64,11 +66,20 @@ class _Bad(NamedTuple):
 
 class _IndexedDataset(Dataset):
     """Returns ``(index, sample)``; a failing sample becomes a ``_Bad`` marker (with its traceback
-    under "raise", for the main process to raise)."""
+    under "raise", for the main process to raise).
 
-    def __init__(self, dataset: Dataset, skip_bad: bool) -> None:
+    The DataLoader's fetcher calls :meth:`__getitems__` with a whole batch. A dataset with
+    ``load_samples(indices)`` (each sample, or the exception loading it raised) loads the batch at
+    once, and one with ``prefetch(indices)`` is told the batches this worker will load next, so
+    their files are fetched while this one decodes (``ImageFiles`` on object stores has both).
+    """
+
+    def __init__(self, dataset: Dataset, skip_bad: bool, sampler: Optional[RankBatchSampler] = None,
+                 readahead: int = READAHEAD_BATCHES) -> None:
         self.dataset = dataset
         self.skip_bad = skip_bad
+        self.sampler = sampler
+        self.readahead = readahead
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -77,10 +88,47 @@ class _IndexedDataset(Dataset):
         try:
             return index, self.dataset[index]
         except Exception as e:
-            # Returned, not raised, under either policy: raised in a loader worker, the message
-            # would reach the user buried under "Caught ... in DataLoader worker process 0".
-            return index, _Bad(index, f"{type(e).__name__}: {e}", describe_sample(self.dataset, index),
-                               "" if self.skip_bad else traceback.format_exc())
+            return index, self._bad(index, e)
+
+    def __getitems__(self, indices: List[int]) -> List[Any]:
+        load = getattr(self.dataset, "load_samples", None)
+        if not callable(load):
+            return [self[i] for i in indices]
+        self._prefetch_next(indices)
+        try:
+            samples = load(indices)
+            if len(samples) != len(indices):
+                raise RuntimeError(f"load_samples() returned {len(samples)} samples for {len(indices)} indices")
+        except Exception:  # the batch as a whole failed: sample by sample, to find the bad ones
+            return [self[i] for i in indices]
+        return [(i, self._bad(i, s) if isinstance(s, Exception) else s) for i, s in zip(indices, samples)]
+
+    def _bad(self, index: int, e: BaseException) -> _Bad:
+        # Returned, not raised, under either policy: raised in a loader worker, the message
+        # would reach the user buried under "Caught ... in DataLoader worker process 0".
+        trace = "" if self.skip_bad else "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        return _Bad(index, f"{type(e).__name__}: {e}", describe_sample(self.dataset, index), trace)
+
+    def _prefetch_next(self, indices: List[int]) -> None:
+        """Hint the batches this process loads after ``indices``: the loader hands a rank's batches
+        to its workers in turn, so this worker's next one is ``num_workers`` batches on. A wrong
+        guess costs only the fetch."""
+        prefetch = getattr(self.dataset, "prefetch", None)
+        s = self.sampler
+        if not callable(prefetch) or s is None or not indices or not self.readahead:
+            return
+        batches = s.batches
+        g = indices[0] // s.batch_size
+        if g not in batches:
+            return
+        info = get_worker_info()
+        stride = info.num_workers if info is not None else 1
+        pos = batches.index(g)
+        nxt = [batches[p] for p in range(pos + stride, pos + stride * (self.readahead + 1), stride) if p < len(batches)]
+        try:
+            prefetch(list(indices) + [i for b in nxt for i in batch_indices(b, s.batch_size, s.dataset_len)])
+        except Exception:  # a hint; load_samples reports what actually fails
+            pass
 
 
 class LoadedBatch(NamedTuple):
@@ -149,5 +197,5 @@ def build_loader(dataset: Dataset, sampler: RankBatchSampler, dataloader_kwargs:
     kwargs.setdefault("num_workers", default_num_workers(local_world_size) if len(sampler) > 1 else 0)
     if kwargs["num_workers"] > 0:
         kwargs["worker_init_fn"] = _WorkerInit(kwargs.get("worker_init_fn"))
-    return DataLoader(_IndexedDataset(dataset, bad_samples == "skip"), batch_sampler=sampler,
+    return DataLoader(_IndexedDataset(dataset, bad_samples == "skip", sampler), batch_sampler=sampler,
                       collate_fn=_Collate(collate_fn), **kwargs)

@@ -129,10 +129,10 @@ def test_flat_folder_and_glob_are_unlabeled_unless_asked(tmp_path):
 
 def test_missing_or_empty_input_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
-        ImageFiles(tmp_path / "nope")
+        ImageFiles(tmp_path / "nope")  # a local path is checked at once (a stat, not a listing)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files"):
-        ImageFiles(tmp_path / "empty")
+        len(ImageFiles(tmp_path / "empty"))  # listing is lazy: the first len() or item lists
     with pytest.raises(ValueError, match="labels"):
         ImageFiles(tmp_path, labels="bogus")
 
