@@ -29,8 +29,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from batchproc.distributed import WorkerEnv
-from batchproc.errors import CorruptCheckpointError, FingerprintMismatchError
+from batchproc.errors import CorruptCheckpointError, FingerprintMismatchError, UserCodeError
 from batchproc.faults import Faults
+from batchproc.inputs import check_inputs_fingerprint
 from batchproc.reducer import ReducerRegistry, json_safe
 from batchproc import lifecycle
 from batchproc.lifecycle import RunState
@@ -69,6 +70,7 @@ class Resumed:
     slots: Dict[str, List[Any]] = dataclasses.field(default_factory=dict)
     errors: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     skipped_samples: int = 0
+    skipped_batches: int = 0
     upload_counters: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)
     attempts: int = 0
     restarts: int = 0
@@ -101,6 +103,7 @@ def check_fingerprint(run_dir: RunDir, fingerprint: Dict[str, Any]) -> Dict[str,
                 f"run directory {run_dir.url} was started with {key}={recorded.get(key)!r}, but this job has "
                 f"{key}={fingerprint.get(key)!r}; its checkpoints cannot be resumed with other data. "
                 f"Start over with `batchproc run ... --fresh`, or use another experiment name.")
+    check_inputs_fingerprint(recorded, fingerprint, run_dir.url)
     return recorded
 
 
@@ -176,6 +179,7 @@ def open_run(run_dir: RunDir, fingerprint: Dict[str, Any], restart_count: int) -
     resumed = Resumed(
         seq=record["seq"], watermark=record["watermark"], total_batches=record["total_batches"],
         slots=slots, errors=record.get("errors", []), skipped_samples=record.get("skipped_samples", 0),
+        skipped_batches=record.get("skipped_batches", 0),
         upload_counters=record.get("upload_counters", {}), attempts=record.get("attempts", 0) + 1,
         restarts=record.get("restarts", 0) + restart_count,
         samples_done_before=record.get("committed_samples", 0), metrics=record.get("metrics", {}))
@@ -209,6 +213,7 @@ class Checkpointer:
         self.seq = resumed.seq
         self.errors = list(resumed.errors)
         self.skipped = resumed.skipped_samples
+        self.skipped_batches = resumed.skipped_batches
         self.counters = {a: dict(c) for a, c in resumed.upload_counters.items()}
         self.started = time.time()
         self.start_samples = resumed.samples_done_before
@@ -217,7 +222,12 @@ class Checkpointer:
     def commit(self, processor: Any, watermark: int, new_errors: List[Dict[str, Any]],
                state: RunState) -> None:
         # 1) the user flushes buffered outputs
-        processor.on_checkpoint_start()
+        try:
+            processor.on_checkpoint_start()
+        except Exception as e:
+            raise UserCodeError(f"{type(processor).__name__}.on_checkpoint_start() raised {type(e).__name__}: {e} "
+                                f"(rank {self.env.rank}, checkpoint {self.seq + 1}). Work committed before this "
+                                "checkpoint is kept; fix the error and run again to resume.") from e
         # 2) pending uploads finish; rank 0 gathers what every rank staged and its reducer states
         pairs = self.stager.join()
         payload = {"files": pairs, "slots": self.reducers.slot_states(), "errors": new_errors,
@@ -250,7 +260,9 @@ class Checkpointer:
         torch.save({"slots": slots}, buf)
         blob = buf.getvalue()
         new_errors = [e for p in gathered for e in p["errors"]]
-        self.skipped += len(new_errors)
+        bad_batches = sum(1 for e in new_errors if e.get("kind") == "batch")
+        self.skipped += len(new_errors) - bad_batches
+        self.skipped_batches += bad_batches
         self.errors.extend(new_errors[: max(0, MAX_ERRORS_KEPT - len(self.errors))])
         self.counters[self.attempt] = {str(r): p["uploads"] for r, p in enumerate(gathered)}
         total = self.resumed.total_batches
@@ -263,7 +275,7 @@ class Checkpointer:
             "total_batches": total, "world_size": self.env.world_size, "fingerprint": self.fingerprint,
             "states_file": states_name(seq), "states_sha256": hashlib.sha256(blob).hexdigest(),
             "publish": [list(f) for p in gathered for f in p["files"]],
-            "upload_counters": self.counters, "skipped_samples": self.skipped, "errors": self.errors,
+            "upload_counters": self.counters, "skipped_samples": self.skipped, "skipped_batches": self.skipped_batches, "errors": self.errors,
             "committed_samples": committed_samples, "metrics": self.metrics_so_far,
         }
         record["checksum"] = _checksum(record)
@@ -281,5 +293,5 @@ class Checkpointer:
             self.run_dir, state, committed_batches=watermark, total_batches=total,
             committed_samples=committed_samples, total_samples=total_samples,
             samples_per_s=(committed_samples - self.start_samples) / elapsed, metrics=self.metrics_so_far,
-            restarts=self.resumed.restarts, attempts=self.resumed.attempts, skipped_samples=self.skipped,
+            restarts=self.resumed.restarts, attempts=self.resumed.attempts, skipped_samples=self.skipped, skipped_batches=self.skipped_batches,
             world_size=self.env.world_size, attempt=self.attempt, checkpoint_seq=seq)

@@ -47,6 +47,14 @@ class WorkerEnv:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item())
 
+    def max_int(self, value: int) -> int:
+        """The largest ``value`` over the ranks: one tiny all-reduce (a flag with several levels)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.int32, device=self._coll_device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
     def gather(self, obj: Any) -> Optional[List[Any]]:
         """Gather ``obj`` from every rank to rank 0 (``None`` elsewhere)."""
         if not self.distributed:

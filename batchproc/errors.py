@@ -33,3 +33,23 @@ class TooManyBadSamplesError(BatchProcError):
 
 class UserCodeError(BatchProcError):
     """The user's processor or reducer raised; the message names the object and the batch."""
+
+
+class InputSourceMismatchError(FingerprintMismatchError):
+    """The run's inputs were frozen from another source (folder, glob, bucket) than this job's dataset."""
+
+
+class InputChangedError(BatchProcError):
+    """A file of the run's frozen inputs is gone, or its size or version changed since it was listed."""
+
+
+class TooManyBadBatchesError(BatchProcError):
+    """More batches were skipped than ``max_bad_batches`` allows."""
+
+
+class BatchTimeoutError(BatchProcError):
+    """A batch ran longer than ``batch_timeout_s``."""
+
+
+class PeerFailedError(BatchProcError):
+    """Another rank failed for good; this one stops with it (the other rank's error is the cause)."""

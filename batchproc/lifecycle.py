@@ -173,7 +173,7 @@ def exit_code_for(state: Optional[RunState], child_rc: int) -> int:
 # -- failure reports -------------------------------------------------------------------------
 
 # Errors that are consequences, not causes: a rank whose peer died sees its collective fail.
-_SECONDARY = re.compile(r"DistBackendError|DistNetworkError|DistStoreError|Connection closed by peer|"
+_SECONDARY = re.compile(r"PeerFailedError|DistBackendError|DistNetworkError|DistStoreError|Connection closed by peer|"
                         r"Connection reset by peer|gloo|NCCL|Broken pipe|KeyboardInterrupt|timed out",
                         re.IGNORECASE)
 

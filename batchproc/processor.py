@@ -50,6 +50,7 @@ class TorchBatchProcessorContext:
         self._run_dir: RunDir = stager.run_dir
         self._model_sources: List[Dict[str, Any]] = []
         self._model_registry_noted = False
+        self._batch_buffers: List[Any] = []
 
     # -- placement --------------------------------------------------------------------------
 
@@ -194,6 +195,21 @@ class TorchBatchProcessorContext:
 
     def get_tensorboard_path(self) -> pathlib.Path:
         return self._tb_path
+
+    # -- batch boundaries, for buffers that must not keep half of a failed batch ------------------
+
+    def _watch_batches(self, buffer: Any) -> None:
+        """``buffer`` (a :class:`batchproc.writers.RowWriter`) hears when a batch starts
+        (``_batch_started``) and when its work is dropped (``_batch_dropped``: it raised)."""
+        self._batch_buffers.append(buffer)
+
+    def _begin_batch(self) -> None:
+        for buffer in self._batch_buffers:
+            buffer._batch_started()
+
+    def _drop_batch(self) -> None:
+        for buffer in self._batch_buffers:
+            buffer._batch_dropped()
 
     def _close(self) -> None:
         if self._tb_writer:

@@ -18,8 +18,12 @@ from torch.utils.data import Dataset
 
 from batchproc import checkpoint, sharding
 from batchproc.distributed import WorkerEnv, init_worker
-from batchproc.errors import TooManyBadSamplesError, UserCodeError
+from batchproc import verdict
+from batchproc.batch_faults import BAD_BATCH_POLICIES, BatchRunner, Watchdog
+from batchproc.errors import (BatchTimeoutError, PeerFailedError, TooManyBadBatchesError, TooManyBadSamplesError,
+                              UserCodeError)
 from batchproc.faults import Faults
+from batchproc.inputs import freeze_inputs
 from batchproc.loader import build_loader, check_dataloader_kwargs
 from batchproc.prefetch import DevicePrefetcher, device_prefetch_enabled
 from batchproc.progress import Progress
@@ -32,6 +36,23 @@ from batchproc.lifecycle import RunState
 from batchproc.report import METRICS_FILE, write_metrics
 from batchproc.settings import PREEMPTION_SIGNALS, RunSettings
 from batchproc.storage import STAGING, RunDir, RunLock, Stager, acquire_run_lock
+
+#: What the ranks agree on at each step (the largest wins).
+_GO, _STOP, _FAIL = 0, 1, 2
+DETERMINISTIC = verdict.DETERMINISTIC
+
+
+def _user_call(fn: Any, what: str, *args: Any) -> Any:
+    """Call the user's code; its exception becomes a :class:`UserCodeError` naming it."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        owner = getattr(fn, "__qualname__", getattr(fn, "__name__", repr(fn)))
+        if what == "__init__":
+            owner = f"{getattr(fn, '__name__', fn)}.__init__"
+        raise UserCodeError(f"{owner}() raised {type(e).__name__}: {e}. Fix the error and run again; "
+                            "committed work is kept.") from e
+
 
 #: The attempt tag of files written during on_finish: the same on every run of it (see _Job._finish).
 FINISH_TAG = "ffffffff"
@@ -66,6 +87,9 @@ def torch_batch_process(
     storage_options: Optional[Dict[str, Any]] = None,
     bad_samples: str = "raise",
     max_bad_samples: Optional[int] = None,
+    bad_batches: str = "raise",
+    max_bad_batches: Optional[int] = None,
+    batch_timeout_s: Optional[float] = None,
 ) -> BatchProcessResult:
     """Run ``batch_processor_cls`` over ``dataset`` on every rank, checkpointed and resumable.
 
@@ -96,11 +120,18 @@ def torch_batch_process(
         storage_options: fsspec options for ``storage``.
         bad_samples: ``"raise"`` (fail naming the sample) or ``"skip"`` (drop and record it).
         max_bad_samples: with ``"skip"``, fail once more samples than this were skipped.
+        bad_batches: ``"raise"`` (fail naming the batch) or ``"skip"`` (record a batch whose
+            ``process_batch`` raised in ``errors.jsonl`` and go on). Either way a batch that runs
+            out of memory is split in halves and retried first (see :mod:`batchproc.batch_faults`).
+        max_bad_batches: with ``"skip"``, fail once more batches than this were skipped.
+        batch_timeout_s: a rank whose batch runs longer dumps its threads' stacks and fails the
+            job at once (off by default).
     """
     loader_kwargs = check_dataloader_kwargs(dataloader_kwargs, batch_size is not None)
     if batch_size is None:
         batch_size = loader_kwargs.pop("batch_size", DEFAULT_BATCH_SIZE)
     max_batches = _check_arguments(dataset, batch_size, checkpoint_interval, max_batches, bad_samples)
+    _check_batch_policy(bad_batches, max_bad_batches, batch_timeout_s)
     settings = RunSettings.from_env()
     env = init_worker(settings.pg_timeout_s)
     run_dir = RunDir(*_resolve_storage(storage, storage_options, settings))
@@ -111,10 +142,15 @@ def torch_batch_process(
         if env.is_chief and not settings.lock_held:
             lock = acquire_run_lock(run_dir, holder=f"{' '.join(sys.argv)}")
         job = _Job(env, run_dir, settings, dataset, batch_processor_cls, batch_size,
-                   checkpoint_interval, max_batches, loader_kwargs, bad_samples, max_bad_samples)
+                   checkpoint_interval, max_batches, loader_kwargs, bad_samples, max_bad_samples,
+                   _BatchPolicy(bad_batches, max_bad_batches, batch_timeout_s))
         return job.run()
     except BaseException as e:
+        if isinstance(e, SystemExit) and e.code == 0:
+            raise  # a clean exit after a verdict (batchproc.verdict): recorded already
+        phase = job.phase if job is not None else "before the first batch"
         _record_failure(run_dir, e, env, job)
+        verdict.handle(e, env.rank, phase)  # leaves cleanly when a restart could not help
         raise
     finally:
         if lock is not None:
@@ -160,6 +196,22 @@ def _check_arguments(dataset: Any, batch_size: Any, interval: Any, max_batches: 
     return max_batches
 
 
+def _check_batch_policy(bad_batches: str, max_bad_batches: Optional[int], timeout_s: Optional[float]) -> None:
+    if bad_batches not in BAD_BATCH_POLICIES:
+        raise ValueError(f"bad_batches must be 'raise' or 'skip', got {bad_batches!r}")
+    if max_bad_batches is not None and (not isinstance(max_bad_batches, int) or max_bad_batches < 0):
+        raise ValueError(f"max_bad_batches must be a non-negative int or None, got {max_bad_batches!r}")
+    if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or timeout_s <= 0):
+        raise ValueError(f"batch_timeout_s must be a positive number of seconds or None, got {timeout_s!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _BatchPolicy:
+    on_error: str = "raise"
+    max_bad: Optional[int] = None
+    timeout_s: Optional[float] = None
+
+
 def _check_distributed_context(context: Any, env: WorkerEnv) -> None:
     if context is None:
         return
@@ -191,11 +243,12 @@ class _Job:
     def __init__(self, env: WorkerEnv, run_dir: RunDir, settings: RunSettings, dataset: Dataset,
                  processor_cls: Type[TorchBatchProcessor], batch_size: int, interval: int,
                  max_batches: Optional[int], loader_kwargs: Dict[str, Any], bad_samples: str,
-                 max_bad_samples: Optional[int]) -> None:
+                 max_bad_samples: Optional[int], batches: _BatchPolicy = _BatchPolicy()) -> None:
         self.env, self.run_dir, self.settings = env, run_dir, settings
         self.dataset, self.processor_cls = dataset, processor_cls
         self.batch_size, self.interval, self.max_batches = batch_size, interval, max_batches
         self.loader_kwargs, self.bad_samples, self.max_bad_samples = loader_kwargs, bad_samples, max_bad_samples
+        self.batches = batches
         self.faults = Faults(env.rank)
         self.phase = "before the first batch"  #: where a failure happened, for its report
         self.attempt: Optional[str] = None
@@ -203,11 +256,13 @@ class _Job:
 
     def _open(self) -> "tuple[checkpoint.Resumed, Dict[str, Any], str]":
         """Rank 0 reads the resume point; every rank receives it (or rank 0's error)."""
+        frozen = freeze_inputs(self.dataset, self.run_dir, self.env)  # first: len() must not list the source
         n = len(self.dataset)  # type: ignore[arg-type]
         if self.loader_kwargs.get("drop_last"):
             n -= n % self.batch_size  # as a DataLoader with drop_last=True would: the tail is not processed
         fingerprint = {"dataset_len": n, "batch_size": self.batch_size, "max_batches": self.max_batches,
                        "total_batches": sharding.num_batches(n, self.batch_size, self.max_batches, self.env.world_size)}
+        fingerprint.update(frozen)
         opened: Any = None
         if self.env.is_chief:
             try:
@@ -243,7 +298,7 @@ class _Job:
         context = TorchBatchProcessorContext(env, stager, reducers, self.settings.hparams, tb_path, self.run_dir.url)
         self.context, self.tb_mirror = context, tb_mirror
         try:
-            processor = self.processor_cls(context)
+            processor = _user_call(self.processor_cls, "__init__", context)
             if resumed.all_committed:
                 # Every batch was committed and on_finish did not complete: run only on_finish.
                 metrics = env.broadcast(resumed.metrics if env.is_chief else None)
@@ -273,16 +328,23 @@ class _Job:
                  ckpt: checkpoint.Checkpointer, resumed: checkpoint.Resumed,
                  fingerprint: Dict[str, Any]) -> "tuple[int, bool, Optional[str]]":
         """The batches, checkpointed; ends with the final commit unless stopped. Returns
-        (steps run, preempted, why it was stopped)."""
+        (steps run, preempted, why it was stopped).
+
+        One all-reduce per step agrees on what comes next: go on, stop (a preemption request), or
+        fail (a rank met an error that a restart would meet again: every rank leaves together).
+        """
         env = self.env
         G, total, W = resumed.watermark, resumed.total_batches, env.world_size
         steps = sharding.steps_per_rank(G, total, W)
         sampler = sharding.RankBatchSampler(fingerprint["dataset_len"], self.batch_size, total, G, W, env.rank)
         loader = build_loader(self.dataset, sampler, self.loader_kwargs, self.bad_samples, env.device,
                               env.local_world_size)
+        watchdog = Watchdog(self.batches.timeout_s, self._batch_timed_out) if self.batches.timeout_s else None
+        runner = BatchRunner(processor, context, env.rank, W, self.batches.on_error,
+                             splittable=self.loader_kwargs.get("collate_fn") is None, watchdog=watchdog)
         batches: Any = None
         new_errors: List[Dict[str, Any]] = []
-        skipped_total = resumed.skipped_samples
+        skipped = {"samples": resumed.skipped_samples, "batches": resumed.skipped_batches}
         step = 0
         progress = Progress(env.is_chief, G, total, self.batch_size, fingerprint["dataset_len"])
         try:
@@ -298,25 +360,23 @@ class _Job:
                 items = self._with_device_copies(batches)
                 for step in range(steps):
                     g = sharding.global_batch(G, W, env.rank, step)
-                    if g < total:
-                        self.phase = f"loading global batch {g}"
-                        loaded, context._device_copies = next(items)
-                        if loaded.bad:
-                            records = loaded.bad_records()
-                            new_errors.extend(records)
-                            skipped_total += len(records)
-                            self._check_bad_budget(skipped_total)
-                        if loaded.batch is not None:
-                            context.global_batch_idx, context.batch_indices = g, loaded.indices
-                            self.phase = f"in global batch {g}"
-                            self._process_batch(processor, loaded.batch, g)
+                    failure: Optional[BaseException] = None
+                    try:
+                        if g < total:
+                            self._step(items, context, runner, g, new_errors, skipped)
+                    except DETERMINISTIC as e:
+                        failure = e
                     if self.faults.fires("stop", step):
                         watcher.request("fault hook")
                     self.faults.maybe_kill("kill", step)
                     progress.advance(G + step * W, G + (step + 1) * W)
                     done = step + 1
                     last = done == steps
-                    stop = False if last else watcher.should_stop()
+                    agreed = env.max_int(_FAIL if failure else _STOP if watcher.requested and not last else _GO)
+                    if agreed == _FAIL:
+                        raise failure or PeerFailedError(
+                            f"rank {env.rank} stops: another rank failed in step {step} (its error is the cause)")
+                    stop = agreed == _STOP
                     if last or stop or done % self.interval == 0:
                         state = RunState.FINISHING if last else RunState.PREEMPTED if stop else RunState.RUNNING
                         self.phase = "in the final checkpoint" if last else f"in the checkpoint after step {done}"
@@ -331,6 +391,51 @@ class _Job:
             # Shut loader workers down now: left to the garbage collector, each waits 5 s.
             getattr(batches, "_shutdown_workers", lambda: None)()
             progress.close()
+            if watchdog is not None:
+                watchdog.close()
+
+    def _step(self, items: Any, context: TorchBatchProcessorContext, runner: BatchRunner, g: int,
+              new_errors: List[Dict[str, Any]], skipped: Dict[str, int]) -> None:
+        """Load global batch ``g`` and process it under the sample and batch policies."""
+        self.phase = f"loading global batch {g}"
+        loaded, context._device_copies = next(items)
+        if loaded.bad:
+            records = loaded.bad_records()
+            new_errors.extend(records)
+            skipped["samples"] += len(records)
+            self._check_bad_budget(skipped["samples"])
+        if loaded.batch is not None:
+            self.phase = f"in global batch {g}"
+            runner.run(loaded.batch, loaded.indices, g)
+            records = runner.take_records()
+            if records:
+                new_errors.extend(records)
+                skipped["batches"] += len(records)
+                self._check_bad_batches(skipped["batches"])
+
+    def _check_bad_batches(self, skipped: int) -> None:
+        if self.batches.max_bad is not None and skipped > self.batches.max_bad:
+            raise TooManyBadBatchesError(
+                f"{skipped} batches failed in process_batch, more than max_bad_batches={self.batches.max_bad}; "
+                f"see {self.run_dir.url}/errors.jsonl for those committed so far and the log for the others. "
+                "Fix the cause or raise the bound.")
+
+    def _batch_timed_out(self, g: int, timeout_s: float) -> None:
+        """On the watchdog's thread: record the stuck batch, then end this process at once."""
+        error = BatchTimeoutError(
+            f"rank {self.env.rank}: global batch {g} ran longer than batch_timeout_s={timeout_s:g}; every "
+            "thread's stack is in this rank's log. Committed work is kept.")
+        phase = f"stuck in global batch {g}"
+        try:
+            failure = lifecycle.report_failure(self.run_dir, error, self.env.rank, phase, self.attempt)
+            if self.env.is_chief:
+                lifecycle.record_failure(self.run_dir, failure)
+        except Exception:  # the verdict and the log say it too
+            pass
+        print(f"batchproc: {error}", file=sys.stderr, flush=True)
+        # Exit code 0 under a supervisor (it reads the verdict; torchrun must not restart a stuck
+        # batch), else 1. os._exit: the main thread is stuck, and no cleanup may wait for it.
+        os._exit(0 if verdict.write(f"BatchTimeoutError: {error}", self.env.rank, phase) else 1)
 
     def _finish(self, processor: TorchBatchProcessor, context: TorchBatchProcessorContext, total: int,
                 metrics: Dict[str, Any], steps: int) -> BatchProcessResult:
@@ -353,7 +458,7 @@ class _Job:
         self.phase = "in on_finish"
         try:
             self.faults.maybe_kill("kill-in-finish")
-            processor.on_finish()
+            _user_call(processor.on_finish, "on_finish")
             for staged, final in finish_stager.join():
                 self.run_dir.move(staged, final)
         finally:
@@ -371,16 +476,6 @@ class _Job:
         if not device_prefetch_enabled(self.env.device):
             return ((loaded, {}) for loaded in batches)
         return DevicePrefetcher(batches, self.env.device, batch_of=lambda loaded: loaded.batch)
-
-    def _process_batch(self, processor: TorchBatchProcessor, batch: Any, g: int) -> None:
-        try:
-            processor.process_batch(batch, g // self.env.world_size)
-        except Exception as e:
-            indices = self._describe_indices(self.context.batch_indices)
-            raise UserCodeError(
-                f"{type(processor).__name__}.process_batch() raised {type(e).__name__}: {e} "
-                f"(rank {self.env.rank}, global batch {g}, dataset indices {indices}). "
-                f"Work committed before this batch is kept; fix the error and run again to resume.") from e
 
     def _describe_indices(self, indices: List[int]) -> str:
         if indices and indices == list(range(indices[0], indices[-1] + 1)):

@@ -32,6 +32,10 @@ ENV_PROGRESS = "BATCHPROC_PROGRESS"
 ENV_DEVICE_PREFETCH = "BATCHPROC_DEVICE_PREFETCH"
 #: Test-only fault injection (see ``batchproc.faults``); never set in production.
 ENV_FAULT = "BATCHPROC_FAULT"
+#: Set by the supervisor (batchproc.supervisor.supervise): a folder where a rank that failed for a
+#: reason a restart cannot fix (an error in user code, bad data, a stuck batch) leaves its verdict
+#: before exiting cleanly, so that torchrun does not replay the failure (see batchproc.verdict).
+ENV_VERDICT_DIR = "BATCHPROC_VERDICT_DIR"
 #: Set by torchrun in each worker: how many times its agent restarted the worker group.
 ENV_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
 

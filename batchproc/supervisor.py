@@ -16,14 +16,16 @@ import contextlib
 import dataclasses
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from batchproc import settings as _settings
-from batchproc import lifecycle
+from batchproc import lifecycle, verdict
 from batchproc.lifecycle import ExitCode, RunState
 from batchproc.settings import FORWARDED_SIGNALS, RunSettings
 
@@ -291,13 +293,27 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
         env = child_env(settings)
         for key, value in (env_defaults or {}).items():
             env.setdefault(key, value)
+        verdicts = tempfile.mkdtemp(prefix="batchproc-verdicts-")
+        env[_settings.ENV_VERDICT_DIR] = verdicts  # ours, even under an outer supervisor: we read it
         before, since = status_stamp(run_dir), time.time()
         try:
-            child_rc = run_child(cmd, env, signals)
-        except OSError as e:
-            print(f"{name}: error: cannot start {shlex.join(cmd)!r}: {e}", file=sys.stderr)
-            return ExitCode.NOT_FOUND
-        return resolve_exit_code(child_rc, run_dir, before, signals.forwarded, since)
+            try:
+                child_rc = run_child(cmd, env, signals)
+            except OSError as e:
+                print(f"{name}: error: cannot start {shlex.join(cmd)!r}: {e}", file=sys.stderr)
+                return ExitCode.NOT_FOUND
+            found = verdict.read(verdicts)
+            if found:
+                # A rank failed for good and every worker left cleanly so that torchrun would not
+                # replay it: the run failed, whatever torchrun's own code says.
+                child_rc = child_rc or ExitCode.FAILED
+                if run_dir is None:
+                    first = found[0]
+                    print(f"{name}: failed: {first['error']} (rank {first['rank']}, {first['phase']})",
+                          file=sys.stderr)
+            return resolve_exit_code(child_rc, run_dir, before, signals.forwarded, since)
+        finally:
+            shutil.rmtree(verdicts, ignore_errors=True)
     finally:
         if lock is not None:
             lock.release()

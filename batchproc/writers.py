@@ -37,6 +37,17 @@ class RowWriter:
         self.name = name
         self.format = format
         self._rows: List[Dict[str, Any]] = []
+        self._batch_start = 0  # rows buffered before the current batch: kept if the batch raises
+        watch = getattr(context, "_watch_batches", None)
+        if callable(watch):
+            watch(self)
+
+    def _batch_started(self) -> None:
+        self._batch_start = len(self._rows)
+
+    def _batch_dropped(self) -> None:
+        """The current batch raised (it is skipped, or split and retried): forget its rows."""
+        del self._rows[self._batch_start:]
 
     def add(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Buffer ``rows`` until the next :meth:`flush`."""
@@ -57,6 +68,7 @@ class RowWriter:
         if not self._rows:
             return 0
         rows, self._rows = self._rows, []
+        self._batch_start = 0
         with self.context.upload_path() as folder:
             target = folder / f"{self.name}{FORMATS[self.format]}"
             if self.format == "parquet":

@@ -160,7 +160,7 @@ def run_example(bs: int, nw: Optional[int]) -> int:
     if ARGS.contiguous:  # the example without channels_last, to show what that layout is worth
         model = dataclasses.replace(model, channels_last=False)
     ds = ImageFiles(ARGS.data, transform=model.preprocess)
-    setup = ci.Setup(model, ds.classes, ci.label_map(ds.classes, model.classes), "parquet")
+    setup = ci.Setup(model, ds, "parquet")
     kwargs = {} if nw is None else {"num_workers": nw}
     result = torch_batch_process(ci.make_processor(setup), ds, batch_size=bs, checkpoint_interval=ARGS.interval,
                                  max_batches=ARGS.max_batches, dataloader_kwargs=kwargs, storage=ARGS.storage)

@@ -70,6 +70,8 @@ OPTIONS: Dict[str, tuple] = {
     "format": (str, "parquet", "parquet or jsonl"),
     "bad_samples": (str, "raise", "raise, or skip (undecodable images are recorded in errors.jsonl)"),
     "max_bad_samples": (_opt_int, None, "with skip: fail once more images than this were skipped"),
+    "bad_batches": (str, "raise", "raise, or skip (a batch the model fails on is recorded in errors.jsonl)"),
+    "max_bad_batches": (_opt_int, None, "with skip: fail once more batches than this were skipped"),
     "storage": (str, None, "run directory (path or fsspec URL); default from batchproc run, else ./runs/classify_images"),
 }
 
@@ -205,9 +207,12 @@ class TopKAccuracy(MetricReducer):
 @dataclasses.dataclass
 class Setup:
     model: Model
-    dataset_classes: List[str]
-    to_model_label: List[int]
+    dataset: Any  # read only once torch_batch_process has frozen its inputs (its classes, in the processor)
     format: str
+
+    @property
+    def dataset_classes(self) -> List[str]:
+        return list(getattr(self.dataset, "classes", []))
 
 
 class ClassifyProcessor(TorchBatchProcessor):
@@ -220,7 +225,9 @@ class ClassifyProcessor(TorchBatchProcessor):
         s = self.setup
         self.model = context.prepare_model_for_inference(s.model.build(), channels_last=s.model.channels_last)
         self.classes = s.model.classes
-        self.to_model_label = torch.tensor(s.to_model_label + [UNKNOWN_LABEL], dtype=torch.long)
+        self.dataset_classes = s.dataset_classes
+        to_model_label = label_map(s.dataset_classes, s.model.classes)
+        self.to_model_label = torch.tensor(to_model_label + [UNKNOWN_LABEL], dtype=torch.long)
         self.accuracy, self.top5_accuracy = TopKAccuracy(1), TopKAccuracy(TOP_K)
         context.wrap_reducer(self.accuracy, "accuracy")
         context.wrap_reducer(self.top5_accuracy, "top5_accuracy")
@@ -245,7 +252,7 @@ class ClassifyProcessor(TorchBatchProcessor):
                 "pred": ids[0], "pred_name": names(ids[0]), "prob": ps[0],
                 "top5": ids, "top5_names": [names(i) for i in ids], "top5_probs": ps,
                 "label": int(labels[j]),
-                "label_name": self.setup.dataset_classes[ds_label] if ds_label >= 0 else None,
+                "label_name": self.dataset_classes[ds_label] if ds_label >= 0 else None,
             })
 
     def _name(self, i: int) -> str:
@@ -274,8 +281,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     data = opts["data"] or ensure_digits_folder("data")  # every rank may call it: it locks
     dataset = ImageFiles(data, transform=model.preprocess, storage_options=opts["data_storage_options"],
                           labels=opts["labels"])
-    setup = Setup(model, dataset.classes, label_map(dataset.classes, model.classes), opts["format"])
-    log(f"classifying {len(dataset)} images from {data} with {model.description}")
+    setup = Setup(model, dataset, opts["format"])
+    # No len(dataset) here: the files are listed once per run, inside torch_batch_process (batchproc.inputs).
+    log(f"classifying the images of {data} with {model.description}")
     loader_kwargs: Dict[str, Any] = {}
     if opts["num_workers"] is not None:
         loader_kwargs["num_workers"] = opts["num_workers"]
@@ -283,7 +291,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         make_processor(setup), dataset, batch_size=opts["batch_size"],
         checkpoint_interval=opts["checkpoint_interval"], max_batches=opts["max_batches"],
         dataloader_kwargs=loader_kwargs, storage=opts["storage"], bad_samples=opts["bad_samples"],
-        max_bad_samples=opts["max_bad_samples"])
+        max_bad_samples=opts["max_bad_samples"], bad_batches=opts["bad_batches"],
+        max_bad_batches=opts["max_bad_batches"])
     if result.preempted:
         log(f"preempted after {result.steps_completed}/{result.total_batches} batches; progress is saved "
             f"in {result.run_dir}: run the same command again to resume")

@@ -245,7 +245,8 @@ def test_signatures_match_determined() -> None:
     # Our additions are keyword-only, after Determined's parameters.
     extra = [p for p in inspect.signature(torch_batch_process).parameters.values()
              if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    assert [p.name for p in extra] == ["storage", "storage_options", "bad_samples", "max_bad_samples"]
+    assert [p.name for p in extra] == ["storage", "storage_options", "bad_samples", "max_bad_samples",
+                                      "bad_batches", "max_bad_batches", "batch_timeout_s"]
 
 
 def test_context_members_behave_as_determined(tmp_path: Path) -> None:

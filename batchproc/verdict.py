@@ -1,0 +1,92 @@
+"""Failures a restart cannot fix end the run at the first attempt, without torchrun replaying them.
+
+torchrun restarts the workers whenever one exits non-zero. That is right for a SIGKILLed worker, a
+lost node or a collective timeout, and wrong for an exception in the user's code, bad data past its
+budget, or a stuck batch: every restart redoes the work since the last checkpoint and meets the
+same failure again. Under a supervisor (``batchproc run`` or the launcher, which set
+``BATCHPROC_VERDICT_DIR``), a rank that fails that way writes a verdict there and exits 0, as a
+cooperative stop does; its peers, whose collectives break when it leaves, find the verdict and exit
+0 too. torchrun then ends without restarting, and the supervisor turns the verdict into the failed
+exit code. Without a supervisor the error is raised as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any, Dict, List, Optional
+
+from batchproc.errors import (BadSampleError, BatchTimeoutError, FingerprintMismatchError, InputChangedError,
+                              PeerFailedError, TooManyBadBatchesError, TooManyBadSamplesError, UserCodeError)
+from batchproc.settings import ENV_VERDICT_DIR
+
+#: Errors that the same inputs and code would raise again on a restart.
+DETERMINISTIC = (UserCodeError, BadSampleError, TooManyBadSamplesError, TooManyBadBatchesError,
+                 FingerprintMismatchError, InputChangedError, BatchTimeoutError, PeerFailedError)
+
+
+def verdict_dir(environ: Optional[Dict[str, str]] = None) -> Optional[str]:
+    env = os.environ if environ is None else environ
+    return env.get(ENV_VERDICT_DIR) or None
+
+
+def is_deterministic(error: BaseException) -> bool:
+    return isinstance(error, DETERMINISTIC)
+
+
+def write(error: str, rank: int, phase: str, folder: Optional[str] = None) -> bool:
+    """Leave this rank's verdict for the supervisor; False without one (nobody would read it)."""
+    folder = folder or verdict_dir()
+    if folder is None:
+        return False
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"r{rank}-p{os.getpid()}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"error": error, "rank": rank, "phase": phase, "time": time.time()}, f)
+    os.replace(path + ".tmp", path)
+    return True
+
+
+def read(folder: Optional[str]) -> List[Dict[str, Any]]:
+    """The verdicts left in ``folder``, earliest first."""
+    if not folder or not os.path.isdir(folder):
+        return []
+    found = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    found.append(json.load(f))
+            except (OSError, ValueError):
+                continue
+    return sorted(found, key=lambda v: v.get("time", 0))
+
+
+def peer_failed() -> bool:
+    """Whether another rank of this job left a verdict (our collective broke because it left)."""
+    return bool(read(verdict_dir()))
+
+
+def exit_cleanly(error: BaseException, rank: int, phase: str) -> None:
+    """Print the error as Python would, then leave with code 0 (see the module docstring)."""
+    traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+    print(f"batchproc: rank {rank} failed {phase}; a restart would fail the same way, so this worker "
+          "exits without asking torchrun for one", file=sys.stderr, flush=True)
+    raise SystemExit(0)
+
+
+def handle(error: BaseException, rank: int, phase: str) -> None:
+    """In ``torch_batch_process``'s error path: leave cleanly if the failure is one a restart cannot
+    fix (ours or a peer's) and a supervisor reads verdicts; otherwise return, and the caller raises."""
+    if verdict_dir() is None or isinstance(error, SystemExit):
+        return
+    if is_deterministic(error):
+        if write(f"{type(error).__name__}: {error}"[:2000], rank, phase):
+            exit_cleanly(error, rank, phase)
+    elif peer_failed():
+        print(f"batchproc: rank {rank}: {type(error).__name__} after a peer failed for good; exiting cleanly",
+              file=sys.stderr, flush=True)
+        raise SystemExit(0)

@@ -1,0 +1,160 @@
+"""One failing batch does not stop the job (bad_batches="skip"), out-of-memory batches are split,
+deterministic errors end the run at the first attempt, and a stuck batch fails the job promptly.
+Multi-process cases run through ``batchproc run`` (our launcher, torchrun, gloo on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Set
+
+import pytest
+import torch
+
+from batchproc.batch_faults import batch_size_of, take
+from batchproc.lifecycle import ExitCode
+from tests.support import PY, Procs, shared_fs, write_config
+
+N, BS, INTERVAL = 30, 3, 2  # 10 global batches, 5 per rank on 2 ranks
+
+
+def _config(tmp_path: Path, max_restarts: int = 0, slots: int = 2) -> Path:
+    return write_config(tmp_path / "exp.yaml", [N, BS, INTERVAL], shared_fs(tmp_path / "runs"), name="faulty",
+                        script="tests/scripts/faulty_job.py", max_restarts=max_restarts, slots=slots)
+
+
+def _run(procs: Procs, config: Path, env: Dict[str, str], timeout: float = 150) -> Any:
+    return procs.run([PY, "-m", "batchproc", "run", str(config)], env, timeout=timeout)
+
+
+def _run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "runs" / "faulty"
+
+
+def _indices(run_dir: Path) -> List[int]:
+    rows = [json.loads(line) for f in sorted((run_dir / "outputs").rglob("*.jsonl")) for line in f.read_text().splitlines()]
+    assert all(r["y"] == r["index"] ** 2 for r in rows)
+    return sorted(r["index"] for r in rows)
+
+
+def _errors(run_dir: Path) -> List[Dict[str, Any]]:
+    path = run_dir / "errors.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _batch(g: int) -> Set[int]:
+    return set(range(g * BS, min(N, (g + 1) * BS)))
+
+
+# -- splitting what the default collate function makes ------------------------------------------
+
+
+def test_split_default_collated_batches() -> None:
+    batch = {"x": torch.arange(6), "pair": (torch.zeros(6, 2), ["a", "b", "c", "d", "e", "f"]), "n": [1, 2, 3, 4, 5, 6]}
+    assert batch_size_of(batch) == 6
+    half = take(batch, 3, 6)
+    assert half["x"].tolist() == [3, 4, 5] and half["pair"][1] == ["d", "e", "f"] and half["n"] == [4, 5, 6]
+    assert half["pair"][0].shape == (3, 2)
+    assert batch_size_of({"x": torch.arange(4), "y": torch.arange(5)}) is None  # not a collated batch
+    assert batch_size_of(object()) is None
+
+
+# -- bad_batches="skip" ------------------------------------------------------------------------
+
+
+def test_skipped_batches_are_recorded_once_across_a_preemption(tmp_path: Path, procs: Procs) -> None:
+    """Batches 3 and 6 raise after buffering their rows; a preemption after step 2 and a resume in
+    between: every other sample is output exactly once, each failed batch is in errors.jsonl once
+    with its indices, error and traceback, and none of its rows is published."""
+    config = _config(tmp_path)
+    env = {"FAULTY_RAISE": "3,6", "FAULTY_POLICY": "skip"}
+    first = _run(procs, config, dict(env, BATCHPROC_FAULT="stop@step=2"))
+    assert first.rc == ExitCode.PREEMPTED, first.out
+    second = _run(procs, config, env)
+    assert second.rc == ExitCode.COMPLETED, second.out
+    run_dir = _run_dir(tmp_path)
+    assert _indices(run_dir) == sorted(set(range(N)) - _batch(3) - _batch(6))
+    errors = _errors(run_dir)
+    assert sorted(e["global_batch"] for e in errors) == [3, 6]
+    for e in errors:
+        assert e["kind"] == "batch" and set(e["indices"]) == _batch(e["global_batch"])
+        assert e["error"] == f"ValueError: cannot process batch {e['global_batch']}"
+        assert "Traceback" in e["traceback"] and "faulty_job.py" in e["traceback"]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["skipped_batches"] == 2 and status["metrics"]["processed"] == N - 6
+    shown = procs.run([PY, "-m", "batchproc", "status", str(run_dir)], {}, timeout=60)
+    assert "skipped batches: 2" in shown.out
+
+
+def test_too_many_bad_batches_fails_naming_the_count_and_the_records(tmp_path: Path, procs: Procs) -> None:
+    done = _run(procs, _config(tmp_path, max_restarts=3), {"FAULTY_RAISE": "1,2,4", "FAULTY_POLICY": "skip",
+                                                            "FAULTY_MAX_BAD": "1"})
+    assert done.rc == ExitCode.FAILED, done.out
+    assert "more than max_bad_batches=1" in done.out and "errors.jsonl" in done.out
+    assert done.out.count("WORKER rank=0") == 1, "a deterministic failure must not be restarted"
+
+
+# -- out of memory -------------------------------------------------------------------------------
+
+
+def test_out_of_memory_batches_are_split_down_to_one_sample(tmp_path: Path, procs: Procs) -> None:
+    """Batches of more than one sample 'run out of memory': each is split until it fits, over a
+    preemption and resume; sample 13 fails even alone and is recorded under skip."""
+    config = _config(tmp_path)
+    env = {"FAULTY_OOM_ABOVE": "1", "FAULTY_OOM_ALONE": "13", "FAULTY_POLICY": "skip",
+           "FAULTY_CALLS": str(tmp_path / "calls")}
+    first = _run(procs, config, dict(env, BATCHPROC_FAULT="stop@step=1"))
+    assert first.rc == ExitCode.PREEMPTED, first.out
+    second = _run(procs, config, env)
+    assert second.rc == ExitCode.COMPLETED, second.out
+    run_dir = _run_dir(tmp_path)
+    assert _indices(run_dir) == sorted(set(range(N)) - {13})
+    (error,) = _errors(run_dir)
+    assert (error["global_batch"], error["indices"]) == (4, [13]) and error["error"].startswith("OutOfMemoryError")
+    assert "out of memory in global batch 4 with 3 samples (12..14); retrying as 1 + 2" in first.out + second.out
+    calls = [json.loads(line) for f in (tmp_path / "calls").glob("*.log") for line in f.read_text().splitlines()]
+    assert {tuple(c["indices"]) for c in calls if len(c["indices"]) == 1} >= {(i,) for i in range(N)}
+    assert json.loads((run_dir / "metrics.json").read_text()) == {"processed": N - 1}
+
+
+def test_out_of_memory_of_one_sample_under_raise_fails_naming_it(tmp_path: Path, procs: Procs) -> None:
+    done = _run(procs, _config(tmp_path, slots=1), {"FAULTY_OOM_ABOVE": "1", "FAULTY_OOM_ALONE": "13"})
+    assert done.rc == ExitCode.FAILED, done.out
+    assert "global batch 4, dataset indices 13..13" in done.out and "OutOfMemoryError" in done.out
+
+
+# -- no restart loops ------------------------------------------------------------------------------
+
+
+def test_a_raising_batch_fails_at_the_first_attempt(tmp_path: Path, procs: Procs) -> None:
+    done = _run(procs, _config(tmp_path, max_restarts=3), {"FAULTY_RAISE": "5"})
+    assert done.rc == ExitCode.FAILED, done.out
+    assert done.out.count("WORKER rank=0") == 1 and done.out.count("WORKER rank=1") == 1, done.out
+    last = done.out.strip().splitlines()[-2:]
+    assert "ValueError: cannot process batch 5" in last[0] and "(rank 1, in global batch 5)" in last[0], last
+    status = json.loads((_run_dir(tmp_path) / "status.json").read_text())
+    assert status["state"] == "failed" and status["failed_rank"] == 1 and status["phase"] == "in global batch 5"
+
+
+def test_a_killed_worker_is_still_restarted_and_completes(tmp_path: Path, procs: Procs) -> None:
+    done = _run(procs, _config(tmp_path, max_restarts=1), {"BATCHPROC_FAULT": "kill@rank=1@step=2"})
+    assert done.rc == ExitCode.COMPLETED, done.out
+    assert done.out.count("WORKER rank=1") == 2  # restarted once
+    assert _indices(_run_dir(tmp_path)) == list(range(N))
+
+
+# -- a stuck batch ---------------------------------------------------------------------------------
+
+
+def test_a_stuck_batch_fails_the_job_promptly(tmp_path: Path, procs: Procs) -> None:
+    started = time.monotonic()
+    done = _run(procs, _config(tmp_path, max_restarts=2), {"FAULTY_SLEEP_AT": "1:5:300", "FAULTY_TIMEOUT": "3"},
+                timeout=120)
+    elapsed = time.monotonic() - started
+    assert done.rc == ExitCode.FAILED, done.out
+    assert elapsed < 60, f"took {elapsed:.0f}s: it waited for a timeout other than batch_timeout_s"
+    assert "Thread 0x" in done.out and "most recent call first" in done.out  # faulthandler's dump
+    assert done.out.count("WORKER rank=1") == 1  # not restarted
+    last = done.out.strip().splitlines()[-2]
+    assert "BatchTimeoutError" in last and "global batch 5" in last and "rank 1" in last, last
