@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[examples,s3,test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[examples,s3,test,determined]"
 	touch $(STAMP)
 
 run: $(STAMP)  ## the default experiment (experiment.yaml)
