@@ -8,6 +8,7 @@ slots)``, so they equal an uninterrupted run's whatever the world sizes were.
 from __future__ import annotations
 
 import abc
+import itertools
 import numbers
 from typing import Any, Callable, Dict, List, Optional, TypeVar
 
@@ -59,9 +60,11 @@ class SimpleReducer(MetricReducer):
         return self.values
 
     def cross_slot_reduce(self, per_slot_metrics: List[Any]) -> Any:
-        # Determined interleaves the slots (round-robin, as batches were dealt); batchproc's slots
-        # also span attempts, so the order is that of the slots, then of the values in each.
-        return self.fn([v for slot in per_slot_metrics for v in slot])
+        # Interleaved, as Determined does: with one update() per batch, batches were dealt
+        # round-robin, so this is the dataset's order within an attempt.
+        missing = object()
+        rounds = itertools.zip_longest(*per_slot_metrics, fillvalue=missing)
+        return self.fn([v for values in rounds for v in values if v is not missing])
 
 
 def _storable(value: Any) -> Any:
