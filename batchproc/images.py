@@ -140,17 +140,20 @@ class ImageFiles(Dataset):
                           f"({len(manifest.classes)}); labels follow the frozen inputs. Read `classes` "
                           f"after torch_batch_process() has started (e.g. in the processor) to get them.",
                           stacklevel=2)
+        self._serve(manifest)
+        self._listing = None  # a later run lists afresh
+
+    def _serve(self, manifest: Manifest) -> None:
         self._manifest = manifest
         self._classes = list(manifest.classes)
         self._reader = None
-        if self._listing is not manifest:
-            self._listing = None
 
     @property
     def manifest(self) -> Manifest:
-        """The files served: the run's frozen inputs, or this process's listing (made on demand)."""
+        """The files served: the run's frozen inputs, or this process's listing (made on demand,
+        and the one a run started next in this process freezes)."""
         if self._manifest is None:
-            self.batchproc_use_inputs(self.batchproc_list_inputs())
+            self._serve(self.batchproc_list_inputs())
         assert self._manifest is not None
         return self._manifest
 
@@ -478,6 +481,24 @@ def _s3_walk(fs: Any, root: str) -> _Found:
     return found
 
 
+def _local_walk(root: str) -> _Found:
+    """Every file under a local folder, streamed (no info dict per file, as fsspec's ``find``
+    builds); hidden folders are not entered. Symlinked files count, as their targets."""
+    found = _Found()
+    stack = [root]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                elif e.is_file():
+                    st = e.stat()
+                    found.add(e.path, st.st_size, mtime_version(st.st_mtime))
+    return found
+
+
 def _from_infos(infos: Any, kind: str) -> _Found:
     found = _Found()
     for path, info in sorted(infos.items()):
@@ -514,7 +535,7 @@ def _list_images(fs: Any, root: str, source: str, label_mode: str, extensions: T
             return _manifest(source, root.rsplit("/", 1)[0] if "/" in root else "", single, classes, kind)
         if s3 or not fs.isdir(root):
             raise FileNotFoundError(f"no such file or folder: {fs.unstrip_protocol(root)!r}")
-        found = _from_infos(fs.find(root, detail=True), kind)
+        found = _local_walk(root) if local else _from_infos(fs.find(root, detail=True), kind)
     cut = len(root) + 1 if root != "/" else 1
     visible = found.keep(lambda p: not any(_hidden(c) for c in p[cut:].split("/")))
     images = visible.keep(lambda p: p.lower().endswith(extensions))

@@ -125,7 +125,8 @@ class IntColumn(Sequence[int]):
         return int(self.array[i])
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.array.tolist())
+        for start in range(0, len(self.array), 4096):  # chunks: no million-int list at once
+            yield from self.array[start:start + 4096].tolist()
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, IntColumn):
