@@ -336,3 +336,46 @@ def test_s3_listing_happens_once_per_run_across_ranks_and_attempts(procs: Any, s
     assert sorted(r["index"] for r in rows) == list(range(len(files)))
     manifest = Manifest.from_bytes(fs.cat_file(f"{run}/{MANIFEST_FILE}"))
     assert manifest.classes == ("c0", "c1") and manifest.source == f"{s3_bucket}/imgs"
+
+
+# -- the loader's batch path: per-sample failures, read-ahead hints ------------------------------
+
+
+class Recording(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Items are their index; index 13 fails; records the read-ahead hints it gets."""
+
+    def __init__(self) -> None:
+        self.hints: List[List[int]] = []
+
+    def __len__(self) -> int:
+        return 100
+
+    def __getitem__(self, i: int) -> int:
+        if i == 13:
+            raise ValueError("thirteen")
+        return i
+
+    def prefetch(self, indices: List[int]) -> None:
+        self.hints.append(list(indices))
+
+    def load_samples(self, indices: List[int]) -> List[Any]:
+        return [ValueError("thirteen") if i == 13 else i for i in indices]
+
+
+def test_a_batch_loads_at_once_with_per_sample_failures_and_hints_the_next_batches() -> None:
+    from batchproc.loader import _Bad, _IndexedDataset
+    from batchproc.sharding import RankBatchSampler
+
+    ds = Recording()
+    sampler = RankBatchSampler(100, 10, 10, 0, 2, 1)  # rank 1 of 2: global batches 1, 3, 5, 7, 9
+    wrapped = _IndexedDataset(ds, True, sampler)
+    out = wrapped.__getitems__(list(range(10, 20)))  # batch 1, in the main process (no workers)
+    assert [i for i, _ in out] == list(range(10, 20))
+    assert isinstance(out[3][1], _Bad) and "thirteen" in out[3][1].error and not out[3][1].trace
+    assert [s for _, s in out if not isinstance(s, _Bad)] == [10, 11, 12, 14, 15, 16, 17, 18, 19]
+    # this batch, then the two this process loads next (global batches 3 and 5)
+    assert ds.hints == [list(range(10, 20)) + list(range(30, 40)) + list(range(50, 60))]
+    wrapped.__getitems__(list(range(90, 100)))  # the last batch: nothing after it
+    assert ds.hints[-1] == list(range(90, 100))
+    raising = _IndexedDataset(ds, False, sampler)
+    assert raising.__getitems__([13])[0][1].trace.count("ValueError: thirteen") == 1  # kept for "raise"
