@@ -2,6 +2,8 @@
 
     python -m bench.chaos --scenarios 50 --seed 1 [--s3]
 
+CI runs a small slice of it (``.ci/run``: seed 25's first three scenarios).
+
 Each scenario runs the test job (``tests/scripts/sum_job.py``: N samples, every output row written
 through ``upload_path()``, exact metrics) with ``batchproc run`` on a generated experiment yaml, on
 1-3 CPU processes (gloo, torchrun through ``launch.torch_distributed``), and breaks it a few times
@@ -19,7 +21,8 @@ at random, mixing in each attempt:
   moto's server on 127.0.0.1 that this command starts.
 
 Then it runs the job again without faults until it exits 0 (a bounded number of times) and
-checks the run against a clean single-process run of the same job: every sample's row exactly
+checks the run against what a clean run of the same job gives (``tests.support.sum_job_metrics``,
+its closed form): every sample's row exactly
 once in ``outputs/``, only tagged shard files there, nothing left in ``staging/``, ``metrics.json``
 equal. The closing line counts samples lost and duplicated (rows in stray files count as
 duplicated), scenarios whose metrics differ, and attempts that did not end within
@@ -40,168 +43,26 @@ import json
 import os
 import random
 import re
-import shlex
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Union
 
 ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
+if str(ROOT) not in sys.path:  # tests.support, when run as a script rather than with -m from ROOT
+    sys.path.insert(0, str(ROOT))
+
+from tests.support import (PY, S3Server, Tracked, base_env, config_text, s3_storage, shared_fs,  # noqa: E402
+                           sum_job_metrics)
+
 NAME = "chaos"
 TAGGED = re.compile(r"^rows\.[0-9a-f]{8}-r\d+-u\d+\.jsonl$")
-WORKER = re.compile(r"WORKER rank=(\d+) pid=(\d+)")
 SLOW_ATTEMPT_S = 60.0  # reported (not counted as hung): an attempt this long deserves a look
 ORPHAN_GRACE_S = 15.0  # a process still alive this long after its batchproc run ended is an orphan
-
-
-# -- processes -------------------------------------------------------------------------------
-
-
-def _start_time(pid: int) -> Optional[int]:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _children_map() -> Dict[int, List[int]]:
-    children: Dict[int, List[int]] = collections.defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children[ppid].append(int(entry))
-    return children
-
-
-def descendants(pid: int) -> List[int]:
-    children, out, todo = _children_map(), [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _alive(pid: int, start: Optional[int]) -> bool:
-    """Whether ``pid`` is still the process that had start time ``start`` (not a reused pid)."""
-    st = _start_time(pid)
-    if st is None or st != start:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-class Tracked:
-    """A command in a session of its own; its output goes to a log, its descendants are recorded."""
-
-    def __init__(self, cmd: List[str], env: Dict[str, str], log_path: Path) -> None:
-        self.log = open(log_path, "w")
-        self.log.write("$ " + shlex.join(cmd) + "\n")
-        self.log.flush()
-        self.started = time.monotonic()
-        self.p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, errors="replace", start_new_session=True)
-        self.seen: Dict[int, Optional[int]] = {}
-        self.workers: Dict[int, int] = {}  # rank -> pid, the latest seen
-        self.worker_seen = threading.Event()
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self._watcher = threading.Thread(target=self._watch, daemon=True)
-        self._watcher.start()
-
-    def _read(self) -> None:
-        assert self.p.stdout is not None
-        for line in self.p.stdout:
-            self.log.write(line)
-            m = WORKER.search(line)
-            if m:
-                with self._lock:
-                    self.workers[int(m.group(1))] = int(m.group(2))
-                self.worker_seen.set()
-        self.log.flush()
-
-    def _snapshot(self) -> None:
-        for pid in descendants(self.p.pid):
-            if pid not in self.seen:
-                self.seen[pid] = _start_time(pid)
-
-    def _watch(self) -> None:
-        while self.p.poll() is None:
-            self._snapshot()
-            time.sleep(0.2)
-
-    def worker_pid(self, rank: int) -> Optional[int]:
-        with self._lock:
-            return self.workers.get(rank)
-
-    def launcher_pid(self) -> Optional[int]:
-        """The direct child of ``batchproc run``: the entrypoint (our launcher)."""
-        kids = _children_map().get(self.p.pid, [])
-        return kids[0] if kids else None
-
-    def signal_descendant(self, pid: Optional[int], sig: int) -> bool:
-        """Signal ``pid`` only if it is still one of our own live processes."""
-        if pid is None or self.p.poll() is not None or pid not in descendants(self.p.pid):
-            return False
-        try:
-            os.kill(pid, sig)
-            return True
-        except ProcessLookupError:
-            return False
-
-    def wait(self, timeout: float) -> Optional[int]:
-        try:
-            rc = self.p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-        self._reader.join(timeout=10)
-        return rc
-
-    def leftovers(self) -> List[int]:
-        """Processes it started that are still alive (after it ended)."""
-        self._snapshot()
-        return [pid for pid, st in self.seen.items() if _alive(pid, st)]
-
-    def kill_all(self) -> None:
-        self._snapshot()
-        try:
-            os.killpg(self.p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for pid, st in self.seen.items():
-            if _alive(pid, st):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        try:
-            self.p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def close(self) -> None:
-        self._reader.join(timeout=10)
-        self.log.close()
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
 
 
 # -- storage ---------------------------------------------------------------------------------
@@ -215,7 +76,7 @@ class LocalStore:
         self.run = root / NAME
 
     def config(self) -> str:
-        return f"  type: shared_fs\n  host_path: {self.root}\n"
+        return shared_fs(self.root)
 
     def files(self, rel: str) -> List[str]:
         base = self.run / rel
@@ -239,7 +100,7 @@ class S3Store:
         self.run = f"{bucket}/{prefix}/{NAME}"
 
     def config(self) -> str:
-        return f"  type: s3\n  bucket: {self.bucket}\n  prefix: {self.prefix}\n  endpoint_url: {self.endpoint}\n"
+        return s3_storage(self.bucket, self.prefix, self.endpoint)
 
     def files(self, rel: str) -> List[str]:
         self.fs.invalidate_cache()
@@ -260,28 +121,7 @@ class S3Store:
         return self.fs.exists(f"{self.run}/{rel}")
 
 
-class S3Server:
-    """moto's S3 server in this process, on 127.0.0.1 only."""
-
-    def __init__(self) -> None:
-        import logging
-
-        from moto.server import ThreadedMotoServer
-
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self.server.start()
-        host, port = self.server.get_host_and_port()
-        self.endpoint = f"http://{host}:{port}"
-        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint}
-        os.environ.update(self.env)
-        import s3fs
-
-        self.fs = s3fs.S3FileSystem(skip_instance_cache=True, client_kwargs={"endpoint_url": self.endpoint})
-
-    def stop(self) -> None:
-        self.server.stop()
+Store = Union[LocalStore, S3Store]
 
 
 # -- scenarios -------------------------------------------------------------------------------
@@ -378,25 +218,21 @@ class Campaign:
         self.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="batchproc-chaos-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.s3: Optional[S3Server] = None
+        self.fs: Any = None  # s3fs on self.s3
         self.bucket = f"chaos-{args.seed}-{os.getpid()}"
-        self.references: Dict[Tuple[int, int], Dict[str, Any]] = {}
         self.live: List[Tracked] = []
 
     # -- environment
 
     def env(self, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHPROC_")}
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        env["MASTER_ADDR"] = "127.0.0.1"
-        env.setdefault("OMP_NUM_THREADS", "1")
-        env["SUM_JOB_SLEEP"] = str(self.args.sleep)
+        env = {"SUM_JOB_SLEEP": str(self.args.sleep)}
         if self.s3 is not None:
             env.update(self.s3.env)
         env.update(extra or {})
-        return env
+        return base_env(env)
 
     def start(self, cmd: List[str], log: Path, extra: Optional[Dict[str, str]] = None) -> Tracked:
-        t = Tracked(cmd, self.env(extra), log)
+        t = Tracked(cmd, self.env(extra), log_path=log)
         self.live.append(t)
         return t
 
@@ -426,34 +262,15 @@ class Campaign:
 
     # -- pieces
 
-    def reference(self, n: int, bs: int) -> Dict[str, Any]:
-        if (n, bs) not in self.references:
-            d = self.workdir / f"ref-{n}-{bs}"
-            shutil.rmtree(d, ignore_errors=True)
-            out = Outcome()
-            t = self.start([PY, str(ROOT / "tests/scripts/sum_job.py"), str(n), str(bs), "1000", "-", str(d)],
-                           self.workdir / f"ref-{n}-{bs}.log", {"SUM_JOB_SLEEP": "0"})
-            rc = self.finish(t, out, "reference")
-            if rc != 0:
-                raise RuntimeError(f"the clean reference run failed (rc={rc}); see {t.log.name}")
-            self.references[(n, bs)] = json.loads((d / "metrics.json").read_text())
-        return self.references[(n, bs)]
-
-    def store(self, sc: Scenario, sdir: Path):
+    def store(self, sc: Scenario, sdir: Path) -> Store:
         if sc.storage == "s3":
-            assert self.s3 is not None
-            return S3Store(self.s3.fs, self.s3.endpoint, self.bucket, f"s{sc.index}")
+            assert self.s3 is not None and self.fs is not None
+            return S3Store(self.fs, self.s3.endpoint, self.bucket, f"s{sc.index}")
         return LocalStore(sdir / "runs")
 
-    def write_config(self, sc: Scenario, sdir: Path, store) -> Path:
+    def write_config(self, sc: Scenario, sdir: Path, store: Store) -> Path:
         cfg = sdir / "experiment.yaml"
-        cfg.write_text(
-            f"name: {NAME}\n"
-            f"entrypoint: python3 -m launch.torch_distributed python3 tests/scripts/sum_job.py "
-            f"{sc.n} {sc.batch_size} {sc.interval}\n"
-            f"resources:\n  slots_per_trial: 1\n"
-            f"max_restarts: 0\n"
-            f"checkpoint_storage:\n{store.config()}")
+        cfg.write_text(config_text((sc.n, sc.batch_size, sc.interval), store.config(), name=NAME, slots=1, max_restarts=0))
         return cfg
 
     def run_attempt(self, cfg: Path, a: Attempt, log: Path, out: Outcome, what: str) -> Optional[int]:
@@ -521,7 +338,7 @@ class Campaign:
         out.duplicated += sum(c - 1 for c in counts.values() if c > 1)
         out.duplicated += sum(c for i, c in counts.items() if not 0 <= i < sc.n)
         out.stray.extend(store.files("staging"))
-        ref = self.reference(sc.n, sc.batch_size)
+        ref = sum_job_metrics(sc.n)  # what a clean run reports (tests/test_engine.py checks the closed form)
         metrics = json.loads(store.read("metrics.json")) if store.exists("metrics.json") else None
         if metrics != ref:
             out.metric_mismatch += 1
@@ -573,7 +390,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--sleep", type=float, default=0.1, help="SUM_JOB_SLEEP: seconds per batch")
     parser.add_argument("--workdir", help="where scenarios run (default: a temp dir, removed if all is well)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir even if all is well")
+    parser.add_argument("--require", default="",
+                        help="comma-separated words (e.g. 'kill-after-stage,storage=s3,K3') that the scenarios' "
+                             "descriptions must contain between them; checked before anything runs (exit 2)")
     args = parser.parse_args(argv)
+    scenarios = [make_scenario(random.Random(f"{args.seed}/{i}"), i, args.s3, args.max_faulty_attempts)
+                 for i in range(args.scenarios)]
+    described = "\n".join(sc.describe() for sc in scenarios)
+    missing = [w for w in filter(None, args.require.split(",")) if w not in described]
+    if missing:
+        print(f"chaos: the scenarios of seed {args.seed} do not cover {missing}:\n{described}", file=sys.stderr)
+        return 2
 
     def interrupted(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")  # run the cleanup below
@@ -588,11 +415,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"chaos: seed={args.seed} scenarios={args.scenarios} s3={args.s3} workdir={campaign.workdir}", flush=True)
     try:
         if args.s3:
-            campaign.s3 = S3Server()
-            campaign.s3.fs.mkdir(campaign.bucket)
+            campaign.s3 = S3Server().start()
+            campaign.fs = campaign.s3.fs()
+            campaign.fs.mkdir(campaign.bucket)
         for i in range(args.scenarios):
             rng = random.Random(f"{args.seed}/{i}")
-            sc = make_scenario(rng, i, args.s3, args.max_faulty_attempts)
+            sc = make_scenario(rng, i, args.s3, args.max_faulty_attempts)  # the same as above: rng goes on
             t0 = time.monotonic()
             out = campaign.scenario(sc, rng)
             for field in ("lost", "duplicated", "metric_mismatch", "hung"):

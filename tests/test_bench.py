@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import PY, ROOT
+from tests.support import PY, ROOT
 
 
 def test_bench_writes_its_table_and_keeps_the_text_around_it(procs, tmp_path):

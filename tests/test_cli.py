@@ -4,47 +4,30 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
+from typing import List
 
-import pytest
-
-from conftest import PY, ROOT, output_rows
+from tests.support import (PY, Procs, assert_exactly_once, index_and_y, output_indices, output_rows, shared_fs,
+                           sum_job_metrics, sum_job_rows, write_config as _write_config)
 
 N, BS = 60, 2
 
 
 def write_config(tmp_path: Path, nproc: int = 2, interval: int = 4, max_restarts: int = 0) -> Path:
-    cfg = tmp_path / "exp.yaml"
-    cfg.write_text(f"""
-name: sums
-entrypoint: python3 -m launch.torch_distributed python3 tests/scripts/sum_job.py {N} {BS} {interval}
-resources:
-  slots_per_trial: {nproc}
-max_restarts: {max_restarts}
-checkpoint_storage:
-  type: shared_fs
-  host_path: {tmp_path / 'runs'}
-hyperparameters:
-  note: hello
-""")
-    return cfg
+    return _write_config(tmp_path / "exp.yaml", (N, BS, interval), shared_fs(tmp_path / "runs"), slots=nproc,
+                         max_restarts=max_restarts, hparams={"note": "hello"})
 
 
-def batchproc(*args: str):
+def batchproc(*args: object) -> List[str]:
     return [PY, "-m", "batchproc", *map(str, args)]
 
 
-def clean_rows(procs, tmp_path):
-    """What one uninterrupted single-process run writes (rows without their batch position)."""
-    out = procs.run([PY, str(ROOT / "tests/scripts/sum_job.py"), str(N), str(BS), "1000", "-", str(tmp_path / "clean")])
-    assert out.rc == 0, out.out
-    return sorted((r["index"], r["y"]) for r in output_rows(tmp_path / "clean")), out.result()["metrics"]
-
-
-def test_preempt_twice_with_world_size_changes_then_complete(procs, tmp_path):
+def test_preempt_twice_with_world_size_changes_then_complete(procs: Procs, tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "sums"
     slow = {"SUM_JOB_SLEEP": "0.25"}
+    committed = 0
     for nproc, sig in ((2, signal.SIGTERM), (3, signal.SIGUSR1)):
         cfg = write_config(tmp_path, nproc=nproc)
         p = procs.start(batchproc("run", cfg), env=slow)
@@ -52,26 +35,26 @@ def test_preempt_twice_with_world_size_changes_then_complete(procs, tmp_path):
         os.kill(p.pid, sig)
         out = procs.finish(p)
         assert out.rc == 75, out.out
-        assert "Run the same command again to resume" in out.out or "resume" in out.out.lower()
+        assert "batchproc: preempted; progress saved (" in out.out, out.out
+        assert f"Run the same command again to resume: batchproc run {cfg}" in out.out, out.out
         status = json.loads(procs.run(batchproc("status", run_dir, "--json")).out)
-        assert status["state"] == "preempted" and 0 < status["committed_batches"] < N // BS
+        assert status["state"] == "preempted" and committed < status["committed_batches"] < N // BS, status
+        committed = status["committed_batches"]
+        assert output_indices(run_dir) == list(range(committed * BS))  # committed work is published
     done = procs.run(batchproc("run", write_config(tmp_path, nproc=1)))
     assert done.rc == 0, done.out
-    rows, metrics = clean_rows(procs, tmp_path)
-    assert sorted((r["index"], r["y"]) for r in output_rows(run_dir)) == rows
-    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    assert_exactly_once(run_dir, N)
+    assert f"metrics: {json.dumps(sum_job_metrics(N), sort_keys=True)}" in done.out
     status = json.loads(procs.run(batchproc("status", run_dir, "--json")).out)
     assert status["state"] == "completed" and status["attempts"] == 3
     assert status["committed_batches"] == status["total_batches"] == N // BS
 
     again = procs.run(batchproc("run", write_config(tmp_path, nproc=2)))
-    assert again.rc == 0 and "completed" in again.out
-    assert sorted((r["index"], r["y"]) for r in output_rows(run_dir)) == rows
+    assert again.rc == 0 and "batchproc: completed (30/30 batches)" in again.out, again.out
+    assert index_and_y(output_rows(run_dir)) == sum_job_rows(N)
 
 
-def test_sigkilled_worker_restarts_under_batchproc_run(procs, tmp_path):
-    import re
-
+def test_sigkilled_worker_restarts_under_batchproc_run(procs: Procs, tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "sums"
     p = procs.start(batchproc("run", write_config(tmp_path, nproc=2, max_restarts=1)), env={"SUM_JOB_SLEEP": "0.1"})
     lines = procs.wait_for(p, r"PROGRESS 10\b")
@@ -79,13 +62,11 @@ def test_sigkilled_worker_restarts_under_batchproc_run(procs, tmp_path):
     os.kill(int(pid), signal.SIGKILL)
     out = procs.finish(p)
     assert out.rc == 0, out.out
-    rows, metrics = clean_rows(procs, tmp_path)
-    assert sorted((r["index"], r["y"]) for r in output_rows(run_dir)) == rows
-    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    assert_exactly_once(run_dir, N)
     assert json.loads((run_dir / "status.json").read_text())["restarts"] == 1
 
 
-def test_stop_command_and_lock(procs, tmp_path):
+def test_stop_command_and_lock(procs: Procs, tmp_path: Path) -> None:
     cfg = write_config(tmp_path)
     run_dir = tmp_path / "runs" / "sums"
     p = procs.start(batchproc("run", cfg), env={"SUM_JOB_SLEEP": "0.5"})
@@ -93,32 +74,36 @@ def test_stop_command_and_lock(procs, tmp_path):
 
     second = procs.run(batchproc("run", cfg), timeout=30)
     assert second.rc == 3, second.out
-    assert "in use by" in second.out and "pid" in second.out
+    assert "in use by" in second.out and f"(pid {p.pid} on" in second.out, second.out  # names the holder
 
     running = json.loads(procs.run(batchproc("status", cfg, "--json")).out)
     assert running["state"] == "running"
     assert procs.run(batchproc("stop", run_dir)).rc == 0
     first = procs.finish(p)
     assert first.rc == 75, first.out  # the first job was unaffected by the second, and stopped cleanly
-    assert json.loads((run_dir / "status.json").read_text())["state"] == "preempted"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted" and "batchproc stop" in status["reason"], status
 
     resumed = procs.run(batchproc("run", cfg))
     assert resumed.rc == 0, resumed.out
-    assert sorted(r["index"] for r in output_rows(run_dir)) == list(range(N))
+    assert_exactly_once(run_dir, N)
 
 
-def test_hparams_reach_the_job_and_fresh_starts_over(procs, tmp_path):
+def test_hparams_reach_the_job_and_fresh_starts_over(procs: Procs, tmp_path: Path) -> None:
     cfg = write_config(tmp_path, nproc=1)
-    assert procs.run(batchproc("run", cfg)).rc == 0
+    first = procs.run(batchproc("run", cfg))
+    assert first.rc == 0, first.out
+    assert 'HPARAMS {"note": "hello"}' in first.out, first.out
     out = procs.run(batchproc("run", cfg, "--fresh"))
     assert out.rc == 0, out.out
     run_dir = tmp_path / "runs" / "sums"
-    assert sorted(r["index"] for r in output_rows(run_dir)) == list(range(N))
+    assert_exactly_once(run_dir, N)
+    assert json.loads((run_dir / "status.json").read_text())["attempts"] == 1  # started over, not resumed
     records = sorted((run_dir / "checkpoints").glob("ckpt-*.json"))  # the last 3 are kept
     assert len(records) == 3 and records[-1].name == f"ckpt-{-(-(N // BS) // 4) - 1:08d}.json"
 
 
-def test_bad_config_names_the_key(procs, tmp_path):
+def test_bad_config_names_the_key(procs: Procs, tmp_path: Path) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("name: x\nentrypoint: python3 x.py\nresources:\n  slots_per_trail: 2\n")
     out = procs.run(batchproc("run", cfg))

@@ -13,7 +13,7 @@ import torch
 
 from batchproc.images import ImageFiles
 from batchproc.writers import read_rows
-from conftest import PY, ROOT, Procs
+from tests.support import PY, ROOT, Procs
 
 sys.path.insert(0, str(ROOT / "examples"))
 import classify_images  # noqa: E402

@@ -7,30 +7,30 @@ outputs/, and metrics equal to a single-process run's.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+from typing import Any, Dict, Union
 
 import pytest
 import torch
 
 from batchproc import TorchBatchProcessor, torch_batch_process
-from conftest import job_cmd, output_indices
-
-_REFERENCE = {}
+from tests.support import Procs, index_and_y, job_cmd, output_indices, output_rows, sum_job_metrics, sum_job_rows
 
 
-def reference(procs, tmp_path, n, bs, max_batches="-"):
-    """Metrics of one uninterrupted single-process run (no launcher)."""
-    key = (n, bs, max_batches)
-    if key not in _REFERENCE:
-        out = procs.run(job_cmd(0, n, bs, 1000, max_batches, tmp_path / f"ref-{n}-{bs}-{max_batches}"))
-        assert out.rc == 0, out.out
-        _REFERENCE[key] = out.result()["metrics"]
-    return _REFERENCE[key]
-
-
-def read_calls(calls_dir: Path):
+def read_calls(calls_dir: Path) -> Dict[str, Any]:
     return {f.stem: json.loads(f.read_text()) for f in sorted(calls_dir.glob("*.json"))}
+
+
+@pytest.mark.parametrize("n,bs,max_batches,samples", [(13, 3, "-", 13), (50, 4, 6, 24)])
+def test_single_process_run_is_what_the_closed_form_says(procs: Procs, tmp_path: Path, n: int, bs: int,
+                                                         max_batches: Union[int, str], samples: int) -> None:
+    """The other tests compare with ``sum_job_metrics``/``sum_job_rows`` instead of running this."""
+    run_dir = tmp_path / "ref"
+    out = procs.run(job_cmd(0, n, bs, 1000, max_batches, run_dir))
+    assert out.rc == 0, out.out
+    assert out.result()["metrics"] == sum_job_metrics(samples)
+    assert json.loads((run_dir / "metrics.json").read_text()) == sum_job_metrics(samples)
+    assert index_and_y(output_rows(run_dir)) == sum_job_rows(samples)
 
 
 @pytest.mark.parametrize("world,n,bs,max_batches", [
@@ -42,17 +42,17 @@ def read_calls(calls_dir: Path):
     (2, 50, 4, 3),        # max_batches caps each worker at 3 batches
     (3, 1, 4, "-"),       # one sample: two ranks have nothing and must not hang
 ])
-def test_exactly_once_and_exact_metrics(procs, tmp_path, world, n, bs, max_batches):
+def test_exactly_once_and_exact_metrics(procs: Procs, tmp_path: Path, world: int, n: int, bs: int,
+                                        max_batches: Union[int, str]) -> None:
     run_dir, calls = tmp_path / "run", tmp_path / "calls"
     out = procs.run(job_cmd(world, n, bs, 2, max_batches, run_dir), env={"SUM_JOB_CALLS_DIR": str(calls)})
     assert out.rc == 0, out.out
     result = out.result()
     assert result["completed"] and not result["preempted"]
 
-    expected_n = n if max_batches == "-" else min(n, max_batches * world * bs)
-    assert output_indices(run_dir) == list(range(expected_n))
-    ref_max = "-" if max_batches == "-" else max_batches * world  # the same samples in one process
-    assert result["metrics"] == reference(procs, tmp_path, n, bs, ref_max)
+    expected_n = n if max_batches == "-" else min(n, int(max_batches) * world * bs)
+    assert index_and_y(output_rows(run_dir)) == sum_job_rows(expected_n)
+    assert result["metrics"] == sum_job_metrics(expected_n)
     assert json.loads((run_dir / "metrics.json").read_text()) == result["metrics"]
 
     per_rank = read_calls(calls)
@@ -60,11 +60,11 @@ def test_exactly_once_and_exact_metrics(procs, tmp_path, world, n, bs, max_batch
     assert all(c["calls"]["on_finish"] == 1 for c in per_rank.values())
     assert len({c["calls"]["on_checkpoint_start"] for c in per_rank.values()}) == 1
     assert sum(c["calls"]["process_batch"] for c in per_rank.values()) == -(-expected_n // bs)
-    assert not any((run_dir / "staging").rglob("*")) if (run_dir / "staging").exists() else True
+    assert not (run_dir / "staging").exists() or not any((run_dir / "staging").rglob("*"))
 
 
 @pytest.mark.parametrize("first,second", [(2, 2), (2, 1), (1, 3)])
-def test_stop_then_resume_with_any_world_size(procs, tmp_path, first, second):
+def test_stop_then_resume_with_any_world_size(procs: Procs, tmp_path: Path, first: int, second: int) -> None:
     n, bs, run_dir, calls = 29, 2, tmp_path / "run", tmp_path / "calls"
     env = {"SUM_JOB_CALLS_DIR": str(calls)}
     stopped = procs.run(job_cmd(first, n, bs, 3, "-", run_dir), env=dict(env, BATCHPROC_FAULT="stop@step=3"))
@@ -78,8 +78,8 @@ def test_stop_then_resume_with_any_world_size(procs, tmp_path, first, second):
     assert resumed.rc == 0, resumed.out
     r2 = resumed.result()
     assert r2["completed"]
-    assert output_indices(run_dir) == list(range(n))
-    assert r2["metrics"] == reference(procs, tmp_path, n, bs)
+    assert index_and_y(output_rows(run_dir)) == sum_job_rows(n)
+    assert r2["metrics"] == sum_job_metrics(n)
 
     per_rank = read_calls(calls)
     finishes = {k: c["calls"]["on_finish"] for k, c in per_rank.items()}
@@ -87,19 +87,19 @@ def test_stop_then_resume_with_any_world_size(procs, tmp_path, first, second):
                         **{f"r{r}-{1 if r < first else 0}": 1 for r in range(second)}}
 
 
-def test_completed_run_started_again_writes_nothing(procs, tmp_path):
+def test_completed_run_started_again_writes_nothing(procs: Procs, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     assert procs.run(job_cmd(0, 9, 2, 2, "-", run_dir)).rc == 0
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     again = procs.run(job_cmd(0, 9, 2, 2, "-", run_dir))
     assert again.rc == 0, again.out
     assert again.result()["completed"]
-    assert again.result()["metrics"] == reference(procs, tmp_path, 9, 2)
+    assert again.result()["metrics"] == sum_job_metrics(9)
     after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.name not in (".lock", ".lock.holder")}
     assert after == {p: t for p, t in before.items() if p.name not in (".lock", ".lock.holder")}
 
 
-def test_changed_dataset_is_a_clear_error(procs, tmp_path):
+def test_changed_dataset_is_a_clear_error(procs: Procs, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     assert procs.run(job_cmd(0, 9, 2, 1, "-", run_dir), env={"BATCHPROC_FAULT": "stop@step=1"}).rc == 0
     out = procs.run(job_cmd(0, 11, 2, 1, "-", run_dir))
@@ -109,7 +109,7 @@ def test_changed_dataset_is_a_clear_error(procs, tmp_path):
 
 
 class _Noop(TorchBatchProcessor):
-    def process_batch(self, batch, batch_idx):
+    def process_batch(self, batch: Any, batch_idx: int) -> None:
         pass
 
 
@@ -119,22 +119,22 @@ class _Noop(TorchBatchProcessor):
     ({"batch_sampler": [[0]]}, "batch_sampler"),
     ({"batch_size": 4}, "batch_size"),
 ])
-def test_invalid_dataloader_kwargs_rejected(tmp_path, kwargs, word):
+def test_invalid_dataloader_kwargs_rejected(tmp_path: Path, kwargs: Dict[str, Any], word: str) -> None:
     with pytest.raises(ValueError, match=word):
         torch_batch_process(_Noop, list(range(10)), batch_size=2, dataloader_kwargs=kwargs, storage=str(tmp_path))
 
 
-class _Broken(torch.utils.data.Dataset):
-    def __len__(self):
+class _Broken(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __len__(self) -> int:
         return 6
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> torch.Tensor:
         if i == 4:
             raise OSError("disk says no")
         return torch.tensor(i)
 
 
-def test_bad_sample_names_the_index(tmp_path, monkeypatch):
+def test_bad_sample_names_the_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(Exception, match=r"sample 4 .*disk says no"):
         torch_batch_process(_Noop, _Broken(), batch_size=2, checkpoint_interval=1, storage=str(tmp_path / "run"))

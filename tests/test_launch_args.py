@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import pytest
 
-from batchproc.settings import RunSettings
+from batchproc.settings import FORWARDED_SIGNALS, RunSettings
 from launch.torch_distributed import (
     LOG_LINE_PREFIX,
     SIGNALS_TO_HANDLE,
@@ -58,7 +58,7 @@ def test_defaults():
     assert value(cmd, "--nproc-per-node") == "1"
     assert value(cmd, "--max-restarts") == "3"
     assert value(cmd, "--signals-to-handle") == SIGNALS_TO_HANDLE
-    assert "SIGUSR1" in SIGNALS_TO_HANDLE.split(",")
+    assert {s.name for s in FORWARDED_SIGNALS} | {"SIGQUIT"} == set(SIGNALS_TO_HANDLE.split(","))
     assert value(cmd, "--tee") == "3"  # torchrun prefixes only tee'd lines
     assert value(cmd, "--log-line-prefix-template") == LOG_LINE_PREFIX == "[rank${rank}]: "
     assert cmd.count("--standalone") == 1

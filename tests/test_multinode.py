@@ -12,66 +12,44 @@ run directory's lock (the launchers do not).
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, List, Tuple
 
-from conftest import PY, ROOT, base_env, descendants, output_indices
+from tests.support import PY, Procs, Tracked, assert_exactly_once, free_port
 
 N, BS, INTERVAL = 240, 2, 3
 SLOW = {"SUM_JOB_SLEEP": "0.1"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Node:
-    """One node's launcher, its output in a log file (a pipe nobody reads could fill and block it)."""
+    """One node's launcher (2 processes), its output also in ``<name>.log``."""
 
-    def __init__(self, procs, tmp_path: Path, name: str, port: int, run_dir: Path, max_restarts: int = 1) -> None:
-        self.log_path = tmp_path / f"{name}.log"
+    def __init__(self, procs: Procs, tmp_path: Path, name: str, port: int, run_dir: Path, max_restarts: int = 1) -> None:
+        self.name = name
         cmd = [PY, "-m", "launch.torch_distributed", "--nnodes=2", "--nproc-per-node=2",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=batchproc-test",
                f"--max-restarts={max_restarts}", "--monitor-interval=0.2", "--",
                "tests/scripts/sum_job.py", str(N), str(BS), str(INTERVAL), "-", str(run_dir)]
-        with open(self.log_path, "w") as log:
-            self.p = subprocess.Popen(cmd, env=base_env(SLOW), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
-        procs.procs.append(self.p)  # killed with its descendants at teardown
+        self.t: Tracked = procs.start(cmd, env=SLOW, log_path=tmp_path / f"{name}.log")  # killed at teardown
 
     @property
     def out(self) -> str:
-        return self.log_path.read_text()
+        return self.t.output
 
     def wait(self, timeout: float = 240) -> int:
-        try:
-            return self.p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.log_path.name} did not end in {timeout}s:\n{self.out[-5000:]}") from None
+        rc = self.t.wait(timeout)
+        if rc is None:
+            raise AssertionError(f"{self.name} did not end in {timeout}s:\n{self.out[-5000:]}")
+        return rc
 
     def kill(self) -> None:
         """What losing the machine does: every process of this node dies at once."""
-        pids = descendants(self.p.pid)
-        try:
-            os.killpg(self.p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.p.wait(timeout=30)
+        self.t.kill_all()
 
 
-def start_two_nodes(procs, tmp_path: Path, run_dir: Path, port: int, tag: str) -> List[Node]:
+def start_two_nodes(procs: Procs, tmp_path: Path, run_dir: Path, port: int, tag: str) -> List[Node]:
     host = Node(procs, tmp_path, f"{tag}-host", port, run_dir)
     deadline = time.monotonic() + 120
     while True:  # the first launcher hosts the rendezvous store: wait until it listens
@@ -79,7 +57,7 @@ def start_two_nodes(procs, tmp_path: Path, run_dir: Path, port: int, tag: str) -
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             break
         except OSError:
-            assert time.monotonic() < deadline and host.p.poll() is None, host.out
+            assert time.monotonic() < deadline and host.t.poll() is None, host.out
             time.sleep(0.2)
     return [host, Node(procs, tmp_path, f"{tag}-other", port, run_dir)]
 
@@ -91,52 +69,48 @@ def wait_for_checkpoint(run_dir: Path, timeout: float = 180) -> None:
         time.sleep(0.1)
 
 
-def check_exact(procs, tmp_path: Path, run_dir: Path) -> None:
-    assert output_indices(run_dir) == list(range(N))
-    outputs = [p.name for p in (run_dir / "outputs").iterdir()]
-    assert outputs and all(n.startswith("rows.") and n.endswith(".jsonl") for n in outputs)
-    assert not any(p.is_file() for p in (run_dir / "staging").rglob("*")) if (run_dir / "staging").exists() else True
-    ref = procs.run([PY, str(ROOT / "tests/scripts/sum_job.py"), str(N), str(BS), "1000", "-", str(tmp_path / "ref")])
-    assert json.loads((run_dir / "metrics.json").read_text()) == ref.result()["metrics"]
+def start_then_lose(procs: Procs, tmp_path: Path, lost: str) -> Tuple[Path, int, Node]:
+    """Two nodes run until their first checkpoint; then node ``lost`` ("host" or "other") dies.
+    Returns the run directory, the rendezvous port and the surviving node."""
+    run_dir, port = tmp_path / "run", free_port()
+    host, other = start_two_nodes(procs, tmp_path, run_dir, port, lost)
+    wait_for_checkpoint(run_dir)
+    dead, survivor = (host, other) if lost == "host" else (other, host)
+    dead.kill()
+    return run_dir, port, survivor
 
 
-def test_two_nodes_complete_exactly_once(procs, tmp_path):
+def assert_completed_on_four_ranks(run_dir: Path) -> Dict[str, Any]:
+    status: Dict[str, Any] = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "completed" and status["world_size"] == 4, status
+    assert_exactly_once(run_dir, N)
+    return status
+
+
+def test_two_nodes_complete_exactly_once(procs: Procs, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     nodes = start_two_nodes(procs, tmp_path, run_dir, free_port(), "a")
     for node in nodes:
         assert node.wait() == 0, node.out
     assert "RESULT" in nodes[0].out + nodes[1].out
-    status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "completed" and status["world_size"] == 4
-    check_exact(procs, tmp_path, run_dir)
+    assert assert_completed_on_four_ranks(run_dir)["attempts"] == 1
 
 
-def test_lost_node_started_again_rejoins_and_the_job_resumes(procs, tmp_path):
-    run_dir = tmp_path / "run"
-    port = free_port()
-    host, other = start_two_nodes(procs, tmp_path, run_dir, port, "b")
-    wait_for_checkpoint(run_dir)
-    other.kill()
+def test_lost_node_started_again_rejoins_and_the_job_resumes(procs: Procs, tmp_path: Path) -> None:
+    run_dir, port, host = start_then_lose(procs, tmp_path, "other")
     assert json.loads((run_dir / "status.json").read_text())["state"] == "running"  # killed mid-run
     # The surviving node's agent restarts its workers and waits in the next rendezvous round.
-    again = Node(procs, tmp_path, "b-other-again", port, run_dir)
+    again = Node(procs, tmp_path, "other-again", port, run_dir)
     assert host.wait() == 0, host.out
     assert again.wait() == 0, again.out
-    status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "completed" and status["world_size"] == 4 and status["attempts"] >= 2
-    check_exact(procs, tmp_path, run_dir)
+    assert assert_completed_on_four_ranks(run_dir)["attempts"] >= 2
 
 
-def test_lost_host_node_fails_the_other_then_both_started_again_resume(procs, tmp_path):
-    run_dir = tmp_path / "run"
-    port = free_port()
-    host, other = start_two_nodes(procs, tmp_path, run_dir, port, "c")
-    wait_for_checkpoint(run_dir)
-    host.kill()
+def test_lost_host_node_fails_the_other_then_both_started_again_resume(procs: Procs, tmp_path: Path) -> None:
+    run_dir, port, other = start_then_lose(procs, tmp_path, "host")
     t0 = time.monotonic()
     assert other.wait(timeout=120) != 0, other.out  # the rendezvous store died with the host node
     assert time.monotonic() - t0 < 90
-    for node in start_two_nodes(procs, tmp_path, run_dir, port, "c-again"):
+    for node in start_two_nodes(procs, tmp_path, run_dir, port, "again"):
         assert node.wait() == 0, node.out
-    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
-    check_exact(procs, tmp_path, run_dir)
+    assert assert_completed_on_four_ranks(run_dir)["attempts"] >= 2

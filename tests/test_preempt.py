@@ -6,23 +6,18 @@ import json
 import os
 import re
 import signal
+from pathlib import Path
 
 import pytest
 
-from conftest import job_cmd, output_indices, torchrun_cmd
+from tests.support import Procs, assert_exactly_once, job_cmd, output_indices, sum_job_metrics, torchrun_cmd
 
 N, BS = 60, 2
 SLOW = {"SUM_JOB_SLEEP": "0.15"}
 
 
-def reference_metrics(procs, tmp_path):
-    ref = procs.run(job_cmd(0, N, BS, 1000, "-", tmp_path / "ref"))
-    assert ref.rc == 0, ref.out
-    return ref.result()["metrics"]
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
-def test_signal_to_torchrun_checkpoints_and_resumes(procs, tmp_path, sig):
+def test_signal_to_torchrun_checkpoints_and_resumes(procs: Procs, tmp_path: Path, sig: signal.Signals) -> None:
     run_dir = tmp_path / "run"
     cmd = torchrun_cmd(2, "sum_job.py", N, BS, 4, "-", run_dir)
     cmd.insert(3, "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
@@ -34,17 +29,18 @@ def test_signal_to_torchrun_checkpoints_and_resumes(procs, tmp_path, sig):
     assert result["preempted"] and not result["completed"], first.out
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "preempted" and status["committed_batches"] == result["steps_completed"]
+    assert sig.name in status["reason"], status  # the signal that asked (torchrun passes it on)
     assert 0 < result["steps_completed"] < N // BS
     assert output_indices(run_dir) == list(range(result["steps_completed"] * BS))
 
     second = procs.run(job_cmd(2, N, BS, 4, "-", run_dir))
     assert second.rc == 0, second.out
     assert second.result()["completed"]
-    assert output_indices(run_dir) == list(range(N))
-    assert second.result()["metrics"] == reference_metrics(procs, tmp_path)
+    assert second.result()["metrics"] == sum_job_metrics(N)
+    assert_exactly_once(run_dir, N)
 
 
-def test_sigkilled_worker_is_restarted_and_job_completes_exactly(procs, tmp_path):
+def test_sigkilled_worker_is_restarted_and_job_completes_exactly(procs: Procs, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     p = procs.start(job_cmd(2, N, BS, 3, "-", run_dir, max_restarts=1), env=SLOW)
     lines = procs.wait_for(p, r"PROGRESS 8\b")
@@ -53,7 +49,7 @@ def test_sigkilled_worker_is_restarted_and_job_completes_exactly(procs, tmp_path
     done = procs.finish(p)
     assert done.rc == 0, done.out
     assert done.result()["completed"]
-    assert output_indices(run_dir) == list(range(N))
-    assert done.result()["metrics"] == reference_metrics(procs, tmp_path)
+    assert done.result()["metrics"] == sum_job_metrics(N)
+    assert_exactly_once(run_dir, N)
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "completed" and status["restarts"] == 1

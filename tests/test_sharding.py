@@ -14,7 +14,9 @@ def simulate(n: int, bs: int, attempts):
         ran = steps if stop is None else min(stop, steps)
         for r in range(W):
             batches = list(sharding.rank_batches(G, total, W, r))
-            assert len(batches) in (steps, steps - 1) or steps == 0  # equal steps, at most one idle
+            # the design's round-robin: g = G + k*W + r, every rank the same number of steps
+            assert batches == [G + k * W + r for k in range(steps) if G + k * W + r < total]
+            assert len(batches) in ((steps, steps - 1) if steps else (0,))  # at most one idle step
             for k in range(ran):
                 g = sharding.global_batch(G, W, r, k)
                 if g < total:

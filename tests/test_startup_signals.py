@@ -15,10 +15,11 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any, Dict, List
 
 import pytest
 
-from conftest import PY, SCRIPTS, Procs, output_rows
+from tests.support import PY, SCRIPTS, Finished, Procs, assert_exactly_once, config_text, output_rows, shared_fs
 
 N, BS, INTERVAL = 40, 2, 4
 
@@ -47,54 +48,25 @@ def write_config(tmp_path: Path, nproc: int = 2) -> str:
     """The config's text (written to exp.yaml too); its run directory is tmp_path/runs/sums."""
     wrapper = tmp_path / "slow_start.py"
     wrapper.write_text(WRAPPER)
-    text = f"""
-name: sums
-entrypoint: python3 -m launch.torch_distributed python3 {wrapper} {N} {BS} {INTERVAL}
-resources:
-  slots_per_trial: {nproc}
-max_restarts: 0
-checkpoint_storage:
-  type: shared_fs
-  host_path: {tmp_path / 'runs'}
-"""
+    text = config_text((N, BS, INTERVAL), shared_fs(tmp_path / "runs"), script=wrapper, slots=nproc)
     (tmp_path / "exp.yaml").write_text(text)
     return text
 
 
-def batchproc(*args: object):
+def batchproc(*args: object) -> List[str]:
     return [PY, "-m", "batchproc", *map(str, args)]
 
 
-def status_of(run_dir: Path) -> dict:
-    return json.loads((run_dir / "status.json").read_text())
+def status_of(run_dir: Path) -> Dict[str, Any]:
+    status: Dict[str, Any] = json.loads((run_dir / "status.json").read_text())
+    return status
 
 
-def rows_of(run_dir: Path):
+def rows_of(run_dir: Path) -> List[Any]:
     return sorted((r["index"], r["y"]) for r in output_rows(run_dir))
 
 
-@pytest.fixture(scope="module")
-def clean(tmp_path_factory):
-    """Rows and metrics of one uninterrupted single-process run of the same job."""
-    procs = Procs()
-    try:
-        run_dir = tmp_path_factory.mktemp("clean") / "run"
-        out = procs.run([PY, str(SCRIPTS / "sum_job.py"), *map(str, (N, BS, 1000, "-", run_dir))])
-        assert out.rc == 0, out.out
-        return rows_of(run_dir), out.result()["metrics"]
-    finally:
-        procs.cleanup()
-
-
-def assert_exactly_once(run_dir: Path, clean) -> None:
-    rows, metrics = clean
-    assert rows_of(run_dir) == rows  # every output once: none lost, none twice
-    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
-    status = status_of(run_dir)
-    assert status["state"] == "completed" and status["committed_batches"] == status["total_batches"] == N // BS
-
-
-def run_with_fifo_config(procs: Procs, tmp_path: Path, text: str, sig: int):
+def run_with_fifo_config(procs: Procs, tmp_path: Path, text: str, sig: int) -> Finished:
     """``batchproc run`` on a config that is a FIFO: ``sig`` reaches it while it is loading it.
 
     Our end of the FIFO opens only once batchproc has opened its own, i.e. is in its config load,
@@ -128,7 +100,7 @@ def started_anything(out: str) -> bool:
 
 
 @pytest.mark.parametrize("slow, sig", [("import", signal.SIGTERM), ("init", signal.SIGTERM), ("init", signal.SIGINT)])
-def test_signal_while_the_workers_start_is_a_preemption(procs, tmp_path, clean, slow, sig):
+def test_signal_while_the_workers_start_is_a_preemption(procs: Procs, tmp_path: Path, slow: str, sig: int) -> None:
     """(b): batchproc, the launcher and torchrun run; the ranks have not installed their handlers.
 
     "import": no rank wrote anything yet. "init": rank 0 wrote RUNNING; SIGTERM kills the ranks and
@@ -149,10 +121,11 @@ def test_signal_while_the_workers_start_is_a_preemption(procs, tmp_path, clean, 
 
     again = procs.run(batchproc("run", tmp_path / "exp.yaml"))
     assert again.rc == 0, again.out
-    assert_exactly_once(run_dir, clean)
+    assert_exactly_once(run_dir, N)
 
 
-def test_signal_before_the_child_starts_is_a_preemption_and_a_completed_run_stays_completed(procs, tmp_path, clean):
+def test_signal_before_the_child_starts_is_a_preemption_and_a_completed_run_stays_completed(procs: Procs,
+                                                                                              tmp_path: Path) -> None:
     """(a): SIGTERM while ``batchproc run`` loads its config. It starts nothing, keeps the committed
     progress, marks the run preempted and exits 75; the next run resumes. On a completed run the
     same signal, or one while the workers start, leaves it completed with exit code 0."""
@@ -176,18 +149,18 @@ def test_signal_before_the_child_starts_is_a_preemption_and_a_completed_run_stay
 
     done = procs.run(batchproc("run", tmp_path / "exp.yaml"))
     assert done.rc == 0, done.out
-    assert_exactly_once(run_dir, clean)
+    assert_exactly_once(run_dir, N)
 
     # A completed run stays completed, whenever during a rerun's start-up the signal comes.
     out = run_with_fifo_config(procs, tmp_path, text, signal.SIGTERM)
     assert out.rc == 0 and "completed" in out.out and not started_anything(out.out), out.out
-    assert_exactly_once(run_dir, clean)
+    assert_exactly_once(run_dir, N)
     p = procs.start(batchproc("run", tmp_path / "exp.yaml"), env={"SLOW_START": "import"})
     procs.wait_for(p, "STARTING")
     os.kill(p.pid, signal.SIGTERM)
     out = procs.finish(p, timeout=120)
     assert out.rc == 0 and "completed" in out.out, out.out
-    assert_exactly_once(run_dir, clean)
+    assert_exactly_once(run_dir, N)
 
 
 def caught(pid: int, sig: int) -> bool:
@@ -198,7 +171,7 @@ def caught(pid: int, sig: int) -> bool:
     return False
 
 
-def test_launcher_signalled_during_its_start_up_is_preempted_and_resumes(procs, tmp_path, clean):
+def test_launcher_signalled_during_its_start_up_is_preempted_and_resumes(procs: Procs, tmp_path: Path) -> None:
     """The launcher alone (its own lock): SIGTERM as soon as it handles SIGTERM at all, i.e. while it
     imports torch for the GPU count, or at the latest while torchrun or the ranks start."""
     run_dir = tmp_path / "run"
@@ -222,4 +195,4 @@ def test_launcher_signalled_during_its_start_up_is_preempted_and_resumes(procs, 
     env.pop("SLOW_START")
     again = procs.run(list(map(str, cmd)), env=env)
     assert again.rc == 0, again.out
-    assert_exactly_once(run_dir, clean)
+    assert_exactly_once(run_dir, N)

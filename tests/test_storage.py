@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from batchproc.errors import RunDirLockedError
-from batchproc.storage import RunDir, acquire_run_lock, published_name
+from batchproc.storage import LOCK_FILES, RunDir, acquire_run_lock, published_name
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
@@ -36,11 +36,19 @@ class TestRunDir:
         assert run_dir.find("outputs") == ["outputs/f.txt"]
         assert not run_dir.exists("staging/x/f.txt")
 
-    def test_remove_all_keeps_nothing_but_locks(self, run_dir):
-        run_dir.write_atomic("outputs/a", b"1")
-        run_dir.write_atomic("status.json", b"{}")
-        run_dir.remove_all()
-        assert run_dir.find("") in ([], [".lock"])
+    def test_remove_all_keeps_nothing_but_locks(self, run_dir: RunDir) -> None:
+        lock = acquire_run_lock(run_dir, holder="job one")  # --fresh: the asking job holds the lock
+        try:
+            run_dir.write_atomic("outputs/a", b"1")
+            run_dir.write_atomic("status.json", b"{}")
+            held = set(run_dir.find("")) - {"outputs/a", "status.json"}
+            assert held and held <= set(LOCK_FILES), held
+            run_dir.remove_all()
+            assert set(run_dir.find("")) == held
+            with pytest.raises(RunDirLockedError, match="job one"):  # still held
+                acquire_run_lock(RunDir(run_dir.url), holder="job two")
+        finally:
+            lock.release()
 
     def test_lock_names_holder(self, run_dir):
         lock = acquire_run_lock(run_dir, holder="job one")

@@ -19,91 +19,65 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
 
-from conftest import PY, ROOT
+from tests.support import PY, Procs, S3Server, fsspec_storage, sum_job_metrics, write_config as _write_config
 
 N, BS = 80, 2
 # One try per call in botocore; s3fs still retries for ~2 s, then batchproc (0.5 + 1 + 2 s).
 CLIENT_OPTIONS = {"config_kwargs": {"retries": {"max_attempts": 1}}}
 
 
-class RestartableS3:
-    """moto's server on a fixed port of 127.0.0.1; its data outlives a stop (moto keeps it in-process)."""
+class Outage:
+    """moto's server, to stop and start again (same port, same data), with a bucket on it."""
 
-    def __init__(self) -> None:
-        from moto.server import ThreadedMotoServer
+    def __init__(self, server: S3Server) -> None:
+        self.server = server
+        self.bucket = f"outage-{uuid.uuid4().hex[:10]}"  # moto's data is per process, not per server
+        self.fs = server.fs()
+        self.fs.mkdir(self.bucket)
 
-        self._cls = ThreadedMotoServer
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.server = None
+    @property
+    def endpoint(self) -> str:
+        return self.server.endpoint
+
+    @property
+    def env(self) -> Dict[str, str]:
+        return self.server.env
 
     def start(self) -> None:
-        self.server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.server.start()
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+        self.server.stop()
 
 
 @pytest.fixture
-def s3(monkeypatch):
-    import logging
-
-    import s3fs
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = RestartableS3()
-    server.start()
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-             "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": server.endpoint}
-    for k, v in creds.items():
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Outage]:
+    server = S3Server().start()  # a server of its own: the session's would be stopped for others too
+    for k, v in server.env.items():
         monkeypatch.setenv(k, v)
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    server.bucket = f"outage-{uuid.uuid4().hex[:10]}"  # moto's data is per process, not per server
-    fs.mkdir(server.bucket)
-    server.env = creds
-    server.fs = fs
-    yield server
+    yield Outage(server)
     server.stop()
 
 
-def write_config(tmp_path: Path, s3, interval: int = 2) -> Path:
-    cfg = tmp_path / "exp.yaml"
-    cfg.write_text(f"""
-name: sums
-entrypoint: python3 -m launch.torch_distributed python3 tests/scripts/sum_job.py {N} {BS} {interval}
-resources:
-  slots_per_trial: 2
-checkpoint_storage:
-  type: fsspec
-  url: s3://{s3.bucket}/runs
-  storage_options: {json.dumps(dict(CLIENT_OPTIONS, client_kwargs={"endpoint_url": s3.endpoint}))}
-""")
-    return cfg
+def write_config(tmp_path: Path, s3: Outage, interval: int = 2) -> Path:
+    options = dict(CLIENT_OPTIONS, client_kwargs={"endpoint_url": s3.endpoint})
+    return _write_config(tmp_path / "exp.yaml", (N, BS, interval), fsspec_storage(f"s3://{s3.bucket}/runs", options),
+                         max_restarts=None)
 
 
-def outputs(s3):
+def outputs(s3: Outage) -> Tuple[List[str], List[int]]:
     """(file names, sorted sample indices) under the run's outputs/."""
     s3.fs.invalidate_cache()
     files = sorted(s3.fs.find(f"{s3.bucket}/runs/sums/outputs"))
-    rows = [json.loads(l)["index"] for f in files for l in s3.fs.cat_file(f).decode().splitlines()]
+    rows = [json.loads(line)["index"] for f in files for line in s3.fs.cat_file(f).decode().splitlines()]
     return files, sorted(rows)
 
 
-def reference_metrics(procs, tmp_path):
-    out = procs.run([PY, str(ROOT / "tests/scripts/sum_job.py"), str(N), str(BS), "1000", "-", str(tmp_path / "ref")])
-    assert out.rc == 0, out.out
-    return out.result()["metrics"]
-
-
-def test_rundir_retries_through_an_outage(s3, capsys):
+def test_rundir_retries_through_an_outage(s3: Outage, capsys: pytest.CaptureFixture[str]) -> None:
     from batchproc.storage import RunDir
 
     rd = RunDir(f"s3://{s3.bucket}/unit", CLIENT_OPTIONS)
@@ -125,7 +99,7 @@ def test_rundir_retries_through_an_outage(s3, capsys):
     assert time.monotonic() - t0 < 5
 
 
-def test_short_outage_is_retried_and_job_completes_exactly_once(procs, tmp_path, s3):
+def test_short_outage_is_retried_and_job_completes_exactly_once(procs: Procs, tmp_path: Path, s3: Outage) -> None:
     p = procs.start([PY, "-m", "batchproc", "run", str(write_config(tmp_path, s3))],
                     env=dict(s3.env, SUM_JOB_SLEEP="0.2"))
     procs.wait_for(p, r"PROGRESS [4-9]\b")
@@ -139,10 +113,10 @@ def test_short_outage_is_retried_and_job_completes_exactly_once(procs, tmp_path,
     assert indices == list(range(N))
     assert all(re.search(r"/rows\.[0-9a-f]{8}-r\d-u\d+\.jsonl$", f) for f in files)
     assert not s3.fs.find(f"{s3.bucket}/runs/sums/staging")
-    assert json.loads(s3.fs.cat_file(f"{s3.bucket}/runs/sums/metrics.json")) == reference_metrics(procs, tmp_path)
+    assert json.loads(s3.fs.cat_file(f"{s3.bucket}/runs/sums/metrics.json")) == sum_job_metrics(N)
 
 
-def test_long_outage_fails_clearly_and_loses_nothing_committed(procs, tmp_path, s3):
+def test_long_outage_fails_clearly_and_loses_nothing_committed(procs: Procs, tmp_path: Path, s3: Outage) -> None:
     cfg = write_config(tmp_path, s3)
     p = procs.start([PY, "-m", "batchproc", "run", str(cfg)], env=dict(s3.env, SUM_JOB_SLEEP="0.2"))
     procs.wait_for(p, r"PROGRESS [4-9]\b")
@@ -163,10 +137,10 @@ def test_long_outage_fails_clearly_and_loses_nothing_committed(procs, tmp_path, 
     files, indices = outputs(s3)
     assert indices == list(range(N))
     assert set(committed_files) <= set(files)  # committed outputs were kept, not redone
-    assert json.loads(s3.fs.cat_file(f"{s3.bucket}/runs/sums/metrics.json")) == reference_metrics(procs, tmp_path)
+    assert json.loads(s3.fs.cat_file(f"{s3.bucket}/runs/sums/metrics.json")) == sum_job_metrics(N)
 
 
-def test_lease_of_a_killed_holder_is_taken_over_but_a_live_one_stands():
+def test_lease_of_a_killed_holder_is_taken_over_but_a_live_one_stands() -> None:
     """On object stores the lock is a lease (no flock). A job killed before releasing it used to
     lock the run out for the lease's 90 s; a holder known dead (same machine boot and pid
     namespace, pid gone) no longer does. A live holder, or one elsewhere, still does."""

@@ -73,6 +73,8 @@ class Processor(TorchBatchProcessor):
         self.rows = []
         self.calls = {"process_batch": 0, "on_checkpoint_start": 0, "on_finish": 0}
         print(f"WORKER rank={context.get_distributed_rank()} pid={os.getpid()}", flush=True)
+        if context.get_distributed_rank() == 0 and context.get_hparams():
+            print("HPARAMS " + json.dumps(context.get_hparams(), sort_keys=True), flush=True)
 
     def process_batch(self, batch, batch_idx):
         batch = self.context.to_device(batch)
