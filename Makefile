@@ -14,8 +14,12 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 run: $(STAMP)  ## the default experiment (experiment.yaml)
 	$(VENV)/bin/batchproc run experiment.yaml $(ARGS)
 
+# The suite runs on every core (pytest-xdist): most of its time is spent waiting on real
+# multi-process jobs. Tests that share an expensive module fixture stay on one worker (loadgroup).
+TEST_WORKERS ?= auto
+
 test: $(STAMP)  ## the test suite
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=10 $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs data
