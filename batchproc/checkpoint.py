@@ -88,29 +88,93 @@ class Resumed:
         return self.all_committed and self.finished
 
 
+# -- typed records ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Fingerprint:
+    """What a run's checkpoints are only valid for (``fingerprint.json``)."""
+
+    dataset_len: int
+    batch_size: int
+    max_batches: Optional[int]
+    total_batches: int
+    #: The frozen inputs (batchproc.inputs): manifest source and digest, or a content fingerprint.
+    inputs: Optional[Dict[str, Any]] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if self.inputs is None:
+            del out["inputs"]
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Dict[str, Any]) -> "Fingerprint":
+        return cls(dataset_len=raw["dataset_len"], batch_size=raw["batch_size"], max_batches=raw.get("max_batches"),
+                   total_batches=raw["total_batches"], inputs=raw.get("inputs"))
+
+
+@dataclasses.dataclass
+class CheckpointRecord:
+    """One immutable checkpoint record (``checkpoints/ckpt-<seq>.json``): the commit point."""
+
+    seq: int
+    attempt: str
+    attempts: int
+    restarts: int
+    time: float
+    watermark: int
+    total_batches: int
+    world_size: int
+    fingerprint: Dict[str, Any]
+    states_file: str
+    states_sha256: str
+    publish: List[List[str]]  #: (staged, published) pairs this record commits
+    upload_counters: Dict[str, Dict[str, int]]  #: attempt -> rank -> uploads committed
+    skipped_samples: int
+    errors: List[Dict[str, Any]]
+    committed_samples: int
+    metrics: Dict[str, Any]
+    skipped_batches: int = 0
+    format: int = FORMAT
+    checksum: str = ""
+
+    def sealed(self) -> Dict[str, Any]:
+        """The record as written: JSON, with the checksum of everything else."""
+        body = dataclasses.asdict(self)
+        body["checksum"] = _checksum(body)
+        return body
+
+    @classmethod
+    def from_json(cls, raw: Dict[str, Any]) -> "CheckpointRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+
 # -- fingerprint -----------------------------------------------------------------------------
 
 
-def check_fingerprint(run_dir: RunDir, fingerprint: Dict[str, Any]) -> Dict[str, Any]:
+def check_fingerprint(run_dir: RunDir, fingerprint: Fingerprint) -> Fingerprint:
     """Record the job's fingerprint, or check it against the one recorded; returns the recorded one."""
-    recorded = run_dir.read_json_or_none(FINGERPRINT_FILE)
-    if recorded is None:
-        run_dir.write_json(FINGERPRINT_FILE, fingerprint, durable=True)
+    raw = run_dir.read_json_or_none(FINGERPRINT_FILE)
+    if raw is None:
+        run_dir.write_json(FINGERPRINT_FILE, fingerprint.to_json(), durable=True)
         return fingerprint
+    recorded = Fingerprint.from_json(raw)
     for key in ("dataset_len", "batch_size", "max_batches"):
-        if recorded.get(key) != fingerprint.get(key):
+        if getattr(recorded, key) != getattr(fingerprint, key):
             raise FingerprintMismatchError(
-                f"run directory {run_dir.url} was started with {key}={recorded.get(key)!r}, but this job has "
-                f"{key}={fingerprint.get(key)!r}; its checkpoints cannot be resumed with other data. "
+                f"run directory {run_dir.url} was started with {key}={getattr(recorded, key)!r}, but this job has "
+                f"{key}={getattr(fingerprint, key)!r}; its checkpoints cannot be resumed with other data. "
                 f"Start over with `batchproc run ... --fresh`, or use another experiment name.")
-    check_inputs_fingerprint(recorded, fingerprint, run_dir.url)
+    check_inputs_fingerprint(raw, fingerprint.to_json(), run_dir.url)
     return recorded
 
 
 # -- reading records -------------------------------------------------------------------------
 
 
-def _load_record(run_dir: RunDir, seq: int) -> Tuple[Dict[str, Any], Dict[str, List[Any]]]:
+def _load_record(run_dir: RunDir, seq: int) -> Tuple[CheckpointRecord, Dict[str, List[Any]]]:
     """One record and its reducer states; raises ValueError if either is damaged."""
     raw = run_dir.read_bytes(record_name(seq))
     try:
@@ -124,14 +188,14 @@ def _load_record(run_dir: RunDir, seq: int) -> Tuple[Dict[str, Any], Dict[str, L
         raise ValueError(f"{record['states_file']} fails its checksum")
     # Never unpickle arbitrary objects from shared storage.
     states = torch.load(io.BytesIO(blob), weights_only=True)
-    return record, states["slots"]
+    return CheckpointRecord.from_json(record), states["slots"]
 
 
 def record_seqs(run_dir: RunDir) -> List[int]:
     return sorted(int(m.group(1)) for n in run_dir.listdir(RECORDS) if (m := _RECORD_RE.match(n)))
 
 
-def load_latest(run_dir: RunDir) -> Optional[Tuple[Dict[str, Any], Dict[str, List[Any]], List[int]]]:
+def load_latest(run_dir: RunDir) -> Optional[Tuple[CheckpointRecord, Dict[str, List[Any]], List[int]]]:
     """The newest valid record, its states, and the seqs of newer damaged records (to set aside)."""
     seqs = record_seqs(run_dir)
     damaged: List[int] = []
@@ -167,25 +231,24 @@ def _set_aside_damaged(run_dir: RunDir, damaged: List[int], counters: Dict[str, 
             run_dir.move(name, f"rejected/{name}")
 
 
-def open_run(run_dir: RunDir, fingerprint: Dict[str, Any], restart_count: int) -> Resumed:
+def open_run(run_dir: RunDir, fingerprint: Fingerprint, restart_count: int) -> Resumed:
     """Rank 0, before any work: load the latest record, finish its publication, clear the rest."""
     recorded = check_fingerprint(run_dir, fingerprint)
     latest = load_latest(run_dir)
     if latest is None:
-        return Resumed(total_batches=recorded["total_batches"], attempts=1, restarts=restart_count)
+        return Resumed(total_batches=recorded.total_batches, attempts=1, restarts=restart_count)
     record, slots, damaged = latest
     if damaged:
-        _set_aside_damaged(run_dir, damaged, record.get("upload_counters", {}))
+        _set_aside_damaged(run_dir, damaged, record.upload_counters)
     resumed = Resumed(
-        seq=record["seq"], watermark=record["watermark"], total_batches=record["total_batches"],
-        slots=slots, errors=record.get("errors", []), skipped_samples=record.get("skipped_samples", 0),
-        skipped_batches=record.get("skipped_batches", 0),
-        upload_counters=record.get("upload_counters", {}), attempts=record.get("attempts", 0) + 1,
-        restarts=record.get("restarts", 0) + restart_count,
-        samples_done_before=record.get("committed_samples", 0), metrics=record.get("metrics", {}))
+        seq=record.seq, watermark=record.watermark, total_batches=record.total_batches,
+        slots=slots, errors=record.errors, skipped_samples=record.skipped_samples,
+        skipped_batches=record.skipped_batches, upload_counters=record.upload_counters,
+        attempts=record.attempts + 1, restarts=record.restarts + restart_count,
+        samples_done_before=record.committed_samples, metrics=record.metrics)
     # Even for a finished run: a crash between the final record and the end of its publication
     # must not leave that record's files in staging (idempotent; a no-op when nothing is left).
-    for staged, final in record.get("publish", []):
+    for staged, final in record.publish:
         run_dir.move(staged, final)
     run_dir.rm(STAGING, recursive=True)
     # COMPLETED only once every rank's on_finish returned; all batches committed without it is
@@ -201,7 +264,7 @@ class Checkpointer:
     """Runs the four commit steps for one attempt; see the module docstring."""
 
     def __init__(self, run_dir: RunDir, env: WorkerEnv, stager: Stager, reducers: ReducerRegistry,
-                 resumed: Resumed, fingerprint: Dict[str, Any], attempt: str, faults: Faults) -> None:
+                 resumed: Resumed, fingerprint: Fingerprint, attempt: str, faults: Faults) -> None:
         self.run_dir = run_dir
         self.env = env
         self.stager = stager
@@ -266,21 +329,19 @@ class Checkpointer:
         self.errors.extend(new_errors[: max(0, MAX_ERRORS_KEPT - len(self.errors))])
         self.counters[self.attempt] = {str(r): p["uploads"] for r, p in enumerate(gathered)}
         total = self.resumed.total_batches
-        n, bs = self.fingerprint["dataset_len"], self.fingerprint["batch_size"]
+        n, bs = self.fingerprint.dataset_len, self.fingerprint.batch_size
         committed_samples = min(n, watermark * bs)
         self.metrics_so_far = json_safe(self.reducers.reduce(slots))
-        record = {
-            "format": FORMAT, "seq": seq, "attempt": self.attempt, "attempts": self.resumed.attempts,
-            "restarts": self.resumed.restarts, "time": time.time(), "watermark": watermark,
-            "total_batches": total, "world_size": self.env.world_size, "fingerprint": self.fingerprint,
-            "states_file": states_name(seq), "states_sha256": hashlib.sha256(blob).hexdigest(),
-            "publish": [list(f) for p in gathered for f in p["files"]],
-            "upload_counters": self.counters, "skipped_samples": self.skipped, "skipped_batches": self.skipped_batches, "errors": self.errors,
-            "committed_samples": committed_samples, "metrics": self.metrics_so_far,
-        }
-        record["checksum"] = _checksum(record)
+        record = CheckpointRecord(
+            seq=seq, attempt=self.attempt, attempts=self.resumed.attempts, restarts=self.resumed.restarts,
+            time=time.time(), watermark=watermark, total_batches=total, world_size=self.env.world_size,
+            fingerprint=self.fingerprint.to_json(), states_file=states_name(seq),
+            states_sha256=hashlib.sha256(blob).hexdigest(),
+            publish=[list(f) for p in gathered for f in p["files"]], upload_counters=self.counters,
+            skipped_samples=self.skipped, skipped_batches=self.skipped_batches, errors=self.errors,
+            committed_samples=committed_samples, metrics=self.metrics_so_far)
         self.run_dir.write_atomic(states_name(seq), blob, durable=True)
-        self.run_dir.write_json(record_name(seq), record, durable=True)
+        self.run_dir.write_json(record_name(seq), record.sealed(), durable=True)
         # Keep the last few records only (the one before the latest is the fallback if the
         # latest is damaged): storage stays bounded and listing them on resume stays O(1).
         for old in (record_name(seq - KEEP_RECORDS), states_name(seq - KEEP_RECORDS)):

@@ -254,21 +254,22 @@ class _Job:
         self.attempt: Optional[str] = None
         self.tb_mirror: Optional[TensorBoardMirror] = None
 
-    def _open(self) -> "tuple[checkpoint.Resumed, Dict[str, Any], str]":
+    def _open(self) -> "tuple[checkpoint.Resumed, checkpoint.Fingerprint, str]":
         """Rank 0 reads the resume point; every rank receives it (or rank 0's error)."""
         frozen = freeze_inputs(self.dataset, self.run_dir, self.env)  # first: len() must not list the source
         n = len(self.dataset)  # type: ignore[arg-type]
         if self.loader_kwargs.get("drop_last"):
             n -= n % self.batch_size  # as a DataLoader with drop_last=True would: the tail is not processed
-        fingerprint = {"dataset_len": n, "batch_size": self.batch_size, "max_batches": self.max_batches,
-                       "total_batches": sharding.num_batches(n, self.batch_size, self.max_batches, self.env.world_size)}
-        fingerprint.update(frozen)
+        fingerprint = checkpoint.Fingerprint(
+            dataset_len=n, batch_size=self.batch_size, max_batches=self.max_batches,
+            total_batches=sharding.num_batches(n, self.batch_size, self.max_batches, self.env.world_size),
+            inputs=frozen.get("inputs"))
         opened: Any = None
         if self.env.is_chief:
             try:
                 self.run_dir.makedirs("")
                 resumed = checkpoint.open_run(self.run_dir, fingerprint, self.env.restart_count)
-                fingerprint["total_batches"] = resumed.total_batches
+                fingerprint.total_batches = resumed.total_batches
                 if not resumed.completed:
                     clear_stop_request(self.run_dir)
                     lifecycle.transition(
@@ -326,7 +327,7 @@ class _Job:
 
     def _process(self, processor: TorchBatchProcessor, context: TorchBatchProcessorContext,
                  ckpt: checkpoint.Checkpointer, resumed: checkpoint.Resumed,
-                 fingerprint: Dict[str, Any]) -> "tuple[int, bool, Optional[str]]":
+                 fingerprint: checkpoint.Fingerprint) -> "tuple[int, bool, Optional[str]]":
         """The batches, checkpointed; ends with the final commit unless stopped. Returns
         (steps run, preempted, why it was stopped).
 
@@ -336,7 +337,7 @@ class _Job:
         env = self.env
         G, total, W = resumed.watermark, resumed.total_batches, env.world_size
         steps = sharding.steps_per_rank(G, total, W)
-        sampler = sharding.RankBatchSampler(fingerprint["dataset_len"], self.batch_size, total, G, W, env.rank)
+        sampler = sharding.RankBatchSampler(fingerprint.dataset_len, self.batch_size, total, G, W, env.rank)
         loader = build_loader(self.dataset, sampler, self.loader_kwargs, self.bad_samples, env.device,
                               env.local_world_size)
         watchdog = Watchdog(self.batches.timeout_s, self._batch_timed_out) if self.batches.timeout_s else None
@@ -346,7 +347,7 @@ class _Job:
         new_errors: List[Dict[str, Any]] = []
         skipped = {"samples": resumed.skipped_samples, "batches": resumed.skipped_batches}
         step = 0
-        progress = Progress(env.is_chief, G, total, self.batch_size, fingerprint["dataset_len"])
+        progress = Progress(env.is_chief, G, total, self.batch_size, fingerprint.dataset_len)
         try:
             with PreemptionWatcher(env, self.run_dir) as watcher:
                 # Loader workers are forked here with the preemption signals blocked: one arriving

@@ -207,21 +207,21 @@ class Squares(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 
 def test_datasets_without_the_protocol_keep_length_and_content_fingerprint(tmp_path: Path) -> None:
-    from batchproc.checkpoint import check_fingerprint
+    from batchproc.checkpoint import Fingerprint, check_fingerprint
     from batchproc.distributed import WorkerEnv
 
     env = WorkerEnv(0, 1, 0, 1, torch.device("cpu"), 0)
     run_dir = RunDir(str(tmp_path / "run"))
 
-    def fingerprint(ds: Squares) -> Dict[str, Any]:
-        return dict({"dataset_len": ds.n, "batch_size": 2, "max_batches": None}, **freeze_inputs(ds, run_dir, env))
+    def fingerprint(ds: Squares) -> Fingerprint:
+        return Fingerprint(ds.n, 2, None, 5, inputs=freeze_inputs(ds, run_dir, env).get("inputs"))
 
     check_fingerprint(run_dir, fingerprint(Squares(10, "v1")))
     check_fingerprint(run_dir, fingerprint(Squares(10, "v1")))
     with pytest.raises(FingerprintMismatchError, match="batchproc_fingerprint.*'v1'.*'v2'"):
         check_fingerprint(run_dir, fingerprint(Squares(10, "v2")))
     other = RunDir(str(tmp_path / "plain"))
-    check_fingerprint(other, {"dataset_len": 10, "batch_size": 2, "max_batches": None})  # before inputs were recorded
+    check_fingerprint(other, Fingerprint(10, 2, None, 5))  # before inputs were recorded
     check_fingerprint(other, fingerprint(Squares(10, None)))
     check_fingerprint(other, fingerprint(Squares(10, "v1")))  # nothing recorded to compare: length only
     assert not run_dir.exists(MANIFEST_FILE)
