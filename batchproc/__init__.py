@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from batchproc.run import BatchProcessResult, torch_batch_process
 
 
-def get_hparams() -> dict:
+def get_hparams() -> "dict[str, Any]":
     """The experiment's hyperparameters, before (or without) a processor's context.
 
     ``batchproc run`` passes them to the entrypoint; a script run on its own gets ``{}``.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import yaml
 
@@ -227,7 +227,7 @@ def _build(cls: type, raw: Any, path: str, nested: Optional[Mapping[str, Any]] =
 
 def _storage(raw: Any, path: str) -> StorageConfig:
     if isinstance(raw, str):
-        return _build(FsspecStorage, {"url": raw}, path)
+        return cast(StorageConfig, _build(FsspecStorage, {"url": raw}, path))
     if not isinstance(raw, Mapping):
         raise _Invalid(path, f"expected a URL str or a mapping with a `type`, got {_describe(raw)}")
     kind = raw.get("type")
@@ -236,14 +236,14 @@ def _storage(raw: Any, path: str) -> StorageConfig:
         message = (f"missing required key; expected one of {kinds}" if "type" not in raw
                    else f"expected one of {kinds}, got {_describe(kind)}")
         raise _Invalid(f"{path}.type", message)
-    return _build(STORAGE_TYPES[kind], raw, path)
+    return cast(StorageConfig, _build(STORAGE_TYPES[kind], raw, path))
 
 
 def _experiment(raw: Any) -> ExperimentConfig:
-    return _build(ExperimentConfig, raw, "", nested={
+    return cast(ExperimentConfig, _build(ExperimentConfig, raw, "", nested={
         "resources": lambda v, p: _build(Resources, v, p),
         "checkpoint_storage": _storage,
-    })
+    }))
 
 
 def _apply_override(raw: Dict[str, Any], override: str) -> str:

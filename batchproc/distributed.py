@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import torch
+from torch._C import _distributed_c10d as c10d
 
 from batchproc.settings import cpu_count, restart_count as _restart_count
 
@@ -120,7 +121,7 @@ def init_worker(pg_timeout_s: float = 1800.0) -> WorkerEnv:
 
 
 def _worker_store(rank: int, world_size: int, restart_count: int,
-                  timeout: datetime.timedelta) -> "torch.distributed.Store":
+                  timeout: datetime.timedelta) -> "c10d.Store":
     """The process group's store, in a key space of its own per worker group.
 
     When torchrun's agent hosts the store (``TORCHELASTIC_USE_AGENT_STORE``, its default), the
@@ -134,10 +135,10 @@ def _worker_store(rank: int, world_size: int, restart_count: int,
     host = os.environ["MASTER_ADDR"]
     port = int(os.environ["MASTER_PORT"])
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = torch.distributed.TCPStore(
+    store = c10d.TCPStore(
         host, port, world_size, is_master=(rank == 0 and not agent_hosts),
         timeout=timeout, wait_for_workers=False, multi_tenant=not agent_hosts,
     )
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     prefix = f"batchproc/{run_id}/restart{restart_count}" if agent_hosts else f"batchproc/{run_id}"
-    return torch.distributed.PrefixStore(prefix, store)
+    return c10d.PrefixStore(prefix, store)

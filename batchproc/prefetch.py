@@ -38,7 +38,7 @@ class DevicePrefetcher:
         self._items = items
         self._device = device
         self._batch_of = batch_of
-        self._stream = torch.cuda.Stream(device=device)
+        self._stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
         self._next: Optional[Tuple[Any, DeviceCopies]] = None
         self._preload()
 

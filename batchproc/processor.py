@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import warnings
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, TypeVar, overload
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar, overload
 
 import torch
 
@@ -145,9 +145,9 @@ class TorchBatchProcessorContext:
             value = getattr(obj, attr, None)
             if isinstance(value, (str, int, float)):
                 entry[attr] = value
-        checkpoint = getattr(obj, "checkpoint", None)
-        if isinstance(getattr(checkpoint, "uuid", None), str):
-            entry["checkpoint_uuid"] = checkpoint.uuid
+        checkpoint_uuid = getattr(getattr(obj, "checkpoint", None), "uuid", None)
+        if isinstance(checkpoint_uuid, str):
+            entry["checkpoint_uuid"] = checkpoint_uuid
         if not self._model_registry_noted:
             self._model_registry_noted = True
             print(f"batchproc: there is no model registry; report_task_using_{kind}() is recorded in "
@@ -288,7 +288,7 @@ class TensorBoardMirror:
 
     def __init__(self, run_dir: RunDir, local: pathlib.Path, chief: bool) -> None:
         self.run_dir, self.local = run_dir, local
-        self._sent: Dict[str, tuple] = {}
+        self._sent: Dict[str, Tuple[int, int]] = {}
         rel = f"{TENSORBOARD_DIR}/{REPORTED_METRICS}"
         if chief and run_dir.exists(rel):
             local.mkdir(parents=True, exist_ok=True)
@@ -296,7 +296,7 @@ class TensorBoardMirror:
             self._sent[REPORTED_METRICS] = self._stamp(local / REPORTED_METRICS)
 
     @staticmethod
-    def _stamp(path: pathlib.Path) -> tuple:
+    def _stamp(path: pathlib.Path) -> Tuple[int, int]:
         st = path.stat()
         return st.st_size, st.st_mtime_ns
 

@@ -83,7 +83,7 @@ def describe_cause(status: Dict[str, Any]) -> str:
         where.append(f"rank {status['failed_rank']}")
     if status.get("phase"):
         where.append(str(status["phase"]))
-    return status["error"] + (f" ({', '.join(where)})" if where else "")
+    return str(status["error"]) + (f" ({', '.join(where)})" if where else "")
 
 
 def write_metrics(run_dir: RunDir, metrics: Dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ import signal
 import sys
 import uuid
 import warnings
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Tuple, Type, cast
 
 from torch.utils.data import Dataset
 
@@ -76,7 +76,7 @@ DEFAULT_BATCH_SIZE = 1  # Determined's, when neither batch_size nor dataloader_k
 
 def torch_batch_process(
     batch_processor_cls: Type[TorchBatchProcessor],
-    dataset: Dataset,
+    dataset: "Dataset[Any]",
     batch_size: Optional[int] = None,
     max_batches: Optional[int] = None,
     checkpoint_interval: int = 5,
@@ -228,7 +228,7 @@ def _check_distributed_context(context: Any, env: WorkerEnv) -> None:
 
 
 def _resolve_storage(storage: Optional[str], options: Optional[Dict[str, Any]],
-                     settings: RunSettings) -> tuple:
+                     settings: RunSettings) -> Tuple[str, Dict[str, Any]]:
     if storage is not None:
         return str(storage), options or {}
     if settings.run_dir is not None:
@@ -240,7 +240,7 @@ def _resolve_storage(storage: Optional[str], options: Optional[Dict[str, Any]],
 class _Job:
     """One attempt of a job on one rank."""
 
-    def __init__(self, env: WorkerEnv, run_dir: RunDir, settings: RunSettings, dataset: Dataset,
+    def __init__(self, env: WorkerEnv, run_dir: RunDir, settings: RunSettings, dataset: "Dataset[Any]",
                  processor_cls: Type[TorchBatchProcessor], batch_size: int, interval: int,
                  max_batches: Optional[int], loader_kwargs: Dict[str, Any], bad_samples: str,
                  max_bad_samples: Optional[int], batches: _BatchPolicy = _BatchPolicy()) -> None:
@@ -282,7 +282,7 @@ class _Job:
         opened = self.env.broadcast(opened)
         if isinstance(opened, BaseException):
             raise opened
-        return opened
+        return cast("tuple[checkpoint.Resumed, checkpoint.Fingerprint, str]", opened)
 
     def run(self) -> BatchProcessResult:
         resumed, fingerprint, attempt = self._open()
@@ -496,7 +496,7 @@ class _Job:
             metrics = resumed.metrics
             if not self.run_dir.exists(METRICS_FILE):
                 write_metrics(self.run_dir, metrics)
-        return self.env.broadcast(metrics)
+        return cast(Dict[str, Any], self.env.broadcast(metrics))
 
     def _tensorboard_path(self) -> Any:
         return default_tensorboard_path(self.run_dir.root, self.run_dir.is_local, self.env.rank)

@@ -23,12 +23,14 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from batchproc.errors import RunDirLockedError
+
+T = TypeVar("T")
 
 OUTPUTS = "outputs"
 STAGING = "staging"
@@ -60,7 +62,7 @@ class RunDir:
         if not self.is_local:
             self.fs.invalidate_cache()
 
-    def _io(self, what: str, rel: str, fn):
+    def _io(self, what: str, rel: str, fn: Callable[[], T]) -> T:
         """Run one storage operation; on object stores, retry its transient errors."""
         if self.is_local:
             return fn()
@@ -70,10 +72,10 @@ class RunDir:
 
     def exists(self, rel: str) -> bool:
         self._fresh()
-        return self._io("checking", rel, lambda: self.fs.exists(self.path(rel)))
+        return bool(self._io("checking", rel, lambda: self.fs.exists(self.path(rel))))
 
     def read_bytes(self, rel: str) -> bytes:
-        return self._io("reading", rel, lambda: self.fs.cat_file(self.path(rel)))
+        return bytes(self._io("reading", rel, lambda: self.fs.cat_file(self.path(rel))))
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
@@ -314,7 +316,7 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, _transient_types())
 
 
-def _retry(fn, what: str, attempts: int = 5, delay_s: float = 0.5):
+def _retry(fn: Callable[[], T], what: str, attempts: int = 5, delay_s: float = 0.5) -> T:
     """Run ``fn``, retrying transient storage errors with exponential backoff (0.5, 1, 2, 4 s).
 
     Permanent errors (missing file, access denied) are raised as they are; transient ones that
@@ -333,6 +335,7 @@ def _retry(fn, what: str, attempts: int = 5, delay_s: float = 0.5):
             print(f"batchproc: warning: {what} failed ({type(e).__name__}: {e}); "
                   f"retrying in {delay:g}s ({i + 1}/{attempts - 1})", file=sys.stderr, flush=True)
             time.sleep(delay)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 # -- locking -------------------------------------------------------------------------------
@@ -347,7 +350,7 @@ class RunLock:
         self.run_dir = run_dir
         self.info = {"holder": holder, "host": socket.gethostname(), "pid": os.getpid(),
                      "since": time.time(), "id": uuid.uuid4().hex, "pid_space": _pid_space()}
-        self._file_lock = None
+        self._file_lock: Any = None  # a filelock.FileLock (imported when needed)
         self._stop = threading.Event()
         self._heartbeat: Optional[threading.Thread] = None
 

@@ -61,7 +61,7 @@ class PreemptionSignals:
         self.received: List[int] = []  # every signal, in order: "stop" was asked if non-empty
         self.forwarded: List[int] = []  # those the child was sent (see resolve_exit_code)
         self._pending: List[int] = []  # received before there was a child
-        self._child: Optional[subprocess.Popen] = None
+        self._child: Optional["subprocess.Popen[bytes]"] = None
         self._started = False  # run_child began starting a child
         self._previous: Dict[int, Any] = {}
 
@@ -96,14 +96,14 @@ class PreemptionSignals:
         elif child.poll() is None:
             self._send(child, signum)
 
-    def _send(self, child: subprocess.Popen, signum: int) -> None:
+    def _send(self, child: "subprocess.Popen[bytes]", signum: int) -> None:
         self.forwarded.append(signum)
         try:
             child.send_signal(signum)
         except ProcessLookupError:  # it ended in between: resolve_exit_code reads how
             pass
 
-    def attach(self, child: subprocess.Popen) -> None:
+    def attach(self, child: "subprocess.Popen[bytes]") -> None:
         """Forward to ``child`` from now on, starting with the signals that came before it."""
         self._child = child  # from here on the handler sends; what it queued before is sent below
         pending, self._pending = self._pending, []

@@ -19,13 +19,13 @@ LOOPBACK = "127.0.0.1"
 
 
 def _loopback_store_class() -> type:
-    import torch.distributed as dist
+    from torch._C._distributed_c10d import TCPStore
 
-    base: Any = dist.TCPStore
+    base: Any = TCPStore
     params = ["host_name", "port", "world_size", "is_master", "timeout", "wait_for_workers", "multi_tenant",
               "master_listen_fd", "use_libuv"]
 
-    class LoopbackTCPStore(base):  # type: ignore[misc, valid-type]
+    class LoopbackTCPStore(base):  # type: ignore[misc]
         """A ``TCPStore`` whose server, if it is one, listens on 127.0.0.1 only."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -48,8 +48,8 @@ def install() -> None:
     from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend
 
     store = _loopback_store_class()
-    dist.TCPStore = store  # type: ignore[misc]  # dynamic_rendezvous, elastic.utils.distributed
-    c10d_rendezvous_backend.TCPStore = store  # type: ignore[misc]  # imported by name there
+    setattr(dist, "TCPStore", store)  # dynamic_rendezvous, elastic.utils.distributed
+    setattr(c10d_rendezvous_backend, "TCPStore", store)  # imported by name there
 
 
 def main() -> None:

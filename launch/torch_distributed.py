@@ -18,7 +18,12 @@ import os
 import re
 import shlex
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    import argparse
+
+    from batchproc.storage import RunDir
 
 from batchproc.lifecycle import ExitCode
 from batchproc.supervisor import PreemptionSignals, supervise
@@ -41,7 +46,7 @@ def parse_args(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
     return [], argv
 
 
-def _torchrun_options() -> Dict[str, object]:
+def _torchrun_options() -> Dict[str, "argparse.Action"]:
     from torch.distributed.run import get_args_parser
 
     return {s: a for a in get_args_parser()._actions for s in a.option_strings}
