@@ -60,7 +60,7 @@ _MAGIC = re.compile(r"[*?\[]")
 _CPP_LOCATION = re.compile(r"^\w+, \S+\.cpp:\d+, ")  # "decode_jpeg, /__w/.../decode_jpeg.cpp:171, "
 
 
-class ImageFiles(Dataset):
+class ImageFiles(Dataset[Dict[str, Any]]):
     """Image files named by a folder, a glob, a single file, or any fsspec URL of those.
 
     Items are ``{"image": transform(uint8 CHW RGB tensor), "label": int, "path": str}``.
@@ -361,7 +361,7 @@ class _Reader:
     one request on fsspec's IO loop, started by :meth:`prefetch` and collected by :meth:`read`; on
     local disk reads are plain and synchronous (the page cache is faster than any overlap)."""
 
-    MAX_PENDING = 1024  # prefetched files not yet read (a wrong guess of the next batch is dropped)
+    MIN_PENDING = 1024  # prefetched files not yet read, at least (a wrong guess of the next batch is dropped)
 
     def __init__(self, fs: Any, manifest: Manifest, local: bool, urls: PrefixedColumn) -> None:
         self.fs = fs
@@ -370,6 +370,7 @@ class _Reader:
         self.kind = "local" if local else "s3" if _is_s3(fs) else "async" if getattr(fs, "async_impl", False) else "sync"
         self.pending: "collections.OrderedDict[int, concurrent.futures.Future[Tuple[bytes, Optional[str]]]]" = \
             collections.OrderedDict()
+        self.max_pending = self.MIN_PENDING
 
     def url(self, i: int) -> str:
         return self.urls[i]
@@ -378,10 +379,12 @@ class _Reader:
         if self.kind in ("local", "sync"):
             return
         get = _get_s3 if self.kind == "s3" else _get_async
+        # Never so small that a hint evicts files of the batch being read (the oldest entries).
+        self.max_pending = max(self.max_pending, 2 * len(indices))
         for i in indices:
             if i not in self.pending:
                 self.pending[i] = asyncio.run_coroutine_threadsafe(get(self.fs, self.manifest.path(i)), self.fs.loop)
-        while len(self.pending) > self.MAX_PENDING:
+        while len(self.pending) > self.max_pending:
             self.pending.popitem(last=False)[1].cancel()
 
     def read(self, i: int) -> bytes:
@@ -518,14 +521,14 @@ def _list_images(fs: Any, root: str, source: str, label_mode: str, extensions: T
         base = root[:magic.start()].rsplit("/", 1)[0]
         if s3:
             pattern = re.compile(fsspec.utils.glob_translate(root))
-            found = _s3_walk(fs, base).keep(lambda p: bool(pattern.match(p)))
+            matched = _s3_walk(fs, base).keep(lambda p: bool(pattern.match(p)))
         else:
-            found = _from_infos(fs.glob(root, detail=True), kind)
-        found = found.keep(lambda p: not any(_hidden(c) for c in p[len(base) + 1:].split("/")))
-        classes = [_parent_name(p) for p in found.paths] if label_mode == "parent" else []
-        return _manifest(source, base, found, classes, kind)
+            matched = _from_infos(fs.glob(root, detail=True), kind)
+        matched = matched.keep(lambda p: not any(_hidden(c) for c in p[len(base) + 1:].split("/")))
+        classes = [_parent_name(p) for p in matched.paths] if label_mode == "parent" else []
+        return _manifest(source, base, matched, classes, kind)
     root = root.rstrip("/") or root
-    found = _s3_walk(fs, root) if s3 else None
+    found: Optional[_Found] = _s3_walk(fs, root) if s3 else None
     if not found or not found.paths:
         if fs.isfile(root):
             info = fs.info(root)
@@ -581,7 +584,7 @@ def decode_image_bytes(data: bytes, path: str = "<bytes>") -> torch.Tensor:
     if not data:
         raise ValueError(f"cannot decode {path}: the file is empty")
     try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image: torch.Tensor = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as e:
         image = _decode_with_pil(data, path, _CPP_LOCATION.sub("", str(e).strip()))
     if image.dtype != torch.uint8:  # 16-bit PNG
@@ -612,8 +615,9 @@ def standard_preprocess(size: int = 224, resize: int = 256,
     ``resize`` (antialiased), center-crop ``size``, scale to [0, 1] floats, normalize."""
     from torchvision.transforms import v2
 
-    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    transform: Transform = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size),
+                                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    return transform
 
 
 def preprocess_from_weights(weights: Any) -> Transform:
@@ -626,7 +630,8 @@ def preprocess_from_weights(weights: Any) -> Transform:
         from torchvision.models import get_weight
 
         weights = get_weight(weights)
-    return weights.transforms()
+    transform: Transform = weights.transforms()
+    return transform
 
 
 __all__ = ["ImageFiles", "PrefixedColumn", "decode_image_bytes", "standard_preprocess", "preprocess_from_weights",

@@ -28,6 +28,7 @@ from typing import (TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional
                     Tuple, Union, overload, runtime_checkable)
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from batchproc.errors import FingerprintMismatchError, InputSourceMismatchError
 
@@ -47,7 +48,7 @@ class StringColumn(Sequence[str]):
 
     __slots__ = ("data", "offsets")
 
-    def __init__(self, data: np.ndarray, offsets: np.ndarray) -> None:
+    def __init__(self, data: "NDArray[np.uint8]", offsets: "NDArray[np.int64]") -> None:
         self.data = data
         self.offsets = offsets
 
@@ -107,7 +108,7 @@ class IntColumn(Sequence[int]):
 
     __slots__ = ("array",)
 
-    def __init__(self, array: np.ndarray) -> None:
+    def __init__(self, array: "NDArray[np.integer[Any]]") -> None:
         self.array = array
 
     def __len__(self) -> int:
@@ -137,7 +138,7 @@ class IntColumn(Sequence[int]):
 
     __hash__ = None  # type: ignore[assignment]
 
-    def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> np.ndarray:
+    def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> "NDArray[Any]":
         return self.array if dtype is None else self.array.astype(dtype)
 
     def __repr__(self) -> str:
@@ -156,9 +157,9 @@ class Manifest:
 
     source: str
     paths: StringColumn
-    sizes: np.ndarray
-    versions: np.ndarray
-    labels: np.ndarray
+    sizes: "NDArray[np.int64]"
+    versions: "NDArray[np.int64]"
+    labels: "NDArray[np.int32]"
     classes: Tuple[str, ...] = ()
     root: str = ""
     version_kind: str = "none"
@@ -173,13 +174,13 @@ class Manifest:
             raise ValueError(f"version_kind must be one of {VERSION_KINDS}, got {self.version_kind!r}")
 
     @classmethod
-    def build(cls, source: str, paths: Sequence[str], *, sizes: Optional[Sequence[int]] = None,
-              versions: Optional[Sequence[int]] = None, labels: Optional[Sequence[int]] = None,
+    def build(cls, source: str, paths: Sequence[str], *, sizes: Optional[ArrayLike] = None,
+              versions: Optional[ArrayLike] = None, labels: Optional[ArrayLike] = None,
               classes: Sequence[str] = (), root: str = "", version_kind: str = "none") -> "Manifest":
         """A manifest from per-entry sequences (lists or arrays); missing columns are unknown."""
         n = len(paths)
 
-        def column(values: Optional[Sequence[int]], dtype: Any, fill: int) -> np.ndarray:
+        def column(values: Optional[ArrayLike], dtype: Any, fill: int) -> "NDArray[Any]":
             if values is None:
                 return np.full(n, fill, dtype=dtype)
             return np.asarray(values, dtype=dtype).reshape(n)

@@ -58,13 +58,13 @@ def describe_sample(dataset: Any, index: int) -> str:
 
 
 class _Bad(NamedTuple):
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index(), which nothing here calls
     error: str
     description: str
     trace: str = ""
 
 
-class _IndexedDataset(Dataset):
+class _IndexedDataset(Dataset[Any]):
     """Returns ``(index, sample)``; a failing sample becomes a ``_Bad`` marker (with its traceback
     under "raise", for the main process to raise).
 
@@ -74,7 +74,7 @@ class _IndexedDataset(Dataset):
     their files are fetched while this one decodes (``ImageFiles`` on object stores has both).
     """
 
-    def __init__(self, dataset: Dataset, skip_bad: bool, sampler: Optional[RankBatchSampler] = None,
+    def __init__(self, dataset: Dataset[Any], skip_bad: bool, sampler: Optional[RankBatchSampler] = None,
                  readahead: int = READAHEAD_BATCHES) -> None:
         self.dataset = dataset
         self.skip_bad = skip_bad
@@ -185,8 +185,8 @@ class _WorkerInit:
             self.user_fn(worker_id)
 
 
-def build_loader(dataset: Dataset, sampler: RankBatchSampler, dataloader_kwargs: Dict[str, Any],
-                 bad_samples: str, device: torch.device, local_world_size: int = 1) -> DataLoader:
+def build_loader(dataset: Dataset[Any], sampler: RankBatchSampler, dataloader_kwargs: Dict[str, Any],
+                 bad_samples: str, device: torch.device, local_world_size: int = 1) -> DataLoader[Any]:
     """A DataLoader over this rank's remaining batches: prefetching workers, pinned memory for GPUs."""
     if bad_samples not in BAD_SAMPLE_POLICIES:
         raise ValueError(f"bad_samples must be one of {BAD_SAMPLE_POLICIES}, got {bad_samples!r}")
