@@ -5,7 +5,8 @@
 process), ``kill-after-record`` / ``kill-after-stage`` (die in the middle of a commit).
 Each ``kill...`` point has a ``hang...`` twin (``hang@rank=1@step=2``, ``hang-after-stage``, ...)
 where the process stops responding instead, as a rank stuck in a driver call would: it sleeps
-forever, signals included, so only the process group's timeout frees the other ranks.
+forever, signals included, so only the process group's timeout frees the other ranks (and
+torchrun SIGKILLs it after its 30 s grace); with ``@sigterm=exit`` SIGTERM still ends it.
 Only points named here fire; each fires at most once per process.
 """
 
@@ -41,6 +42,10 @@ class Faults:
         self.restart = restart_count()
 
     def fires(self, point: str, step: Optional[int] = None) -> bool:
+        return self.firing(point, step) is not None
+
+    def firing(self, point: str, step: Optional[int] = None) -> Optional[Dict[str, str]]:
+        """The first not yet fired fault of ``point`` whose conditions hold here (now marked fired)."""
         for i, f in enumerate(self.faults):
             if i in self.fired or f["point"] != point:
                 continue
@@ -51,14 +56,17 @@ class Faults:
             if int(f.get("restart", "0")) != self.restart:
                 continue
             self.fired.add(i)
-            return True
-        return False
+            return f
+        return None
 
     def maybe_kill(self, point: str, step: Optional[int] = None) -> None:
         """SIGKILL this process at ``point`` (``kill...``), or hang there for its ``hang...`` twin."""
         if self.fires(point, step):
             os.kill(os.getpid(), signal.SIGKILL)
-        if point.startswith("kill") and self.fires("hang" + point[len("kill"):], step):
+        hang = self.firing("hang" + point[len("kill"):], step) if point.startswith("kill") else None
+        if hang is not None:
             print(f"batchproc: fault hook: rank {self.rank} hangs at {point} (step {step})", file=sys.stderr, flush=True)
+            if hang.get("sigterm") == "exit":  # a hang that SIGTERM still ends (torchrun's stop needs no SIGKILL)
+                signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
             while True:  # a signal handler may run, but the process never goes on
                 time.sleep(3600)

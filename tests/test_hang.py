@@ -2,9 +2,10 @@
 ``process_group_timeout_s`` (config -> RunSettings.pg_timeout_s -> the gloo process group), the
 job exits non-zero within a bounded time, and running it again completes exactly once.
 
-The timeouts are short here, through the knobs batchproc and torch expose: the config's
-``process_group_timeout_s``, and torchrun's grace before it SIGKILLs a rank that ignores its
-SIGTERM (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, 30 s by default; a hung rank ignores it)."""
+The config's ``process_group_timeout_s`` is short here (6 s). torchrun's grace before it SIGKILLs
+a rank that ignores its SIGTERM stays 30 s: torch 2.14 applies ``--shutdown-timeout``
+(``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``) only when the agent itself is signalled, not when it stops a
+failed worker group."""
 
 from __future__ import annotations
 
@@ -18,12 +19,11 @@ from tests.support import PY, Procs, assert_exactly_once, shared_fs, write_confi
 
 N, BS = 40, 2
 PG_TIMEOUT_S = 6
-SHUTDOWN_GRACE_S = 2
 
 
 def test_pg_timeout_flows_from_config_to_workers() -> None:
     from batchproc.config import ExperimentConfig
-    from batchproc.outcome import child_env
+    from batchproc.supervisor import child_env
     from batchproc.settings import RunSettings
 
     config = ExperimentConfig(name="x", entrypoint="python3 x.py", process_group_timeout_s=12)
@@ -33,20 +33,21 @@ def test_pg_timeout_flows_from_config_to_workers() -> None:
 
 @pytest.mark.parametrize("fault", [
     "hang@rank=1@step=3",          # rank 0 waits in the per-step all-reduce
-    "hang-after-record@rank=0",    # the chief hangs mid-commit; rank 1 waits for it at the next step
+    # the chief hangs mid-commit; rank 1 waits for it at the next step (SIGTERM ends this hang:
+    # torchrun's 30 s grace before its SIGKILL is the case above's, once is enough)
+    "hang-after-record@rank=0@sigterm=exit",
 ])
 def test_hung_rank_fails_the_job_in_bounded_time_then_resume_is_exact(procs: Procs, tmp_path: Path, fault: str) -> None:
     cfg = write_config(tmp_path / "exp.yaml", (N, BS, 2), shared_fs(tmp_path / "runs"), pg_timeout_s=PG_TIMEOUT_S)
     t0 = time.monotonic()
-    out = procs.run([PY, "-m", "batchproc", "run", cfg], timeout=300,
-                    env={"BATCHPROC_FAULT": fault, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_GRACE_S)})
+    out = procs.run([PY, "-m", "batchproc", "run", cfg], env={"BATCHPROC_FAULT": fault}, timeout=300)
     elapsed = time.monotonic() - t0
     assert out.rc not in (0, 75), out.out
     # a peer hung and gloo gave up after the config's timeout (the hung rank's own "hangs at" line
     # may be lost: torchrun stops copying its log once it is SIGKILLed)
     assert f"Timed out waiting {PG_TIMEOUT_S * 1000}ms" in out.out
-    # start-up + the timeout + torchrun's grace before SIGKILL of the hung rank, with slack
-    assert elapsed < 60 + PG_TIMEOUT_S + SHUTDOWN_GRACE_S, f"took {elapsed:.0f}s"
+    # start-up + the timeout + torchrun's grace before SIGKILL of a hung rank (30 s), with slack
+    assert elapsed < 60 + PG_TIMEOUT_S + 30, f"took {elapsed:.0f}s"
     run_dir = tmp_path / "runs" / "sums"
     assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
 
