@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
-from typing import List
+from typing import Iterator, List
 
 import pytest
 
@@ -29,21 +30,34 @@ def test_crash_at_each_commit_step_is_exactly_once(procs: Procs, tmp_path: Path,
     assert json.loads((run_dir / "status.json").read_text())["restarts"] == 1
 
 
-def _stop_twice(procs: Procs, run_dir: Path) -> List[Path]:
-    for step, watermark in ((2, 6), (1, 10)):  # 3 steps of 2 ranks, then 2 more
-        out = procs.run(job_cmd(2, N, BS, 2, "-", run_dir), env={"BATCHPROC_FAULT": f"stop@step={step}"})
-        assert out.rc == 0 and out.result()["preempted"], out.out
-        assert out.result()["steps_completed"] == watermark
+@pytest.fixture(scope="module")
+def stopped_twice(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A run directory stopped twice (two valid records at least), made once per module and worker."""
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    procs = Procs()
+    try:
+        for step, watermark in ((2, 6), (1, 10)):  # 3 steps of 2 ranks, then 2 more
+            out = procs.run(job_cmd(2, N, BS, 2, "-", run_dir), env={"BATCHPROC_FAULT": f"stop@step={step}"})
+            assert out.rc == 0 and out.result()["preempted"], out.out
+            assert out.result()["steps_completed"] == watermark
+    finally:
+        procs.cleanup()
     assert output_indices(run_dir) == list(range(10 * BS))
-    records = sorted((run_dir / "checkpoints").glob("ckpt-*.json"))
-    assert len(records) >= 2
-    return records
+    assert len(list((run_dir / "checkpoints").glob("ckpt-*.json"))) >= 2
+    yield run_dir
+
+
+def _stop_twice(stopped: Path, run_dir: Path) -> List[Path]:
+    """A copy of the run directory stopped twice (the job's paths are relative to it); its records."""
+    shutil.copytree(stopped, run_dir)
+    return sorted((run_dir / "checkpoints").glob("ckpt-*.json"))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "edit", "drop-states"])
-def test_damaged_latest_record_falls_back_to_previous(procs: Procs, tmp_path: Path, damage: str) -> None:
+def test_damaged_latest_record_falls_back_to_previous(procs: Procs, tmp_path: Path, stopped_twice: Path,
+                                                      damage: str) -> None:
     run_dir = tmp_path / "run"
-    records = _stop_twice(procs, run_dir)
+    records = _stop_twice(stopped_twice, run_dir)
     latest = records[-1]
     if damage == "truncate":
         latest.write_bytes(latest.read_bytes()[:50])
@@ -61,9 +75,9 @@ def test_damaged_latest_record_falls_back_to_previous(procs: Procs, tmp_path: Pa
     assert (run_dir / "rejected" / "checkpoints" / latest.name).exists()
 
 
-def test_no_valid_record_is_a_clear_error(procs: Procs, tmp_path: Path) -> None:
+def test_no_valid_record_is_a_clear_error(procs: Procs, tmp_path: Path, stopped_twice: Path) -> None:
     run_dir = tmp_path / "run"
-    for rec in _stop_twice(procs, run_dir):
+    for rec in _stop_twice(stopped_twice, run_dir):
         rec.write_text("{")
     before = sorted(p.name for p in (run_dir / "outputs").iterdir())
     out = procs.run(job_cmd(1, N, BS, 2, "-", run_dir))
