@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # tests.support, when run as a script rather than with -m from ROOT
     sys.path.insert(0, str(ROOT))
 
+from batchproc.settings import ENV_FAULT  # noqa: E402
 from tests.support import (PY, S3Server, Tracked, base_env, config_text, s3_storage, shared_fs,  # noqa: E402
                            sum_job_metrics)
 
@@ -276,7 +277,7 @@ class Campaign:
     def run_attempt(self, cfg: Path, a: Attempt, log: Path, out: Outcome, what: str) -> Optional[int]:
         cmd = [PY, "-m", "batchproc", "run", str(cfg), "--set", f"resources.slots_per_trial={a.slots}",
                "--set", f"max_restarts={a.max_restarts}"]
-        t = self.start(cmd, log, {"BATCHPROC_FAULT": a.commit_fault} if a.commit_fault else None)
+        t = self.start(cmd, log, {ENV_FAULT: a.commit_fault} if a.commit_fault else None)
         timers: List[threading.Thread] = []
         if a.sigterm_at is not None:
             def term() -> None:
