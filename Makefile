@@ -14,9 +14,10 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 run: $(STAMP)  ## the default experiment (experiment.yaml)
 	$(VENV)/bin/batchproc run experiment.yaml $(ARGS)
 
-# The suite runs on every core (pytest-xdist): most of its time is spent waiting on real
-# multi-process jobs. Tests that share an expensive module fixture stay on one worker (loadgroup).
-TEST_WORKERS ?= auto
+# The suite runs on one worker more than there are cores (pytest-xdist): much of its time is spent
+# waiting on real multi-process jobs (timeouts, sleeps, torchrun's grace periods). Tests that share
+# an expensive module fixture are marked xdist_group and stay on one worker (loadgroup).
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 
 test: $(STAMP)  ## the test suite
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=10 $(ARGS)

@@ -179,9 +179,9 @@ class Tracked:
                 self.seen[pid] = start_time(pid)
 
     def _watch(self) -> None:
-        while self.p.poll() is None:
+        while self.p.poll() is None:  # a /proc walk costs a few ms: often enough for long-lived ranks
             self._snapshot()
-            time.sleep(0.2)
+            time.sleep(0.5)
 
     # -- reading
 

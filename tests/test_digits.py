@@ -118,6 +118,10 @@ def run_classify(procs, nproc: int, digits: str, storage: Path, env=None, preemp
     return json.loads(lines[-1].split("metrics: ", 1)[1])
 
 
+# One worker runs the tests that compare with the reference run, so that it is made once (pytest-xdist).
+SHARES_REFERENCE = pytest.mark.xdist_group("digits-reference")
+
+
 @pytest.fixture(scope="module")
 def reference(digits, tmp_path_factory):
     """One uninterrupted single-process run: (metrics, run dir)."""
@@ -129,6 +133,7 @@ def reference(digits, tmp_path_factory):
         procs.cleanup()
 
 
+@SHARES_REFERENCE
 def test_digits_end_to_end_one_and_two_processes_agree(procs, digits, reference, tmp_path):
     metrics, ref_run = reference
     assert metrics["accuracy"] > 0.98 and metrics["top5_accuracy"] > 0.999
@@ -145,6 +150,7 @@ def test_digits_end_to_end_one_and_two_processes_agree(procs, digits, reference,
     assert len(row["top5"]) == 5 and row["top5"][0] == row["pred"] and row["pred_name"] == str(row["pred"])
 
 
+@SHARES_REFERENCE
 def test_digits_preempted_then_resumed_with_another_world_size(procs, digits, reference, tmp_path):
     """The default experiment's promise: stop mid-way (2 processes), resume (1): every image once,
     the same accuracy as an uninterrupted run."""
@@ -157,6 +163,7 @@ def test_digits_preempted_then_resumed_with_another_world_size(procs, digits, re
     assert resumed == reference[0]
 
 
+@SHARES_REFERENCE
 def test_digits_job_with_images_and_run_dir_on_s3(procs: Procs, digits: str, reference: Tuple[Dict[str, Any], Path],
                                                   s3_server: Dict[str, Any], s3_bucket: str) -> None:
     """The same job reading its images from S3 and committing to S3 (moto server on 127.0.0.1).
