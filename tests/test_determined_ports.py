@@ -55,9 +55,11 @@ def examples_module(name: str) -> Any:
 
 @pytest.fixture(scope="session")
 def example_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The offline stand-ins, generated once per session (the ranks then only read them)."""
-    cache = tmp_path_factory.mktemp("determined-examples-cache")
-    os.environ["BATCHPROC_EXAMPLE_CACHE"] = str(cache)
+    """The offline stand-ins, generated here before any job starts (the ranks then only read
+    them), once per test run: xdist's workers share the folder (generation is atomic)."""
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "determined-examples-cache"
+    os.environ["BATCHPROC_EXAMPLE_CACHE"] = str(cache)  # for offline's functions in this process
     offline = examples_module("offline")
     offline.tiny_bert()
     offline.scidocs_corpus()
@@ -210,7 +212,7 @@ def assert_collection_exactly_once(job: Job, cleaned_up: bool = True) -> None:
     assert (job.fake_tmp / "data" / "bert_scidocs_embeddings").exists() != cleaned_up
 
 
-@pytest.mark.xdist_group("determined-embeddings")
+@pytest.mark.xdist_group(name="determined-embeddings")
 def test_embeddings_uninterrupted(procs: Any, tmp_path: Path, example_cache: str) -> None:
     job = Job(procs, tmp_path, EMBED, example_cache)
     out, trace = job.run()
@@ -219,7 +221,7 @@ def test_embeddings_uninterrupted(procs: Any, tmp_path: Path, example_cache: str
     assert_collection_exactly_once(job)
 
 
-@pytest.mark.xdist_group("determined-embeddings")
+@pytest.mark.xdist_group(name="determined-embeddings")
 def test_embeddings_preempted_resumed_killed_in_on_finish_rerun(procs: Any, tmp_path: Path,
                                                                  example_cache: str) -> None:
     job = Job(procs, tmp_path, EMBED, example_cache)
@@ -301,7 +303,7 @@ def assert_predicted_exactly_once(job: Job) -> None:
     assert torch.allclose(torch.stack([predictions[i] for i in sample]), expected, atol=1e-4)
 
 
-@pytest.mark.xdist_group("determined-cifar")
+@pytest.mark.xdist_group(name="determined-cifar")
 def test_cifar_uninterrupted(procs: Any, tmp_path: Path, example_cache: str) -> None:
     job = Job(procs, tmp_path, CIFAR, example_cache)
     out, trace = job.run()
@@ -310,7 +312,7 @@ def test_cifar_uninterrupted(procs: Any, tmp_path: Path, example_cache: str) -> 
     assert_predicted_exactly_once(job)
 
 
-@pytest.mark.xdist_group("determined-cifar")
+@pytest.mark.xdist_group(name="determined-cifar")
 def test_cifar_preempted_resumed_killed_in_on_finish_rerun(procs: Any, tmp_path: Path, example_cache: str) -> None:
     job = Job(procs, tmp_path, CIFAR, example_cache)
     # 1. Preempted mid-way: each rank waits after its first batch until the signal reaches it.
