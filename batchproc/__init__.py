@@ -6,7 +6,7 @@ The public names are imported lazily so that ``batchproc status`` answers withou
 from typing import TYPE_CHECKING, Any
 
 __all__ = ["TorchBatchProcessor", "TorchBatchProcessorContext", "torch_batch_process",
-           "MetricReducer", "BatchProcessResult", "get_hparams"]
+           "MetricReducer", "BatchProcessResult", "DistributedContext", "get_hparams"]
 __version__ = "0.1.0"
 
 _WHERE = {
@@ -15,9 +15,11 @@ _WHERE = {
     "MetricReducer": "batchproc.reducer",
     "torch_batch_process": "batchproc.run",
     "BatchProcessResult": "batchproc.run",
+    "DistributedContext": "batchproc.dist_context",
 }
 
 if TYPE_CHECKING:
+    from batchproc.dist_context import DistributedContext
     from batchproc.processor import TorchBatchProcessor, TorchBatchProcessorContext
     from batchproc.reducer import MetricReducer
     from batchproc.run import BatchProcessResult, torch_batch_process

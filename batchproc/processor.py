@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 
 import torch
 
+from batchproc.dist_context import DistributedContext
 from batchproc.distributed import WorkerEnv
 from batchproc.reducer import MetricReducer, ReducerRegistry, SimpleReducer, json_safe
 from batchproc.storage import RunDir, Stager
@@ -33,6 +34,8 @@ class TorchBatchProcessorContext:
     def __init__(self, env: WorkerEnv, stager: Stager, reducers: ReducerRegistry,
                  hparams: Dict[str, Any], tensorboard_path: pathlib.Path, run_dir_url: str) -> None:
         self._env = env
+        #: Determined's ``DistributedContext``: rank, size, local/cross positions, object collectives.
+        self.distributed = DistributedContext.from_worker(env)
         self._stager = stager
         self._reducers = reducers
         self._hparams = hparams

@@ -138,7 +138,8 @@ def test_on_finish_sees_every_rank_published_and_final_metrics(tmp_path: Path, p
         # Determined's order: last batch -> final on_checkpoint_start -> (commit) -> on_finish
         assert log[-2] == "checkpoint" and log[-1].startswith("finish "), log
         (finish,) = _finishes(tmp_path, rank)
-        assert finish == {"rows_published": N, "metrics": sum_job_metrics(N)}
+        assert finish == {"rows_published": N, "metrics": sum_job_metrics(N), "allgather": [0, 1],
+                          "gather": [0, 10] if rank == 0 else None, "broadcast": "from 0"}
 
 
 def _assert_rerun_runs_only_on_finish(tmp_path: Path, procs: Procs, config: Path) -> None:
@@ -149,7 +150,8 @@ def _assert_rerun_runs_only_on_finish(tmp_path: Path, procs: Procs, config: Path
     for rank in (0, 1):
         batches = len([l for l in _log(tmp_path, rank) if l.startswith("batch ")])
         assert batches == before[rank], "a start that finds 'finishing' must load no batch"
-        assert _finishes(tmp_path, rank)[-1] == {"rows_published": N, "metrics": sum_job_metrics(N)}
+        last = _finishes(tmp_path, rank)[-1]
+        assert (last["rows_published"], last["metrics"]) == (N, sum_job_metrics(N))
     assert_exactly_once(tmp_path / "runs" / "fin", N)
 
 
@@ -219,6 +221,16 @@ DETERMINED = {
     "on_checkpoint_start": "(self)",
     "on_finish": "(self)",
     "reset": "(self)",
+    "get_rank": "(self)",
+    "get_size": "(self)",
+    "get_local_rank": "(self)",
+    "get_num_agents": "(self)",
+    "gather": "(self, stuff)",
+    "allgather": "(self, stuff)",
+    "broadcast": "(self, stuff)",
+    "gather_local": "(self, stuff)",
+    "allgather_local": "(self, stuff)",
+    "broadcast_local": "(self, stuff)",
     "per_slot_reduce": "(self)",
     "cross_slot_reduce": "(self, per_slot_metrics)",
 }
@@ -232,13 +244,15 @@ def _shape(fn: Any) -> str:
 
 
 def test_signatures_match_determined() -> None:
-    from batchproc import MetricReducer, TorchBatchProcessor, TorchBatchProcessorContext, torch_batch_process
+    from batchproc import (DistributedContext, MetricReducer, TorchBatchProcessor, TorchBatchProcessorContext,
+                           torch_batch_process)
 
     owners = {"torch_batch_process": torch_batch_process}
     for name in DETERMINED:
         if name == "torch_batch_process":
             continue
-        owner = next(c for c in (TorchBatchProcessorContext, TorchBatchProcessor, MetricReducer) if hasattr(c, name))
+        owner = next(c for c in (TorchBatchProcessorContext, TorchBatchProcessor, MetricReducer, DistributedContext)
+                     if hasattr(c, name))
         owners[name] = getattr(owner, name)
     got = {name: _shape(fn) for name, fn in owners.items()}
     assert got == DETERMINED

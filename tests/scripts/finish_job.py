@@ -46,7 +46,12 @@ class Instrumented(Processor):
     def on_finish(self):
         outputs = os.path.join(self.context.run_dir, "outputs")
         rows = sum(len(open(p).read().splitlines()) for p in glob.glob(f"{outputs}/**/*.jsonl", recursive=True))
-        _log(self.context, "finish " + json.dumps({"rows_published": rows, "metrics": self.context.metrics}))
+        dist = self.context.distributed  # Determined's DistributedContext
+        ranks = dist.allgather(dist.get_rank())
+        gathered = dist.gather(dist.get_rank() * 10)
+        _log(self.context, "finish " + json.dumps({"rows_published": rows, "metrics": self.context.metrics,
+                                                   "allgather": ranks, "gather": gathered,
+                                                   "broadcast": dist.broadcast(f"from {dist.get_rank()}")}))
         wait = float(os.environ.get("FINISH_JOB_SLEEP_IN_FINISH", "0"))
         if wait:
             print(f"IN_FINISH rank={self.context.get_distributed_rank()}", flush=True)
