@@ -30,6 +30,17 @@ def test_crash_at_each_commit_step_is_exactly_once(procs: Procs, tmp_path: Path,
     assert json.loads((run_dir / "status.json").read_text())["restarts"] == 1
 
 
+def test_nothing_is_published_before_its_record(procs: Procs, tmp_path: Path) -> None:
+    """Both ranks staged and handed in their files, rank 0 dies before writing the first record,
+    and there is no restart: outputs/ must show nothing (no record commits anything yet)."""
+    run_dir = tmp_path / "run"
+    out = procs.run(job_cmd(2, N, BS, 3, "-", run_dir), env={"BATCHPROC_FAULT": "kill-after-stage@rank=0"})
+    assert out.rc != 0, out.out
+    assert not list((run_dir / "checkpoints").glob("ckpt-*.json"))
+    assert not (run_dir / "outputs").exists() or not [p for p in (run_dir / "outputs").rglob("*") if p.is_file()]
+    assert json.loads((run_dir / "status.json").read_text())["committed_batches"] == 0
+
+
 @pytest.fixture(scope="module")
 def stopped_twice(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A run directory stopped twice (two valid records at least), made once per module and worker."""
