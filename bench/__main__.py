@@ -147,7 +147,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument("--runs", type=int, default=5, help="alternating runs per side (medians)")
     p.add_argument("--images", type=int, default=320, help="JPEG files (batches of 32)")
-    p.add_argument("--rows", default="abcdefgh")
+    p.add_argument("--rows", default="abcdefghms")
     p.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     args = p.parse_args(argv)
     jpegs = str(make_jpegs(DATA / f"jpeg500-{args.images}", args.images))
@@ -204,6 +204,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 [throughput(r) for r in ours], [throughput(r) for r in pil], "(bound)", None)
     if "h" in args.rows:
         notes.append(gpu_rows(table, R))
+    if "m" in args.rows:  # frozen inputs: the manifest at 100k and 1M entries (bench/manifest.py)
+        from bench import manifest
+        notes.append(manifest.manifest_rows(table, R, jpegs, compare, alternate, med))
+    if "s" in args.rows:  # ImageFiles from S3 (moto), at 0 and +20 ms per request, vs local disk
+        from bench import manifest
+        notes.append(manifest.s3_rows(table, R, jpegs, run, throughput, compare, med))
     report = render(table, notes, args, time.time() - started)
     write_report(Path(args.out), report)
     print(report)
