@@ -12,7 +12,6 @@ torch is imported only inside functions: ``batchproc`` imports this module and m
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
 import re
