@@ -2,7 +2,7 @@
 
     python -m bench.chaos --scenarios 50 --seed 1 [--s3]
 
-CI runs a small slice of it (``.ci/run``: seed 25's first three scenarios).
+CI runs a small slice of it (``.ci/run``: seed 70's first three scenarios).
 
 Each scenario runs the test job (``tests/scripts/sum_job.py``: N samples, every output row written
 through ``upload_path()``, exact metrics) with ``batchproc run`` on a generated experiment yaml, on
@@ -16,6 +16,9 @@ at random, mixing in each attempt:
   ``max_restarts`` >= 1 so torchrun restarts the workers;
 * a kill in the middle of a commit (``BATCHPROC_FAULT=kill-after-stage|kill-after-record@rank=R``);
 * a truncated latest checkpoint record (``checkpoints/ckpt-*.json``) between attempts;
+* batch faults, in every attempt of a scenario: global batches whose ``process_batch`` raises
+  (``bad_batches="skip"``: their samples must be in ``errors.jsonl`` once, not in ``outputs/``),
+  and batches of more than one sample that run out of memory (split down to one sample);
 * a world-size change between attempts (``--set resources.slots_per_trial=K``, K in 1..3);
 * the run directory on the local disk, or (``--s3``: half of the scenarios) on S3, served by
   moto's server on 127.0.0.1 that this command starts.
@@ -50,7 +53,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Set, Union
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # tests.support, when run as a script rather than with -m from ROOT
@@ -163,10 +166,28 @@ class Scenario:
     storage: str
     attempts: List[Attempt]
     final_slots: List[int]
+    raise_batches: List[int] = dataclasses.field(default_factory=list)  # skipped (bad_batches="skip")
+    oom_above: int = 0  # batches of more samples run out of memory (0: none do)
 
     def describe(self) -> str:
-        return (f"n={self.n} bs={self.batch_size} interval={self.interval} storage={self.storage} "
+        faults = (f" raise={self.raise_batches}" if self.raise_batches else "") + (
+            f" oom>{self.oom_above}" if self.oom_above else "")
+        return (f"n={self.n} bs={self.batch_size} interval={self.interval} storage={self.storage}{faults} "
                 f"attempts=[{'; '.join(a.describe() for a in self.attempts)}]")
+
+    def env(self) -> Dict[str, str]:
+        """The batch faults, the same in every run of the scenario (they are properties of the data)."""
+        env: Dict[str, str] = {}
+        if self.raise_batches:
+            env.update(SUM_JOB_RAISE=",".join(map(str, self.raise_batches)), SUM_JOB_BAD_BATCHES="skip")
+        if self.oom_above:
+            env["SUM_JOB_OOM_ABOVE"] = str(self.oom_above)
+        return env
+
+    def skipped(self) -> Set[int]:
+        """Samples of the batches that raise: in errors.jsonl, never in outputs/."""
+        bs = self.batch_size
+        return {i for g in self.raise_batches for i in range(g * bs, min(self.n, (g + 1) * bs))}
 
 
 def make_scenario(rng: random.Random, index: int, s3: bool, max_faulty: int) -> Scenario:
@@ -189,9 +210,14 @@ def make_scenario(rng: random.Random, index: int, s3: bool, max_faulty: int) -> 
         a.max_restarts = 1 if a.kill_rank is not None else rng.choice([0, 1])
         a.truncate_after = rng.random() < 0.35
         attempts.append(a)
-    return Scenario(index=index, n=rng.randint(12, 40), batch_size=rng.choice([1, 2, 3]),
-                    interval=rng.randint(1, 4), storage="s3" if s3 and rng.random() < 0.5 else "local",
-                    attempts=attempts, final_slots=[rng.randint(1, 3) for _ in range(4)])
+    sc = Scenario(index=index, n=rng.randint(12, 40), batch_size=rng.choice([1, 2, 3]),
+                  interval=rng.randint(1, 4), storage="s3" if s3 and rng.random() < 0.5 else "local",
+                  attempts=attempts, final_slots=[rng.randint(1, 3) for _ in range(4)])
+    if rng.random() < 0.3:  # out-of-memory batches: every batch of two or three samples is split
+        sc.batch_size, sc.oom_above = max(sc.batch_size, 2), 1
+    if rng.random() < 0.3:  # batches that raise, skipped and recorded
+        sc.raise_batches = sorted(rng.sample(range(-(-sc.n // sc.batch_size)), rng.choice([1, 2])))
+    return sc
 
 
 @dataclasses.dataclass
@@ -211,6 +237,14 @@ class Outcome:
     def clean(self) -> bool:
         return not (self.lost or self.duplicated or self.metric_mismatch or self.hung or self.orphans
                     or self.stray or not self.completed)
+
+
+def _metrics_over(indices: List[int]) -> Dict[str, Any]:
+    """The sum job's metrics over some samples (``tests.support.sum_job_metrics`` covers 0..n-1)."""
+    total, count = float(sum(indices)), len(indices)
+    correct = sum(1 for i in indices if (i * i) % 3 == i % 3)
+    return {"sum": total, "count": count, "mean": total / count if count else 0.0,
+            "accuracy": correct / count if count else 0.0}
 
 
 class Campaign:
@@ -274,10 +308,14 @@ class Campaign:
         cfg.write_text(config_text((sc.n, sc.batch_size, sc.interval), store.config(), name=NAME, slots=1, max_restarts=0))
         return cfg
 
-    def run_attempt(self, cfg: Path, a: Attempt, log: Path, out: Outcome, what: str) -> Optional[int]:
+    def run_attempt(self, cfg: Path, a: Attempt, log: Path, out: Outcome, what: str,
+                    env: Optional[Dict[str, str]] = None) -> Optional[int]:
         cmd = [PY, "-m", "batchproc", "run", str(cfg), "--set", f"resources.slots_per_trial={a.slots}",
                "--set", f"max_restarts={a.max_restarts}"]
-        t = self.start(cmd, log, {ENV_FAULT: a.commit_fault} if a.commit_fault else None)
+        extra = dict(env or {})
+        if a.commit_fault:
+            extra[ENV_FAULT] = a.commit_fault
+        t = self.start(cmd, log, extra)
         timers: List[threading.Thread] = []
         if a.sigterm_at is not None:
             def term() -> None:
@@ -335,11 +373,22 @@ class Campaign:
                     out.notes.append(f"wrong row {r} in {rel}")
                     out.duplicated += 1
                 counts[r["index"]] += 1
-        out.lost += sum(1 for i in range(sc.n) if counts[i] == 0)
+        skipped = sc.skipped()
+        out.lost += sum(1 for i in range(sc.n) if counts[i] == 0 and i not in skipped)
         out.duplicated += sum(c - 1 for c in counts.values() if c > 1)
-        out.duplicated += sum(c for i, c in counts.items() if not 0 <= i < sc.n)
+        out.duplicated += sum(c for i, c in counts.items() if not 0 <= i < sc.n or i in skipped)
         out.stray.extend(store.files("staging"))
-        ref = sum_job_metrics(sc.n)  # what a clean run reports (tests/test_engine.py checks the closed form)
+        # Every skipped batch is recorded exactly once (its records follow the commit rules of outputs).
+        records: collections.Counter = collections.Counter()
+        if store.exists("errors.jsonl"):
+            for line in store.read("errors.jsonl").decode().splitlines():
+                e = json.loads(line)
+                if e.get("kind") == "batch":
+                    records[e["global_batch"]] += 1
+        out.lost += sum(1 for g in sc.raise_batches if records[g] == 0)
+        out.duplicated += sum(c - 1 for c in records.values() if c > 1)
+        out.duplicated += sum(c for g, c in records.items() if g not in sc.raise_batches)
+        ref = sum_job_metrics(sc.n) if not skipped else _metrics_over([i for i in range(sc.n) if i not in skipped])  # what a clean run reports (tests/test_engine.py checks the closed form)
         metrics = json.loads(store.read("metrics.json")) if store.exists("metrics.json") else None
         if metrics != ref:
             out.metric_mismatch += 1
@@ -352,13 +401,14 @@ class Campaign:
         cfg = self.write_config(sc, sdir, store)
         out = Outcome()
         for i, a in enumerate(sc.attempts):
-            rc = self.run_attempt(cfg, a, sdir / f"attempt{i}.log", out, f"attempt {i}")
+            rc = self.run_attempt(cfg, a, sdir / f"attempt{i}.log", out, f"attempt {i}", sc.env())
             out.rcs.append(rc)
             if a.truncate_after:
                 self.truncate_latest(store, rng, out)
         for j in range(self.args.completion_runs):
             k = sc.final_slots[j % len(sc.final_slots)]
-            rc = self.run_attempt(cfg, Attempt(slots=k), sdir / f"complete{j}.log", out, f"completion {j}")
+            rc = self.run_attempt(cfg, Attempt(slots=k), sdir / f"complete{j}.log", out, f"completion {j}",
+                                  sc.env())
             out.rcs.append(f"K{k}:{rc}")
             if rc == 0:
                 out.completed = True

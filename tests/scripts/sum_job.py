@@ -17,6 +17,11 @@ from batchproc import MetricReducer, TorchBatchProcessor, TorchBatchProcessorCon
 
 
 SLEEP = float(os.environ.get("SUM_JOB_SLEEP", "0"))
+# Batch faults for the chaos campaign: these global batches raise, and batches of more samples than
+# OOM_ABOVE raise torch.OutOfMemoryError (split by batchproc), both before anything is counted.
+RAISE = {int(g) for g in os.environ.get("SUM_JOB_RAISE", "").split(",") if g.strip()}
+OOM_ABOVE = int(os.environ.get("SUM_JOB_OOM_ABOVE", "0"))
+BAD_BATCHES = os.environ.get("SUM_JOB_BAD_BATCHES", "raise")
 
 
 class Squares(torch.utils.data.Dataset):
@@ -80,6 +85,10 @@ class Processor(TorchBatchProcessor):
         batch = self.context.to_device(batch)
         assert batch["index"].tolist() == self.context.batch_indices, (batch["index"], self.context.batch_indices)
         self.calls["process_batch"] += 1
+        if self.context.global_batch_idx in RAISE:
+            raise ValueError(f"chaos: batch {self.context.global_batch_idx} cannot be processed")
+        if OOM_ABOVE and len(self.context.batch_indices) > OOM_ABOVE:
+            raise torch.OutOfMemoryError(f"chaos: {len(self.context.batch_indices)} samples do not fit")
         if SLEEP:
             time.sleep(SLEEP)
             if self.context.get_distributed_rank() == 0:
@@ -109,7 +118,7 @@ def main() -> None:
     max_batches = None if len(sys.argv) < 5 or sys.argv[4] == "-" else int(sys.argv[4])
     storage = None if len(sys.argv) < 6 or sys.argv[5] == "-" else sys.argv[5]
     result = torch_batch_process(Processor, Squares(n), batch_size=bs, checkpoint_interval=interval,
-                                 max_batches=max_batches, storage=storage)
+                                 max_batches=max_batches, storage=storage, bad_batches=BAD_BATCHES)
     calls_dir = os.environ.get("SUM_JOB_CALLS_DIR")
     if calls_dir:
         rank = int(os.environ.get("RANK", "0"))
