@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench chaos clean
+.PHONY: run test typecheck bench chaos clean
 
 $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,8 +19,11 @@ run: $(STAMP)  ## the default experiment (experiment.yaml)
 # an expensive module fixture are marked xdist_group and stay on one worker (loadgroup).
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 
-test: $(STAMP)  ## the test suite
+test: typecheck  ## the type check, then the test suite
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=10 $(ARGS)
+
+typecheck: $(STAMP)  ## mypy --strict over the package and the launcher (settings: setup.cfg [mypy])
+	$(PY) -m mypy --strict batchproc launch
 
 clean:
 	rm -rf $(VENV) runs data
