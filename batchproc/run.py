@@ -42,15 +42,13 @@ _GO, _STOP, _FAIL = 0, 1, 2
 DETERMINISTIC = verdict.DETERMINISTIC
 
 
-def _user_call(fn: Any, what: str, *args: Any) -> Any:
-    """Call the user's code; its exception becomes a :class:`UserCodeError` naming it."""
+def _user_call(fn: Any, name: str, *args: Any) -> Any:
+    """Call the user's ``name`` (e.g. ``MyProcessor.on_finish``); its exception becomes a
+    :class:`UserCodeError` naming it."""
     try:
         return fn(*args)
     except Exception as e:
-        owner = getattr(fn, "__qualname__", getattr(fn, "__name__", repr(fn)))
-        if what == "__init__":
-            owner = f"{getattr(fn, '__name__', fn)}.__init__"
-        raise UserCodeError(f"{owner}() raised {type(e).__name__}: {e}. Fix the error and run again; "
+        raise UserCodeError(f"{name}() raised {type(e).__name__}: {e}. Fix the error and run again; "
                             "committed work is kept.") from e
 
 
@@ -299,7 +297,7 @@ class _Job:
         context = TorchBatchProcessorContext(env, stager, reducers, self.settings.hparams, tb_path, self.run_dir.url)
         self.context, self.tb_mirror = context, tb_mirror
         try:
-            processor = _user_call(self.processor_cls, "__init__", context)
+            processor = _user_call(self.processor_cls, f"{self.processor_cls.__name__}.__init__", context)
             if resumed.all_committed:
                 # Every batch was committed and on_finish did not complete: run only on_finish.
                 metrics = env.broadcast(resumed.metrics if env.is_chief else None)
@@ -459,7 +457,7 @@ class _Job:
         self.phase = "in on_finish"
         try:
             self.faults.maybe_kill("kill-in-finish")
-            _user_call(processor.on_finish, "on_finish")
+            _user_call(processor.on_finish, f"{type(processor).__name__}.on_finish")
             for staged, final in finish_stager.join():
                 self.run_dir.move(staged, final)
         finally:
@@ -477,11 +475,6 @@ class _Job:
         if not device_prefetch_enabled(self.env.device):
             return ((loaded, {}) for loaded in batches)
         return DevicePrefetcher(batches, self.env.device, batch_of=lambda loaded: loaded.batch)
-
-    def _describe_indices(self, indices: List[int]) -> str:
-        if indices and indices == list(range(indices[0], indices[-1] + 1)):
-            return f"{indices[0]}..{indices[-1]}"
-        return str(indices)
 
     def _check_bad_budget(self, skipped: int) -> None:
         if self.max_bad_samples is not None and skipped > self.max_bad_samples:

@@ -212,6 +212,20 @@ def assert_collection_exactly_once(job: Job, cleaned_up: bool = True) -> None:
     assert (job.fake_tmp / "data" / "bert_scidocs_embeddings").exists() != cleaned_up
 
 
+def preempt_midway(job: "Job", total: int) -> Tuple[int, Path]:
+    """SIGTERM once each rank has processed its first batch: exit 75, some but not all committed.
+    Returns the committed batches and the attempt's trace."""
+    p, trace = job.start(pause_after="1")
+    wait_for_files(p, Path(f"{trace}.paused.r0"), Path(f"{trace}.paused.r1"))
+    os.killpg(p.pid, signal.SIGTERM)
+    first = job.procs.finish(p, timeout=120)
+    assert first.rc == PREEMPTED, first.out
+    status = job.status()
+    committed: int = status["committed_batches"]
+    assert status["state"] == "preempted" and 0 < committed < total, status
+    return committed, trace
+
+
 @pytest.mark.xdist_group(name="determined-embeddings")
 def test_embeddings_uninterrupted(procs: Any, tmp_path: Path, example_cache: str) -> None:
     job = Job(procs, tmp_path, EMBED, example_cache)
@@ -225,15 +239,7 @@ def test_embeddings_uninterrupted(procs: Any, tmp_path: Path, example_cache: str
 def test_embeddings_preempted_resumed_killed_in_on_finish_rerun(procs: Any, tmp_path: Path,
                                                                  example_cache: str) -> None:
     job = Job(procs, tmp_path, EMBED, example_cache)
-    # 1. Preempted mid-way: each rank waits after its first batch until the signal reaches it.
-    p, trace = job.start(pause_after="1")
-    wait_for_files(p, Path(f"{trace}.paused.r0"), Path(f"{trace}.paused.r1"))
-    os.killpg(p.pid, signal.SIGTERM)
-    first = job.procs.finish(p, timeout=120)
-    assert first.rc == PREEMPTED, first.out
-    status = job.status()
-    committed = status["committed_batches"]
-    assert status["state"] == "preempted" and 0 < committed < EMBED_BATCHES, status
+    committed, trace = preempt_midway(job, EMBED_BATCHES)
     assert "on_finish_start" not in [e for e, _, _ in read_trace(trace)]  # only once all work is done
     assert not (job.fake_tmp / "chroma").exists()
 
@@ -315,15 +321,7 @@ def test_cifar_uninterrupted(procs: Any, tmp_path: Path, example_cache: str) -> 
 @pytest.mark.xdist_group(name="determined-cifar")
 def test_cifar_preempted_resumed_killed_in_on_finish_rerun(procs: Any, tmp_path: Path, example_cache: str) -> None:
     job = Job(procs, tmp_path, CIFAR, example_cache)
-    # 1. Preempted mid-way: each rank waits after its first batch until the signal reaches it.
-    p, trace = job.start(pause_after="1")
-    wait_for_files(p, Path(f"{trace}.paused.r0"), Path(f"{trace}.paused.r1"))
-    os.killpg(p.pid, signal.SIGTERM)
-    first = job.procs.finish(p, timeout=120)
-    assert first.rc == PREEMPTED, first.out
-    status = job.status()
-    committed = status["committed_batches"]
-    assert status["state"] == "preempted" and 0 < committed < CIFAR_BATCHES, status
+    committed, trace = preempt_midway(job, CIFAR_BATCHES)
     published = [f for f in (job.run_dir / "outputs").rglob("*") if f.is_file()]
     assert len(published) == committed  # committed work is published, and nothing else
 
