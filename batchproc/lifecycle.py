@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import os
 import re
 import time
@@ -234,7 +233,3 @@ def record_failure(run_dir: RunDir, failure: Failure, exit_code: Optional[int] =
     """FAILED, with ``failure`` as the cause (unless the run had completed: it stays so)."""
     return transition(run_dir, RunState.FAILED, error=failure.error, failed_rank=failure.rank,
                       phase=failure.phase, traceback=failure.traceback or None, exit_code=exit_code)
-
-
-def json_dumps(status: RunStatus) -> str:
-    return json.dumps(status.to_json(), indent=1, sort_keys=True)
