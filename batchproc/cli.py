@@ -11,9 +11,10 @@ import json
 import os
 import shlex
 import sys
+import time
 from typing import List, Optional, Sequence
 
-from batchproc import report
+from batchproc import lifecycle, report
 from batchproc.config import load_config
 from batchproc.errors import ConfigError
 from batchproc.lifecycle import ExitCode, RunState, read_state
@@ -44,7 +45,17 @@ def _resume_command(args: argparse.Namespace) -> str:
     return shlex.join(words)
 
 
-def _print_summary(rc: int, run_dir: RunDir, args: argparse.Namespace) -> None:
+def _attempt_cause(run_dir: RunDir, since: float) -> str:
+    try:
+        failure = lifecycle.root_cause(lifecycle.read_failures(run_dir, since))
+    except Exception:
+        failure = None
+    if failure is None:
+        return "no worker recorded a cause (see the output above)"
+    return report.describe_cause({"error": failure.error, "failed_rank": failure.rank, "phase": failure.phase})
+
+
+def _print_summary(rc: int, run_dir: RunDir, args: argparse.Namespace, since: float) -> None:
     """The last lines a user reads: how it ended, why, and what the run directory holds now."""
     try:
         status = report.read_status(run_dir)
@@ -61,9 +72,12 @@ def _print_summary(rc: int, run_dir: RunDir, args: argparse.Namespace) -> None:
         print(f"batchproc: preempted; progress saved ({done}). "
               f"Run the same command again to resume: {_resume_command(args)}")
     elif status["state"] == RunState.COMPLETED.value:
-        # The run had completed before: this attempt failed before it could find that out.
-        print(f"batchproc: failed with exit code {rc} before doing anything (see the output above). "
-              f"The run directory still holds a completed run ({done}); nothing in it changed.", file=sys.stderr)
+        # The run had completed (before, or in this attempt), and the script failed outside
+        # torch_batch_process: before it could find that out, or after it returned.
+        cause = _attempt_cause(run_dir, since)
+        print(f"batchproc: failed with exit code {rc}: {cause}", file=sys.stderr)
+        print(f"batchproc: the run directory {run_dir.url} holds a completed run ({done}); every output "
+              f"is there, and a rerun has nothing left to process.", file=sys.stderr)
     else:
         print(f"batchproc: failed with exit code {rc}: {report.describe_cause(status)}", file=sys.stderr)
         print(f"batchproc: the run directory {run_dir.url} has {done} committed; nothing committed was lost. "
@@ -99,11 +113,12 @@ def _run(args: argparse.Namespace, signals: PreemptionSignals) -> int:
     run_dir = RunDir(config.run_dir(), config.storage_root()[1])
     print(f"batchproc: run directory {run_dir.url}", flush=True)
     # On several nodes each node runs this command: no single one can hold the run directory.
+    since = time.time()
     rc = supervise(entrypoint, config.run_settings(lock_held=False), run_dir, signals,
                    holder=f"batchproc run {args.config}", take_lock=nodes == 1,
                    prepare=run_dir.remove_all if args.fresh else None)
     if rc not in (ExitCode.USAGE, ExitCode.LOCKED, ExitCode.NOT_FOUND):
-        _print_summary(rc, run_dir, args)
+        _print_summary(rc, run_dir, args, since)
     return rc
 
 

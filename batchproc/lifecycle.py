@@ -190,7 +190,13 @@ class Failure:
 
     @property
     def secondary(self) -> bool:
-        return _SECONDARY.search(self.error) is not None
+        return is_secondary(self.error)
+
+
+def is_secondary(error: str) -> bool:
+    """Whether an error message reads as the consequence of another failure (a peer or a store
+    that went away, a collective that timed out) rather than a cause of its own."""
+    return _SECONDARY.search(error) is not None
 
 
 def describe_error(error: BaseException) -> str:

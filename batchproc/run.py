@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from batchproc import checkpoint, sharding
 from batchproc.distributed import WorkerEnv, init_worker
 from batchproc import verdict
+from batchproc.entry import REPORTED
 from batchproc.batch_faults import BAD_BATCH_POLICIES, BatchRunner, Watchdog
 from batchproc.errors import (BatchTimeoutError, PeerFailedError, TooManyBadBatchesError, TooManyBadSamplesError,
                               UserCodeError)
@@ -69,6 +70,8 @@ class BatchProcessResult:
     steps_this_attempt: int = 0  #: steps this rank ran in this call
 
 
+#: How many calls of torch_batch_process returned in this process (batchproc.entry names the phase).
+returned = 0
 DEFAULT_BATCH_SIZE = 1  # Determined's, when neither batch_size nor dataloader_kwargs["batch_size"] is given
 
 
@@ -142,13 +145,20 @@ def torch_batch_process(
         job = _Job(env, run_dir, settings, dataset, batch_processor_cls, batch_size,
                    checkpoint_interval, max_batches, loader_kwargs, bad_samples, max_bad_samples,
                    _BatchPolicy(bad_batches, max_bad_batches, batch_timeout_s))
-        return job.run()
+        result = job.run()
+        global returned
+        returned += 1
+        return result
     except BaseException as e:
         if isinstance(e, SystemExit) and e.code == 0:
             raise  # a clean exit after a verdict (batchproc.verdict): recorded already
         phase = job.phase if job is not None else "before the first batch"
         _record_failure(run_dir, e, env, job)
         verdict.handle(e, env.rank, phase)  # leaves cleanly when a restart could not help
+        try:
+            setattr(e, REPORTED, True)  # batchproc.entry: decided here, not to be reported again
+        except Exception:
+            pass
         raise
     finally:
         if lock is not None:

@@ -25,7 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from batchproc import settings as _settings
-from batchproc import lifecycle, verdict
+from batchproc import entry, lifecycle, verdict
 from batchproc.lifecycle import ExitCode, RunState
 from batchproc.settings import FORWARDED_SIGNALS, RunSettings
 
@@ -119,7 +119,12 @@ def _reason(signals: Sequence[int], when: str = "during start-up") -> str:
     return f"signal {signal.Signals(signals[0]).name} {when}" if signals else when
 
 
-def run_child(cmd: Sequence[str], env: Mapping[str, str], signals: Optional[PreemptionSignals] = None) -> int:
+#: Seconds the other ranks get to leave on their own once one left a verdict (see run_child).
+VERDICT_GRACE_S = 15.0
+
+
+def run_child(cmd: Sequence[str], env: Mapping[str, str], signals: Optional[PreemptionSignals] = None,
+              verdicts: Optional[str] = None) -> int:
     """Run ``cmd`` to its end, forwarding SIGTERM/SIGINT/SIGUSR1/SIGHUP; return its exit code.
 
     The child gets its own process group, so a signal sent to ours (Ctrl-C, ``kill -- -PGID``)
@@ -128,16 +133,44 @@ def run_child(cmd: Sequence[str], env: Mapping[str, str], signals: Optional[Pree
     ``signals``, installed by the caller before its start-up, delivers what came before the child
     existed and tells (``signals.forwarded``) whether the child was asked to stop; without it the
     signals are handled only while this call runs.
+
+    ``verdicts``: the folder where ranks that failed for good leave their verdicts. Their peers
+    normally see their collectives break and leave at once; one still waiting for the failed rank
+    where nothing breaks (the process group's rendezvous, when that rank failed in its script
+    before ``torch_batch_process``) would wait the whole process-group timeout. So the child is
+    asked to stop (SIGTERM, which torchrun passes on) :data:`VERDICT_GRACE_S` after the first verdict.
     """
     with PreemptionSignals() if signals is None else contextlib.nullcontext(signals) as signals:
         signals._started = True
         child = subprocess.Popen(list(cmd), env=dict(env), process_group=0)
         signals.attach(child)
         try:
-            rc = child.wait()
+            rc = _wait(child, verdicts)
         finally:
             signals.detach()
     return 128 - rc if rc < 0 else rc
+
+
+def _wait(child: "subprocess.Popen[bytes]", verdicts: Optional[str]) -> int:
+    if verdicts is None:
+        return child.wait()
+    deadline: Optional[float] = None
+    while True:
+        try:
+            return child.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        if deadline is None and verdict.read(verdicts):
+            deadline = time.monotonic() + VERDICT_GRACE_S
+        elif deadline is not None and time.monotonic() > deadline:
+            deadline = float("inf")  # once
+            first = verdict.read(verdicts)[0]
+            print(f"batchproc: rank {first['rank']} failed for good {VERDICT_GRACE_S:.0f} s ago "
+                  f"({first['phase']}) and ranks are still running: stopping them", file=sys.stderr, flush=True)
+            try:
+                child.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
 
 def status_stamp(run_dir: Optional[RunDir]) -> Optional[float]:
@@ -257,7 +290,17 @@ def _record_root_cause(run_dir: RunDir, verdict: Verdict, since: Optional[float]
         lifecycle.record_failure(run_dir, cause, exit_code=verdict.exit_code)
     elif verdict.record is RunState.FAILED:
         lifecycle.transition(run_dir, RunState.FAILED, exit_code=verdict.exit_code)
-    lifecycle.clear_failures(run_dir)
+
+
+def _failed_after_completion(found: List[Dict[str, Any]], run_dir: Optional[RunDir], since: float) -> bool:
+    """Whether a rank's script raised after torch_batch_process returned, in this attempt (seen in
+    our verdicts, or in the run's failure reports when a nested launcher read the verdicts)."""
+    if any(v.get("phase") == entry.AFTER for v in found):
+        return True
+    try:
+        return run_dir is not None and any(f.phase == entry.AFTER for f in lifecycle.read_failures(run_dir, since))
+    except Exception:
+        return False
 
 
 def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDir],
@@ -290,6 +333,10 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
             return stop_before_start(run_dir if settings.lock_held else None, signals.received)
         if prepare is not None:
             prepare()
+        if lock is not None and run_dir is not None:
+            # The ranks' failure reports of an earlier attempt; this one's stay after it ends, for
+            # the summary (batchproc run) and whoever looks into the run directory.
+            lifecycle.clear_failures(run_dir)
         env = child_env(settings)
         for key, value in (env_defaults or {}).items():
             env.setdefault(key, value)
@@ -298,7 +345,7 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
         before, since = status_stamp(run_dir), time.time()
         try:
             try:
-                child_rc = run_child(cmd, env, signals)
+                child_rc = run_child(cmd, env, signals, verdicts)
             except OSError as e:
                 print(f"{name}: error: cannot start {shlex.join(cmd)!r}: {e}", file=sys.stderr)
                 return ExitCode.NOT_FOUND
@@ -311,7 +358,10 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
                     first = found[0]
                     print(f"{name}: failed: {first['error']} (rank {first['rank']}, {first['phase']})",
                           file=sys.stderr)
-            return resolve_exit_code(child_rc, run_dir, before, signals.forwarded, since)
+            rc = resolve_exit_code(child_rc, run_dir, before, signals.forwarded, since)
+            if rc == ExitCode.COMPLETED and _failed_after_completion(found, run_dir, since):
+                return ExitCode.FAILED  # the run completed, and then the script failed
+            return rc
         finally:
             shutil.rmtree(verdicts, ignore_errors=True)
     finally:

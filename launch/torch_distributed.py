@@ -29,6 +29,8 @@ from batchproc.supervisor import PreemptionSignals, supervise
 from batchproc.settings import ENV_PROGRESS, TORCHRUN_SIGNALS_TO_HANDLE as SIGNALS_TO_HANDLE, RunSettings, cpu_count
 
 MODULE = "launch.torch_distributed"
+#: Every Python entrypoint runs through it (torchrun's --module): see batchproc.entry.
+ENTRY = "batchproc.entry"
 USAGE = f"usage: python -m {MODULE} [TORCHRUN_OVERRIDES... --] SCRIPT [ARGS...]"
 LOG_LINE_PREFIX = "[rank${rank}]: "
 # Any of these in the overrides means a rendezvous the user set up, which --standalone would replace.
@@ -164,6 +166,11 @@ def create_launch_cmd(settings: RunSettings, overrides: Sequence[str], script: S
     """The torchrun command line: our defaults, then ``overrides`` (which replace them), then the script."""
     given = _parse_overrides(overrides)
     flags, argv = _script_args(script)
+    if "no_python" not in given and "no_python" not in dict(flags):
+        # A Python script or module runs under batchproc.entry, which reports an error raised
+        # outside torch_batch_process and keeps torchrun from replaying a deterministic one.
+        module = "module" in given or "module" in dict(flags)
+        flags, argv = [("module", "--module")], [ENTRY, *(["-m"] if module else []), *argv]
     defaults = [
         ("nproc_per_node", ["--nproc-per-node", str(settings.slots_per_trial or gpu_count or 1)]),
         ("max_restarts", ["--max-restarts", str(settings.max_restarts)]),

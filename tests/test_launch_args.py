@@ -9,6 +9,7 @@ import pytest
 
 from batchproc.settings import FORWARDED_SIGNALS, RunSettings
 from launch.torch_distributed import (
+    ENTRY,
     LOG_LINE_PREFIX,
     SIGNALS_TO_HANDLE,
     create_launch_cmd,
@@ -62,7 +63,7 @@ def test_defaults():
     assert value(cmd, "--tee") == "3"  # torchrun prefixes only tee'd lines
     assert value(cmd, "--log-line-prefix-template") == LOG_LINE_PREFIX == "[rank${rank}]: "
     assert cmd.count("--standalone") == 1
-    assert cmd[-1] == "x.py"
+    assert cmd[-3:] == ["--", ENTRY, "x.py"]
 
 
 @pytest.mark.parametrize("slots, gpus, expected", [(3, 8, "3"), (None, 4, "4"), (None, 0, "1"), (1, 0, "1")])
@@ -86,12 +87,12 @@ def test_nproc_from_slots_else_gpus_else_one(slots, gpus, expected):
 def test_override_replaces_default_in_either_spelling(overrides, flags, expected):
     cmd = cmd_for(overrides, slots_per_trial=2, max_restarts=1)
     assert value(cmd, *flags) == expected
-    assert cmd[-len(overrides) - 2:-2] == overrides  # after ours, in the user's order, so they win
+    assert cmd[-len(overrides) - 4:-4] == overrides  # after ours, in the user's order, so they win
 
 
 def test_overrides_come_after_defaults_and_before_script():
     cmd = cmd_for(["--monitor-interval", "1"], script=["x.py", "--arg"])
-    assert cmd[-5:] == ["--monitor-interval", "1", "--", "x.py", "--arg"]
+    assert cmd[-7:] == ["--monitor-interval", "1", "--module", "--", ENTRY, "x.py", "--arg"]
 
 
 @pytest.mark.parametrize("flag", ["--nproc", "--foo", "--max-restart", "-z"])
@@ -160,23 +161,26 @@ def test_launcher_overrides_of_an_entrypoint():
 
 
 @pytest.mark.parametrize("python", ["python", "python3", "python3.11", "/usr/bin/python3", sys.executable])
-def test_python_is_dropped(python):
+def test_python_is_dropped_and_the_script_runs_under_batchproc_entry(python):
     cmd = cmd_for(script=[python, "-u", "examples/x.py", "--lr", "1"])
-    assert cmd[-4:] == ["--", "examples/x.py", "--lr", "1"]
+    assert cmd[-6:] == ["--module", "--", "batchproc.entry", "examples/x.py", "--lr", "1"]
     assert python not in cmd[3:] and "--no-python" not in cmd and "-u" not in cmd
 
 
-def test_python_module_maps_to_torchrun_module():
+def test_python_module_runs_under_batchproc_entry():
     cmd = cmd_for(script=["python3", "-m", "pkg.mod", "--a"])
-    assert cmd[-4:] == ["--module", "--", "pkg.mod", "--a"]
+    assert cmd[-6:] == ["--module", "--", "batchproc.entry", "-m", "pkg.mod", "--a"]
     given = cmd_for(["-m"], script=["python3", "-m", "pkg.mod"])  # the user's -m stands; no second one
-    assert "--module" not in given and given[3:].count("-m") == 1 and given[-1] == "pkg.mod"
+    assert "--module" not in given and given[-4:] == ["--", "batchproc.entry", "-m", "pkg.mod"]
 
 
-def test_py_file_runs_as_is_and_executables_without_python():
-    assert cmd_for(script=["x.py"])[-1] == "x.py" and "--no-python" not in cmd_for(script=["x.py"])
+def test_py_file_runs_under_batchproc_entry_and_executables_without_python():
+    cmd = cmd_for(script=["x.py"])
+    assert cmd[-4:] == ["--module", "--", "batchproc.entry", "x.py"] and "--no-python" not in cmd
     cmd = cmd_for(script=["./job.sh", "a"])
     assert cmd[-4:] == ["--no-python", "--", "./job.sh", "a"]
+    cmd = cmd_for(["--no-python"], script=["./job", "a"])  # the user's own executable, as given
+    assert cmd[-3:] == ["--", "./job", "a"] and ENTRY not in cmd
 
 
 @pytest.mark.parametrize("script, message", [

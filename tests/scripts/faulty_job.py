@@ -9,7 +9,9 @@ RowWriter (JSON Lines); a reducer counts the samples processed. Knobs (environme
 * ``FAULTY_SLEEP_AT``: ``RANK:G:SECONDS``, that rank sleeps in global batch G;
 * ``FAULTY_POLICY`` / ``FAULTY_MAX_BAD`` / ``FAULTY_TIMEOUT``: bad_batches, max_bad_batches,
   batch_timeout_s;
-* ``FAULTY_CALLS``: a folder where each process appends the batches it was given (pieces too).
+* ``FAULTY_CALLS``: a folder where each process appends the batches it was given (pieces too);
+* ``FAULTY_SCRIPT``: ``RANKS:before`` or ``RANKS:after``, those ranks raise in the script itself,
+  before ``torch_batch_process`` (opening a file that does not exist) or after it returned.
 
 Usage: faulty_job.py N BATCH_SIZE INTERVAL [STORAGE|-]
 """
@@ -26,7 +28,7 @@ from batchproc.writers import RowWriter
 
 
 def _ints(name):
-    return {int(v) for v in os.environ.get(name, "").split(",") if v.strip()}
+    return _ints_of(os.environ.get(name, ""))
 
 
 class Samples(torch.utils.data.Dataset):
@@ -88,7 +90,20 @@ class Faulty(TorchBatchProcessor):
         self.rows.flush()
 
 
+def _script_fault(when):
+    ranks, _, at = os.environ.get("FAULTY_SCRIPT", "").partition(":")
+    if at == when and int(os.environ.get("RANK", "0")) in _ints_of(ranks):
+        if when == "before":
+            open("/nonexistent/dir/labels.csv").close()
+        raise RuntimeError("post-processing failed")
+
+
+def _ints_of(text):
+    return {int(v) for v in text.split(",") if v.strip()}
+
+
 def main():
+    _script_fault("before")
     n, bs, interval = (int(a) for a in sys.argv[1:4])
     storage = None if len(sys.argv) < 5 or sys.argv[4] == "-" else sys.argv[4]
     max_bad = os.environ.get("FAULTY_MAX_BAD")
@@ -100,6 +115,7 @@ def main():
     if int(os.environ.get("RANK", "0")) == 0:
         print("RESULT " + json.dumps({"completed": result.completed, "preempted": result.preempted,
                                       "metrics": result.metrics}), flush=True)
+    _script_fault("after")
 
 
 if __name__ == "__main__":
