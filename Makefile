@@ -16,11 +16,12 @@ run: $(STAMP)  ## the default experiment (experiment.yaml)
 
 # The suite runs on one worker more than there are cores (pytest-xdist): much of its time is spent
 # waiting on real multi-process jobs (timeouts, sleeps, torchrun's grace periods). Tests that share
-# an expensive module fixture are marked xdist_group and stay on one worker (loadgroup).
+# an expensive module fixture are marked xdist_group and stay on one worker (loadgroup). The
+# longest start first (tests/conftest.py: SLOW_FIRST; --no-loadscope-reorder keeps that order).
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 
 test: typecheck  ## the type check, then the test suite
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=10 $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=10 $(ARGS)
 
 typecheck: $(STAMP)  ## mypy --strict over the package and the launcher (settings: setup.cfg [mypy])
 	$(PY) -m mypy --strict batchproc launch

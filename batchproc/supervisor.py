@@ -120,7 +120,7 @@ def _reason(signals: Sequence[int], when: str = "during start-up") -> str:
 
 
 #: Seconds the other ranks get to leave on their own once one left a verdict (see run_child).
-VERDICT_GRACE_S = 15.0
+VERDICT_GRACE_S = 5.0
 
 
 def run_child(cmd: Sequence[str], env: Mapping[str, str], signals: Optional[PreemptionSignals] = None,
@@ -361,6 +361,12 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
             rc = resolve_exit_code(child_rc, run_dir, before, signals.forwarded, since)
             if rc == ExitCode.COMPLETED and _failed_after_completion(found, run_dir, since):
                 return ExitCode.FAILED  # the run completed, and then the script failed
+            if rc == ExitCode.PREEMPTED and found and not signals.forwarded:
+                # A rank failed for good, and a peer took the SIGTERM that ended it for a
+                # preemption: the run failed (a rerun would meet the same failure).
+                if run_dir is not None:
+                    _record_root_cause(run_dir, Verdict(ExitCode.FAILED, RunState.FAILED), since)
+                return ExitCode.FAILED
             return rc
         finally:
             shutil.rmtree(verdicts, ignore_errors=True)

@@ -43,7 +43,7 @@ def test_nothing_is_published_before_its_record(procs: Procs, tmp_path: Path) ->
 
 @pytest.fixture(scope="module")
 def stopped_twice(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A run directory stopped twice (two valid records at least), made once per module and worker."""
+    """A run directory stopped twice (two valid records at least), made once (see SHARES_STOPPED_TWICE)."""
     run_dir = tmp_path_factory.mktemp("stopped") / "run"
     procs = Procs()
     try:
@@ -64,6 +64,11 @@ def _stop_twice(stopped: Path, run_dir: Path) -> List[Path]:
     return sorted((run_dir / "checkpoints").glob("ckpt-*.json"))
 
 
+# The tests that copy ``stopped_twice`` share one xdist worker, so that it is made once.
+SHARES_STOPPED_TWICE = pytest.mark.xdist_group("stopped-twice")
+
+
+@SHARES_STOPPED_TWICE
 @pytest.mark.parametrize("damage", ["truncate", "edit", "drop-states"])
 def test_damaged_latest_record_falls_back_to_previous(procs: Procs, tmp_path: Path, stopped_twice: Path,
                                                       damage: str) -> None:
@@ -86,6 +91,7 @@ def test_damaged_latest_record_falls_back_to_previous(procs: Procs, tmp_path: Pa
     assert (run_dir / "rejected" / "checkpoints" / latest.name).exists()
 
 
+@SHARES_STOPPED_TWICE
 def test_no_valid_record_is_a_clear_error(procs: Procs, tmp_path: Path, stopped_twice: Path) -> None:
     run_dir = tmp_path / "run"
     for rec in _stop_twice(stopped_twice, run_dir):

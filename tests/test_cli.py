@@ -25,8 +25,10 @@ def batchproc(*args: object) -> List[str]:
 
 
 def test_preempt_twice_with_world_size_changes_then_complete(procs: Procs, tmp_path: Path) -> None:
-    run_dir = tmp_path / "runs" / "sums"
-    slow = {"SUM_JOB_SLEEP": "0.25"}
+    # Also what tests/test_engine.py's stop-and-resume case checks for a world-size change: each
+    # rank's on_finish runs once, in the attempt that completes, never in a preempted one.
+    run_dir, calls = tmp_path / "runs" / "sums", tmp_path / "calls"
+    slow = {"SUM_JOB_SLEEP": "0.25", "SUM_JOB_CALLS_DIR": str(calls)}
     committed = 0
     for nproc, sig in ((2, signal.SIGTERM), (3, signal.SIGUSR1)):
         cfg = write_config(tmp_path, nproc=nproc)
@@ -41,7 +43,7 @@ def test_preempt_twice_with_world_size_changes_then_complete(procs: Procs, tmp_p
         assert status["state"] == "preempted" and committed < status["committed_batches"] < N // BS, status
         committed = status["committed_batches"]
         assert output_indices(run_dir) == list(range(committed * BS))  # committed work is published
-    done = procs.run(batchproc("run", write_config(tmp_path, nproc=1)))
+    done = procs.run(batchproc("run", write_config(tmp_path, nproc=1)), env={"SUM_JOB_CALLS_DIR": str(calls)})
     assert done.rc == 0, done.out
     assert_exactly_once(run_dir, N)
     assert f"metrics: {json.dumps(sum_job_metrics(N), sort_keys=True)}" in done.out
@@ -49,9 +51,13 @@ def test_preempt_twice_with_world_size_changes_then_complete(procs: Procs, tmp_p
     assert status["state"] == "completed" and status["attempts"] == 3
     assert status["committed_batches"] == status["total_batches"] == N // BS
 
-    again = procs.run(batchproc("run", write_config(tmp_path, nproc=2)))
+    again = procs.run(batchproc("run", write_config(tmp_path, nproc=2)), env={"SUM_JOB_CALLS_DIR": str(calls)})
     assert again.rc == 0 and "batchproc: completed (30/30 batches)" in again.out, again.out
     assert index_and_y(output_rows(run_dir)) == sum_job_rows(N)
+    finishes = {f.stem: (json.loads(f.read_text())["calls"] or {}).get("on_finish") for f in calls.glob("*.json")}
+    assert finishes == {"r0-0": 0, "r1-0": 0, "r0-1": 0, "r1-1": 0, "r2-0": 0,  # preempted at 2, then 3 ranks
+                        "r0-2": 1,  # completed on 1 rank
+                        "r0-3": None, "r1-2": None}, finishes  # the completed run again: no processor at all
 
 
 def test_sigkilled_worker_restarts_under_batchproc_run(procs: Procs, tmp_path: Path) -> None:

@@ -37,7 +37,6 @@ def test_single_process_run_is_what_the_closed_form_says(procs: Procs, tmp_path:
     (1, 10, 3, "-"),      # single process under torchrun
     (2, 12, 3, "-"),      # divisible by batch_size * W
     (2, 13, 3, "-"),      # not divisible: short last batch, uneven ranks
-    (3, 18, 3, "-"),      # divisible with 3 ranks
     (3, 20, 3, "-"),      # not divisible with 3 ranks
     (2, 50, 4, 3),        # max_batches caps each worker at 3 batches
     (3, 1, 4, "-"),       # one sample: two ranks have nothing and must not hang
@@ -63,7 +62,8 @@ def test_exactly_once_and_exact_metrics(procs: Procs, tmp_path: Path, world: int
     assert not (run_dir / "staging").exists() or not any((run_dir / "staging").rglob("*"))
 
 
-@pytest.mark.parametrize("first,second", [(2, 2), (2, 1), (1, 3)])
+# World-size changes (2 -> 3 -> 1) are tests/test_cli.py's preempt-twice case, through real signals.
+@pytest.mark.parametrize("first,second", [(2, 2)])
 def test_stop_then_resume_with_any_world_size(procs: Procs, tmp_path: Path, first: int, second: int) -> None:
     n, bs, run_dir, calls = 29, 2, tmp_path / "run", tmp_path / "calls"
     env = {"SUM_JOB_CALLS_DIR": str(calls)}
