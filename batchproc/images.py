@@ -49,6 +49,11 @@ UNKNOWN_LABEL = -1
 #: Connections per process to S3 when ``storage_options`` do not say (aiobotocore's default is 10,
 #: too few to keep two batches of requests in flight).
 S3_POOL_CONNECTIONS = 64
+#: Requests one process keeps in flight. Fewer than the connections, and started in the order they
+#: were asked for: the files of the batch being loaded are not slowed down by those of the batches
+#: read ahead (at start-up all three batches are asked for at once, and a server answers the
+#: requests it holds together, not first come first served).
+MAX_IN_FLIGHT = 32
 
 # torchvision 0.29 warns on every decode that its decoders are deprecated in favour of TorchCodec;
 # they are what this module deliberately uses (pinned torchvision), so that one warning is silenced.
@@ -356,6 +361,11 @@ async def _get_async(fs: Any, path: str) -> Tuple[bytes, Optional[str]]:
     return await fs._cat_file(path), None
 
 
+async def _in_turn(limit: asyncio.Semaphore, get: Callable[[Any, str], Any], fs: Any, path: str) -> Any:
+    async with limit:  # FIFO: requests start in the order prefetch() was given them
+        return await get(fs, path)
+
+
 class _Reader:
     """One process's reads of one manifest. On async filesystems (S3, GCS, HTTP, ...) each file is
     one request on fsspec's IO loop, started by :meth:`prefetch` and collected by :meth:`read`; on
@@ -371,6 +381,7 @@ class _Reader:
         self.pending: "collections.OrderedDict[int, concurrent.futures.Future[Tuple[bytes, Optional[str]]]]" = \
             collections.OrderedDict()
         self.max_pending = self.MIN_PENDING
+        self.limit: Optional[asyncio.Semaphore] = None  # made on the IO loop's thread, at first use
 
     def url(self, i: int) -> str:
         return self.urls[i]
@@ -381,9 +392,12 @@ class _Reader:
         get = _get_s3 if self.kind == "s3" else _get_async
         # Never so small that a hint evicts files of the batch being read (the oldest entries).
         self.max_pending = max(self.max_pending, 2 * len(indices))
+        if self.limit is None:
+            self.limit = asyncio.Semaphore(MAX_IN_FLIGHT)
         for i in indices:
             if i not in self.pending:
-                self.pending[i] = asyncio.run_coroutine_threadsafe(get(self.fs, self.manifest.path(i)), self.fs.loop)
+                self.pending[i] = asyncio.run_coroutine_threadsafe(
+                    _in_turn(self.limit, get, self.fs, self.manifest.path(i)), self.fs.loop)
         while len(self.pending) > self.max_pending:
             self.pending.popitem(last=False)[1].cancel()
 
