@@ -40,13 +40,13 @@ def script_phase() -> str:
 
 
 def restart_could_help(error: BaseException) -> bool:
-    """A connection, timeout or collective error (a peer or a store went away) may pass on a
-    restart; anything else the script raised would be raised again by the same code and inputs."""
+    """A storage, connection or timeout error (:func:`batchproc.storage.is_transient`) or a
+    collective one (a peer or a store went away) may pass on a restart; anything else the script
+    raised would be raised again by the same code and inputs."""
     from batchproc.lifecycle import describe_error, is_secondary
     from batchproc.storage import is_transient
 
-    return is_transient(error) or isinstance(error, (ConnectionError, TimeoutError)) \
-        or is_secondary(describe_error(error))
+    return is_transient(error) or is_secondary(describe_error(error))
 
 
 def _report(error: BaseException) -> None:
@@ -90,7 +90,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 def _from_the_script(tb: Optional[TracebackType]) -> Optional[TracebackType]:
     """The traceback without this module's and runpy's frames: it starts in the user's script."""
     while tb is not None and tb.tb_next is not None and (
-            tb.tb_frame.f_code.co_filename in (__file__, runpy.__file__) or "runpy" in tb.tb_frame.f_code.co_filename):
+            tb.tb_frame.f_code.co_filename == __file__ or "runpy" in tb.tb_frame.f_code.co_filename):
         tb = tb.tb_next
     return tb
 

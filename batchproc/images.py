@@ -381,7 +381,7 @@ class _Reader:
         self.pending: "collections.OrderedDict[int, concurrent.futures.Future[Tuple[bytes, Optional[str]]]]" = \
             collections.OrderedDict()
         self.max_pending = self.MIN_PENDING
-        self.limit: Optional[asyncio.Semaphore] = None  # made on the IO loop's thread, at first use
+        self.limit = asyncio.Semaphore(MAX_IN_FLIGHT)  # bound to fsspec's IO loop when first awaited there
 
     def url(self, i: int) -> str:
         return self.urls[i]
@@ -392,8 +392,6 @@ class _Reader:
         get = _get_s3 if self.kind == "s3" else _get_async
         # Never so small that a hint evicts files of the batch being read (the oldest entries).
         self.max_pending = max(self.max_pending, 2 * len(indices))
-        if self.limit is None:
-            self.limit = asyncio.Semaphore(MAX_IN_FLIGHT)
         for i in indices:
             if i not in self.pending:
                 self.pending[i] = asyncio.run_coroutine_threadsafe(

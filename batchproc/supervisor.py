@@ -224,15 +224,24 @@ _UNSAID = (None, RunState.RUNNING, RunState.FINISHING)  # the child ended withou
 
 
 def decide(child_rc: int, state: Optional[RunState], completed_before: bool, signalled: bool,
-           interrupted: bool = False, signal_reason: str = "") -> Verdict:
+           interrupted: bool = False, signal_reason: str = "", *, failed_for_good: bool = False,
+           failed_after_completion: bool = False) -> Verdict:
     """The exit-code policy, as a pure function (tests/test_lifecycle.py holds it to a table).
 
     ``state``: what this attempt's workers recorded (None if nothing, or only a previous attempt's
     stamp); ``completed_before``: status.json says COMPLETED whatever this attempt did;
     ``signalled``: we forwarded a preemption signal to the child; ``interrupted``: rank 0 recorded
-    the KeyboardInterrupt that Python's default SIGINT action raised in it.
+    the KeyboardInterrupt that Python's default SIGINT action raised in it; ``failed_for_good``: a
+    rank left a verdict (:mod:`batchproc.verdict`); ``failed_after_completion``: a rank's script
+    raised after torch_batch_process returned (:mod:`batchproc.entry`).
     """
     rc = lifecycle.exit_code_for(state, child_rc)
+    if rc == ExitCode.COMPLETED and failed_after_completion:
+        return Verdict(ExitCode.FAILED)  # the run completed (and stays so), then the script failed
+    if rc == ExitCode.PREEMPTED and failed_for_good and not signalled:
+        # A rank failed for good, and a peer took the SIGTERM that ended it for a preemption:
+        # the run failed (a rerun would meet the same failure).
+        return Verdict(ExitCode.FAILED, RunState.FAILED)
     if rc in (ExitCode.COMPLETED, ExitCode.PREEMPTED):
         return Verdict(rc)
     # Nobody said how it ended (or rank 0 said "KeyboardInterrupt"), and we had forwarded a
@@ -248,15 +257,19 @@ def decide(child_rc: int, state: Optional[RunState], completed_before: bool, sig
 
 
 def resolve_exit_code(child_rc: int, run_dir: Optional[RunDir], before: Optional[float] = None,
-                      signals: Sequence[int] = (), since: Optional[float] = None) -> int:
+                      signals: Sequence[int] = (), since: Optional[float] = None,
+                      verdicts: Sequence[Dict[str, Any]] = ()) -> int:
     """0 completed, 75 preempted (progress saved), else non-zero: the run failed.
 
     Without a run directory the child's code stands. With one, its recorded state decides, unless
     the child failed and the status still carries the stamp ``before`` (from :func:`status_stamp`):
     then no worker of this attempt wrote it (it died early), and a previous attempt's "preempted"
     or "completed" must not pass for this one's. See :func:`decide` for the rest. A failure is
-    recorded with its root cause among the failure reports written since ``since``.
+    recorded with its root cause among the failure reports written since ``since``. ``verdicts``:
+    those the ranks left (the run failed, whatever torchrun's own code says).
     """
+    if verdicts:
+        child_rc = child_rc or ExitCode.FAILED
     if run_dir is None:
         return child_rc
     try:
@@ -270,8 +283,11 @@ def resolve_exit_code(child_rc: int, run_dir: Optional[RunDir], before: Optional
     state = status.state if trusted else None
     interrupted = (state is RunState.FAILED and signal.SIGINT in signals
                    and (status.error or "").startswith("KeyboardInterrupt"))
+    # A failing script exits non-zero at every level (its rank's verdict, then the launcher's code),
+    # so a clean run costs no look at the failure reports.
+    after = child_rc != 0 and _failed_after_completion(verdicts, run_dir, since)
     verdict = decide(child_rc, state, status.state is RunState.COMPLETED, bool(signals), interrupted,
-                     _reason(signals, "").strip())
+                     _reason(signals, "").strip(), failed_for_good=bool(verdicts), failed_after_completion=after)
     try:
         if verdict.record is RunState.PREEMPTED:
             _record_preempted(run_dir, verdict.reason)
@@ -292,13 +308,13 @@ def _record_root_cause(run_dir: RunDir, verdict: Verdict, since: Optional[float]
         lifecycle.transition(run_dir, RunState.FAILED, exit_code=verdict.exit_code)
 
 
-def _failed_after_completion(found: List[Dict[str, Any]], run_dir: Optional[RunDir], since: float) -> bool:
+def _failed_after_completion(found: Sequence[Dict[str, Any]], run_dir: RunDir, since: Optional[float]) -> bool:
     """Whether a rank's script raised after torch_batch_process returned, in this attempt (seen in
     our verdicts, or in the run's failure reports when a nested launcher read the verdicts)."""
     if any(v.get("phase") == entry.AFTER for v in found):
         return True
     try:
-        return run_dir is not None and any(f.phase == entry.AFTER for f in lifecycle.read_failures(run_dir, since))
+        return any(f.phase == entry.AFTER for f in lifecycle.read_failures(run_dir, since))
     except Exception:
         return False
 
@@ -349,25 +365,13 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
             except OSError as e:
                 print(f"{name}: error: cannot start {shlex.join(cmd)!r}: {e}", file=sys.stderr)
                 return ExitCode.NOT_FOUND
+            # A rank that failed for good left a verdict, and every worker left cleanly so that
+            # torchrun would not replay it.
             found = verdict.read(verdicts)
-            if found:
-                # A rank failed for good and every worker left cleanly so that torchrun would not
-                # replay it: the run failed, whatever torchrun's own code says.
-                child_rc = child_rc or ExitCode.FAILED
-                if run_dir is None:
-                    first = found[0]
-                    print(f"{name}: failed: {first['error']} (rank {first['rank']}, {first['phase']})",
-                          file=sys.stderr)
-            rc = resolve_exit_code(child_rc, run_dir, before, signals.forwarded, since)
-            if rc == ExitCode.COMPLETED and _failed_after_completion(found, run_dir, since):
-                return ExitCode.FAILED  # the run completed, and then the script failed
-            if rc == ExitCode.PREEMPTED and found and not signals.forwarded:
-                # A rank failed for good, and a peer took the SIGTERM that ended it for a
-                # preemption: the run failed (a rerun would meet the same failure).
-                if run_dir is not None:
-                    _record_root_cause(run_dir, Verdict(ExitCode.FAILED, RunState.FAILED), since)
-                return ExitCode.FAILED
-            return rc
+            if found and run_dir is None:
+                first = found[0]
+                print(f"{name}: failed: {first['error']} (rank {first['rank']}, {first['phase']})", file=sys.stderr)
+            return resolve_exit_code(child_rc, run_dir, before, signals.forwarded, since, found)
         finally:
             shutil.rmtree(verdicts, ignore_errors=True)
     finally:

@@ -57,6 +57,22 @@ def test_exit_code_policy(child_rc: int, state: Optional[RunState], completed_be
     assert got == expected
 
 
+VERDICT_POLICY = [  # child_rc, state, signalled, failed_for_good, failed_after_completion, expected
+    (1, S.COMPLETED, False, True, True, Verdict(ExitCode.FAILED)),  # completed, then the script failed
+    (1, S.COMPLETED, False, True, False, Verdict(ExitCode.COMPLETED)),  # a verdict of an earlier phase
+    (1, S.PREEMPTED, False, True, False, Verdict(ExitCode.FAILED, S.FAILED)),  # a peer's SIGTERM after a verdict
+    (1, S.PREEMPTED, True, True, False, Verdict(ExitCode.PREEMPTED)),  # the user's own stop stands
+]
+
+
+@pytest.mark.parametrize("child_rc,state,signalled,failed_for_good,after,expected", VERDICT_POLICY)
+def test_exit_code_policy_after_a_verdict(child_rc: int, state: RunState, signalled: bool, failed_for_good: bool,
+                                          after: bool, expected: Verdict) -> None:
+    got = decide(child_rc, state, state is S.COMPLETED, signalled, failed_for_good=failed_for_good,
+                 failed_after_completion=after)
+    assert got == expected
+
+
 ALLOWED = [  # from, to, allowed
     (None, S.RUNNING, True), (S.RUNNING, S.FINISHING, True), (S.FINISHING, S.COMPLETED, True),
     (S.RUNNING, S.PREEMPTED, True), (S.PREEMPTED, S.RUNNING, True), (S.FAILED, S.FINISHING, True),
