@@ -235,6 +235,10 @@ def decide(child_rc: int, state: Optional[RunState], completed_before: bool, sig
     rank left a verdict (:mod:`batchproc.verdict`); ``failed_after_completion``: a rank's script
     raised after torch_batch_process returned (:mod:`batchproc.entry`).
     """
+    if failed_for_good:
+        # The run failed, whatever code torchrun ended with: 0 when every worker left cleanly, 143
+        # when we stopped the ranks still waiting for the failed one (run_child).
+        child_rc = ExitCode.FAILED
     rc = lifecycle.exit_code_for(state, child_rc)
     if rc == ExitCode.COMPLETED and failed_after_completion:
         return Verdict(ExitCode.FAILED)  # the run completed (and stays so), then the script failed
@@ -269,7 +273,7 @@ def resolve_exit_code(child_rc: int, run_dir: Optional[RunDir], before: Optional
     those the ranks left (the run failed, whatever torchrun's own code says).
     """
     if verdicts:
-        child_rc = child_rc or ExitCode.FAILED
+        child_rc = ExitCode.FAILED  # as in decide(); before the status is trusted or not
     if run_dir is None:
         return child_rc
     try:

@@ -62,6 +62,8 @@ VERDICT_POLICY = [  # child_rc, state, signalled, failed_for_good, failed_after_
     (1, S.COMPLETED, False, True, False, Verdict(ExitCode.COMPLETED)),  # a verdict of an earlier phase
     (1, S.PREEMPTED, False, True, False, Verdict(ExitCode.FAILED, S.FAILED)),  # a peer's SIGTERM after a verdict
     (1, S.PREEMPTED, True, True, False, Verdict(ExitCode.PREEMPTED)),  # the user's own stop stands
+    (143, None, False, True, False, Verdict(ExitCode.FAILED, S.FAILED)),  # we stopped the ranks left waiting
+    (0, None, False, True, False, Verdict(ExitCode.FAILED, S.FAILED)),  # every worker left cleanly
 ]
 
 
