@@ -10,7 +10,6 @@ single-node runs; multi-node runs keep torchrun, with the endpoint the user give
 
 from __future__ import annotations
 
-import inspect
 import socket
 import sys
 from typing import Any

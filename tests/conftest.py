@@ -31,7 +31,7 @@ SLOW_FIRST = (
     "test_damaged_latest_record_", "test_no_valid_record_",  # group stopped-twice, ~50 s
     "test_preempt_twice_", "test_long_outage_", "test_skipped_batches_are_recorded_once_",
     "test_s3_listing_happens_once_", "test_a_script_failing_after_", "test_out_of_memory_batches_",
-    "test_a_killed_worker_", "test_preempted_then_resumed_on_s3", "test_sigkilled_worker_",
+    "test_signal_while_the_workers_start_", "test_a_killed_worker_", "test_preempted_then_resumed_on_s3",
     "test_preemption_during_on_finish_",
 )
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 from pathlib import Path
 from typing import List
@@ -58,18 +57,6 @@ def test_preempt_twice_with_world_size_changes_then_complete(procs: Procs, tmp_p
     assert finishes == {"r0-0": 0, "r1-0": 0, "r0-1": 0, "r1-1": 0, "r2-0": 0,  # preempted at 2, then 3 ranks
                         "r0-2": 1,  # completed on 1 rank
                         "r0-3": None, "r1-2": None}, finishes  # the completed run again: no processor at all
-
-
-def test_sigkilled_worker_restarts_under_batchproc_run(procs: Procs, tmp_path: Path) -> None:
-    run_dir = tmp_path / "runs" / "sums"
-    p = procs.start(batchproc("run", write_config(tmp_path, nproc=2, max_restarts=1)), env={"SUM_JOB_SLEEP": "0.1"})
-    lines = procs.wait_for(p, r"PROGRESS 10\b")
-    pid = dict(re.findall(r"WORKER rank=(\d+) pid=(\d+)", "".join(lines)))["0"]
-    os.kill(int(pid), signal.SIGKILL)
-    out = procs.finish(p)
-    assert out.rc == 0, out.out
-    assert_exactly_once(run_dir, N)
-    assert json.loads((run_dir / "status.json").read_text())["restarts"] == 1
 
 
 def test_stop_command_and_lock(procs: Procs, tmp_path: Path) -> None:

@@ -9,12 +9,10 @@ per run, counted on a real S3 server (moto's) as the ListObjectsV2 requests it r
 from __future__ import annotations
 
 import collections
-import hashlib
 import importlib.util
 import io
 import json
 import os
-import subprocess
 import sys
 import threading
 from pathlib import Path

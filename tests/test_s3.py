@@ -1,4 +1,4 @@
-"""A job whose run directory is on S3 (moto's server on 127.0.0.1, through s3fs): full and resumed."""
+"""A job whose run directory is on S3 (moto's server on 127.0.0.1, through s3fs): preempted, resumed, killed."""
 
 from __future__ import annotations
 
@@ -21,17 +21,6 @@ def s3_rows(url: str) -> Tuple[List[Tuple[int, float]], Any]:
     return sorted((r["index"], r["y"]) for r in rows), fs
 
 
-def test_full_run_on_s3(procs: Procs, s3_server: Dict[str, Any], s3_bucket: str) -> None:
-    url = f"{s3_bucket}/runs/full"
-    out = procs.run(job_cmd(2, N, BS, 2, "-", url), env=s3_server["env"])
-    assert out.rc == 0, out.out
-    rows, fs = s3_rows(url)
-    assert rows == sum_job_rows(N)
-    assert out.result()["metrics"] == sum_job_metrics(N)
-    assert json.loads(fs.cat_file(url + "/metrics.json")) == sum_job_metrics(N)
-    assert not fs.find(url + "/staging")
-
-
 def test_preempted_then_resumed_on_s3(procs: Procs, s3_server: Dict[str, Any], s3_bucket: str) -> None:
     url = f"{s3_bucket}/runs/resumed"
     env = dict(s3_server["env"], SUM_JOB_REPORT="1")  # report_metrics at each checkpoint
@@ -48,6 +37,8 @@ def test_preempted_then_resumed_on_s3(procs: Procs, s3_server: Dict[str, Any], s
     after = fs.cat_file(url + "/tensorboard/metrics.jsonl").decode().splitlines()
     assert reported and after[:len(reported)] == reported and len(after) > len(reported)
     assert second.result()["metrics"] == sum_job_metrics(N)
+    assert json.loads(fs.cat_file(url + "/metrics.json")) == sum_job_metrics(N)
+    assert not fs.find(url + "/staging")
 
 
 def test_reported_metrics_reach_s3_at_each_checkpoint_even_if_the_job_then_dies(

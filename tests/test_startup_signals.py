@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-import pytest
-
 from tests.support import PY, SCRIPTS, Finished, Procs, assert_exactly_once, config_text, output_rows, shared_fs
 
 N, BS, INTERVAL = 40, 2, 4
@@ -99,25 +97,28 @@ def started_anything(out: str) -> bool:
     return "STARTING" in out or "WORKER" in out
 
 
-@pytest.mark.parametrize("slow, sig", [("import", signal.SIGTERM), ("init", signal.SIGTERM), ("init", signal.SIGINT)])
-def test_signal_while_the_workers_start_is_a_preemption(procs: Procs, tmp_path: Path, slow: str, sig: int) -> None:
+def test_signal_while_the_workers_start_is_a_preemption(procs: Procs, tmp_path: Path) -> None:
     """(b): batchproc, the launcher and torchrun run; the ranks have not installed their handlers.
 
-    "import": no rank wrote anything yet. "init": rank 0 wrote RUNNING; SIGTERM kills the ranks and
-    SIGINT raises KeyboardInterrupt in them, which rank 0 records as the attempt's failure.
+    Three attempts on one run directory, each stopped in its own window, then a resume:
+    "import" (no rank wrote anything yet) with SIGTERM; "init" (rank 0 wrote RUNNING) with SIGTERM,
+    which kills the ranks, and with SIGINT, which raises KeyboardInterrupt in them (rank 0 records
+    it as the attempt's failure). Each is a preemption: exit 75, the signal named, nothing lost.
     """
     run_dir = tmp_path / "runs" / "sums"
     write_config(tmp_path)
-    p = procs.start(batchproc("run", tmp_path / "exp.yaml"), env={"SLOW_START": slow})
-    procs.wait_for(p, "LOADING" if slow == "init" else "STARTING")
-    os.kill(p.pid, sig)
-    out = procs.finish(p, timeout=120)
-    assert out.rc == 75, out.out
-    assert "preempted; progress saved" in out.out and "WORKER" not in out.out
-    status = status_of(run_dir)
-    name = signal.Signals(sig).name
-    assert status["state"] == "preempted" and status["reason"].startswith(f"signal {name}"), status
-    assert status["exit_code"] == 75 and not rows_of(run_dir)
+    for attempt, (slow, sig) in enumerate([("import", signal.SIGTERM), ("init", signal.SIGTERM),
+                                           ("init", signal.SIGINT)], start=1):
+        p = procs.start(batchproc("run", tmp_path / "exp.yaml"), env={"SLOW_START": slow})
+        procs.wait_for(p, "LOADING" if slow == "init" else "STARTING")
+        os.kill(p.pid, sig)
+        out = procs.finish(p, timeout=120)
+        assert out.rc == 75, (slow, sig, out.out)
+        assert "preempted; progress saved" in out.out and "WORKER" not in out.out, out.out
+        status = status_of(run_dir)
+        name = signal.Signals(sig).name
+        assert status["state"] == "preempted" and status["reason"].startswith(f"signal {name}"), (slow, status)
+        assert status["exit_code"] == 75 and not rows_of(run_dir), status
 
     again = procs.run(batchproc("run", tmp_path / "exp.yaml"))
     assert again.rc == 0, again.out
