@@ -1,9 +1,10 @@
 """Regressions that the chaos campaign (``python -m bench.chaos``; see docs/RELIABILITY.md) found.
 
 The campaign itself is not a test: CI runs a fixed slice of it as its own step (``.ci/run``:
-seed 25's first three scenarios, which must cover SIGTERM to ``batchproc run`` and to the
-launcher, SIGKILLed workers, kills after staging and after the record, truncated records, world
-sizes 1-3, and run directories on the local disk and on S3).
+seed 70's first three scenarios, which must cover (``--require``) SIGTERM to ``batchproc run``
+and to the launcher, SIGKILLed workers, kills after staging and after the record, truncated
+records, world sizes 1-3, run directories on the local disk and on S3, raising and out-of-memory
+batches).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def test_completed_run_whose_status_says_failed_heals_on_rerun(procs: Procs, tmp
     handler after a peer died past its final COMPLETED write), a rerun finds it complete and, as
     it wrote nothing else, used to exit 1 forever. Opening the run now restores COMPLETED."""
     run_dir = tmp_path / "run"
-    assert procs.run(job_cmd(1, 10, 2, 2, "-", run_dir)).rc == 0
+    assert procs.run(job_cmd(0, 10, 2, 2, "-", run_dir)).rc == 0
     status = json.loads((run_dir / "status.json").read_text())
     (run_dir / "status.json").write_text(json.dumps(dict(status, state="failed")))
     cfg = write_config(tmp_path / "exp.yaml", (10, 2, 2), shared_fs(tmp_path), name="run", slots=None, max_restarts=None)
