@@ -83,7 +83,7 @@ def test_damaged_latest_record_falls_back_to_previous(procs: Procs, tmp_path: Pa
         latest.write_text(json.dumps(rec))
     else:
         (run_dir / json.loads(latest.read_text())["states_file"]).unlink()
-    out = procs.run(job_cmd(1, N, BS, 2, "-", run_dir))
+    out = procs.run(job_cmd(0, N, BS, 2, "-", run_dir))  # one process: the records are what matters
     assert out.rc == 0, out.out
     assert "damaged" in out.out and latest.name in out.out
     assert out.result()["metrics"] == sum_job_metrics(N)
@@ -97,7 +97,7 @@ def test_no_valid_record_is_a_clear_error(procs: Procs, tmp_path: Path, stopped_
     for rec in _stop_twice(stopped_twice, run_dir):
         rec.write_text("{")
     before = sorted(p.name for p in (run_dir / "outputs").iterdir())
-    out = procs.run(job_cmd(1, N, BS, 2, "-", run_dir))
+    out = procs.run(job_cmd(0, N, BS, 2, "-", run_dir))  # one process: the records are what matters
     assert out.rc != 0
     assert "CorruptCheckpointError" in out.out and "--fresh" in out.out
     assert sorted(p.name for p in (run_dir / "outputs").iterdir()) == before  # nothing deleted
