@@ -68,6 +68,10 @@ def _print_summary(rc: int, run_dir: RunDir, args: argparse.Namespace, since: fl
         print(f"batchproc: completed ({done}). Outputs: {_url_join(run_dir.url, 'outputs/')}  "
               f"metrics: {_url_join(run_dir.url, report.METRICS_FILE)}")
         print("metrics: " + json.dumps(status.get("metrics", {}), sort_keys=True))
+        skipped = {what: status.get(f"skipped_{what}") or 0 for what in ("batches", "samples")}
+        if any(skipped.values()):  # the job went on past them (bad_batches/bad_samples="skip")
+            print(f"batchproc: skipped {skipped['batches']} batch(es) and {skipped['samples']} sample(s), "
+                  f"each named in {_url_join(run_dir.url, 'errors.jsonl')}; their samples have no output.")
     elif rc == ExitCode.PREEMPTED:
         print(f"batchproc: preempted; progress saved ({done}). "
               f"Run the same command again to resume: {_resume_command(args)}")

@@ -73,6 +73,7 @@ def test_skipped_batches_are_recorded_once_across_a_preemption(tmp_path: Path, p
     second = _run(procs, config, env)
     assert second.rc == ExitCode.COMPLETED, second.out
     run_dir = _run_dir(tmp_path)
+    assert f"skipped 2 batch(es) and 0 sample(s), each named in {run_dir}/errors.jsonl" in second.out, second.out
     assert _indices(run_dir) == sorted(set(range(N)) - _batch(3) - _batch(6))
     errors = _errors(run_dir)
     assert sorted(e["global_batch"] for e in errors) == [3, 6]
