@@ -7,8 +7,8 @@ reduce/report.
 from __future__ import annotations
 
 import dataclasses
-import os
 import gc
+import os
 import signal
 import sys
 import uuid
@@ -129,6 +129,7 @@ def torch_batch_process(
         batch_timeout_s: a rank whose batch runs longer dumps its threads' stacks and fails the
             job at once (off by default).
     """
+    global returned  # counted for batchproc.entry's phase names
     loader_kwargs = check_dataloader_kwargs(dataloader_kwargs, batch_size is not None)
     if batch_size is None:
         batch_size = loader_kwargs.pop("batch_size", DEFAULT_BATCH_SIZE)
@@ -147,7 +148,6 @@ def torch_batch_process(
                    checkpoint_interval, max_batches, loader_kwargs, bad_samples, max_bad_samples,
                    _BatchPolicy(bad_batches, max_bad_batches, batch_timeout_s))
         result = job.run()
-        global returned
         returned += 1
         return result
     except BaseException as e:
