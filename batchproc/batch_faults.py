@@ -131,6 +131,8 @@ class BatchRunner:
 
 
 def _describe(indices: List[int]) -> str:
+    if len(indices) == 1:
+        return str(indices[0])
     if indices and indices == list(range(indices[0], indices[-1] + 1)):
         return f"{indices[0]}..{indices[-1]}"
     return str(indices)

@@ -35,7 +35,7 @@ from batchproc.inputs import check_inputs_fingerprint
 from batchproc.reducer import ReducerRegistry, json_safe
 from batchproc import lifecycle
 from batchproc.lifecycle import RunState
-from batchproc.report import write_errors
+from batchproc.report import ERRORS_FILE, write_errors
 from batchproc.storage import OUTPUTS, STAGING, RunDir, Stager, StorageUnavailableError
 
 RECORDS = "checkpoints"
@@ -236,6 +236,7 @@ def open_run(run_dir: RunDir, fingerprint: Fingerprint, restart_count: int) -> R
     recorded = check_fingerprint(run_dir, fingerprint)
     latest = load_latest(run_dir)
     if latest is None:
+        run_dir.rm(ERRORS_FILE)  # left by records that were all damaged: nothing it names is committed
         return Resumed(total_batches=recorded.total_batches, attempts=1, restarts=restart_count)
     record, slots, damaged = latest
     if damaged:
@@ -251,6 +252,12 @@ def open_run(run_dir: RunDir, fingerprint: Fingerprint, restart_count: int) -> R
     for staged, final in record.publish:
         run_dir.move(staged, final)
     run_dir.rm(STAGING, recursive=True)
+    # errors.jsonl is rewritten after each record: a crash in between, or a fallback to the record
+    # before a damaged one, leaves it behind the record, which is what it must say.
+    if record.errors:
+        write_errors(run_dir, record.errors)
+    else:
+        run_dir.rm(ERRORS_FILE)
     # COMPLETED only once every rank's on_finish returned; all batches committed without it is
     # FINISHING, and this attempt runs on_finish again (at-least-once).
     resumed.finished = lifecycle.read_state(run_dir) is RunState.COMPLETED
@@ -323,10 +330,14 @@ class Checkpointer:
         torch.save({"slots": slots}, buf)
         blob = buf.getvalue()
         new_errors = [e for p in gathered for e in p["errors"]]
-        bad_batches = sum(1 for e in new_errors if e.get("kind") == "batch")
-        self.skipped += len(new_errors) - bad_batches
-        self.skipped_batches += bad_batches
-        self.errors.extend(new_errors[: max(0, MAX_ERRORS_KEPT - len(self.errors))])
+        # A batch split after running out of memory may leave a record per failed piece: it counts once.
+        self.skipped_batches += len({e["global_batch"] for e in new_errors if e.get("kind") == "batch"})
+        self.skipped += sum(1 for e in new_errors if e.get("kind") != "batch")
+        room = max(0, MAX_ERRORS_KEPT - len(self.errors))
+        if len(new_errors) > room and self.env.is_chief:
+            print(f"batchproc: warning: errors.jsonl keeps the first {MAX_ERRORS_KEPT} records; later skips are "
+                  "counted in status.json and named in the log only", file=sys.stderr, flush=True)
+        self.errors.extend(new_errors[:room])
         self.counters[self.attempt] = {str(r): p["uploads"] for r, p in enumerate(gathered)}
         total = self.resumed.total_batches
         n, bs = self.fingerprint.dataset_len, self.fingerprint.batch_size
@@ -347,6 +358,7 @@ class Checkpointer:
         for old in (record_name(seq - KEEP_RECORDS), states_name(seq - KEEP_RECORDS)):
             self.run_dir.rm(old)
         if new_errors:
+            self.faults.maybe_kill("kill-before-errors")
             write_errors(self.run_dir, self.errors)
         elapsed = max(1e-9, time.time() - self.started)
         total_samples = min(n, total * bs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch._C import _distributed_c10d as c10d
@@ -48,13 +48,13 @@ class WorkerEnv:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item())
 
-    def max_int(self, value: int) -> int:
-        """The largest ``value`` over the ranks: one tiny all-reduce (a flag with several levels)."""
+    def sum_ints(self, values: Sequence[int]) -> List[int]:
+        """Each of ``values`` summed over the ranks: one tiny all-reduce."""
         if not self.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.int32, device=self._coll_device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return int(t.item())
+            return [int(v) for v in values]
+        t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=self._coll_device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return [int(v) for v in t.tolist()]
 
     def gather(self, obj: Any) -> Optional[List[Any]]:
         """Gather ``obj`` from every rank to rank 0 (``None`` elsewhere)."""

@@ -2,7 +2,8 @@
 
 ``BATCHPROC_FAULT`` is a comma-separated list of ``point[@rank=R][@step=S]`` entries, e.g.
 ``stop@step=3`` (request a preemption after step 3), ``kill@rank=1@step=2`` (SIGKILL this
-process), ``kill-after-record`` / ``kill-after-stage`` (die in the middle of a commit).
+process), ``kill-after-record`` / ``kill-after-stage`` / ``kill-before-errors`` (die in the middle
+of a commit).
 Each ``kill...`` point has a ``hang...`` twin (``hang@rank=1@step=2``, ``hang-after-stage``, ...)
 where the process stops responding instead, as a rank stuck in a driver call would: it sleeps
 forever, signals included, so only the process group's timeout frees the other ranks (and

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import os
 import signal
 import sys
@@ -15,7 +16,7 @@ import uuid
 import warnings
 from typing import Any, Dict, List, Optional, Tuple, Type, cast
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from batchproc import checkpoint, sharding
 from batchproc.distributed import WorkerEnv, init_worker
@@ -39,8 +40,6 @@ from batchproc.report import METRICS_FILE, write_metrics
 from batchproc.settings import PREEMPTION_SIGNALS, RunSettings
 from batchproc.storage import STAGING, RunDir, RunLock, Stager, acquire_run_lock
 
-#: What the ranks agree on at each step (the largest wins).
-_GO, _STOP, _FAIL = 0, 1, 2
 DETERMINISTIC = verdict.DETERMINISTIC
 
 
@@ -135,6 +134,7 @@ def torch_batch_process(
         batch_size = loader_kwargs.pop("batch_size", DEFAULT_BATCH_SIZE)
     max_batches = _check_arguments(dataset, batch_size, checkpoint_interval, max_batches, bad_samples)
     _check_batch_policy(bad_batches, max_bad_batches, batch_timeout_s)
+    _check_bound("max_bad_samples", max_bad_samples)
     settings = RunSettings.from_env()
     env = init_worker(settings.pg_timeout_s)
     run_dir = RunDir(*_resolve_storage(storage, storage_options, settings))
@@ -205,12 +205,17 @@ def _check_arguments(dataset: Any, batch_size: Any, interval: Any, max_batches: 
     return max_batches
 
 
+def _check_bound(name: str, value: Optional[int]) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
+
+
 def _check_batch_policy(bad_batches: str, max_bad_batches: Optional[int], timeout_s: Optional[float]) -> None:
     if bad_batches not in BAD_BATCH_POLICIES:
         raise ValueError(f"bad_batches must be 'raise' or 'skip', got {bad_batches!r}")
-    if max_bad_batches is not None and (not isinstance(max_bad_batches, int) or max_bad_batches < 0):
-        raise ValueError(f"max_bad_batches must be a non-negative int or None, got {max_bad_batches!r}")
-    if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or timeout_s <= 0):
+    _check_bound("max_bad_batches", max_bad_batches)
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                  or not math.isfinite(timeout_s) or timeout_s <= 0):
         raise ValueError(f"batch_timeout_s must be a positive number of seconds or None, got {timeout_s!r}")
 
 
@@ -300,6 +305,9 @@ class _Job:
             metrics = self._completed_metrics(resumed)
             return self._result(resumed.watermark, resumed.total_batches, metrics, completed=True)
 
+        over_budget = self._over_budget({"samples": resumed.skipped_samples, "batches": resumed.skipped_batches})
+        if over_budget is not None:  # it failed past a bound that this start did not raise
+            raise over_budget
         env = self.env
         reducers = ReducerRegistry()
         stager = Stager(self.run_dir, attempt, env.rank)
@@ -370,14 +378,17 @@ class _Job:
         (steps run, preempted, why it was stopped).
 
         One all-reduce per step agrees on what comes next: go on, stop (a preemption request), or
-        fail (a rank met an error that a restart would meet again: every rank leaves together).
+        fail (a rank met an error that a restart would meet again: every rank leaves together). The
+        same all-reduce sums the samples and batches skipped in the step, so ``max_bad_samples`` and
+        ``max_bad_batches`` bound the whole job's count, the same on every rank.
         """
         env = self.env
         G, total, W = resumed.watermark, resumed.total_batches, env.world_size
         steps = sharding.steps_per_rank(G, total, W)
         watchdog = Watchdog(self.batches.timeout_s, self._batch_timed_out) if self.batches.timeout_s else None
+        collate = self.loader_kwargs.get("collate_fn")
         runner = BatchRunner(processor, context, env.rank, W, self.batches.on_error,
-                             splittable=self.loader_kwargs.get("collate_fn") is None, watchdog=watchdog)
+                             splittable=collate is None or collate is default_collate, watchdog=watchdog)
         new_errors: List[Dict[str, Any]] = []
         skipped = {"samples": resumed.skipped_samples, "batches": resumed.skipped_batches}
         step = 0
@@ -388,9 +399,10 @@ class _Job:
                 for step in range(steps):
                     g = sharding.global_batch(G, W, env.rank, step)
                     failure: Optional[BaseException] = None
+                    bad = (0, 0)
                     try:
                         if g < total:
-                            self._step(items, context, runner, g, new_errors, skipped)
+                            bad = self._step(items, context, runner, g, new_errors)
                     except DETERMINISTIC as e:
                         failure = e
                     if self.faults.fires("stop", step):
@@ -399,18 +411,28 @@ class _Job:
                     progress.advance(G + step * W, G + (step + 1) * W)
                     done = step + 1
                     last = done == steps
-                    agreed = env.max_int(_FAIL if failure else _STOP if watcher.requested and not last else _GO)
-                    if agreed == _FAIL:
+                    failed, stopping, bad_samples, bad_batches = env.sum_ints(
+                        [failure is not None, watcher.requested is not None and not last, *bad])
+                    if failed:
                         raise failure or PeerFailedError(
                             f"rank {env.rank} stops: another rank failed in step {step} (its error is the cause)")
-                    stop = agreed == _STOP
-                    if last or stop or done % self.interval == 0:
-                        state = RunState.FINISHING if last else RunState.PREEMPTED if stop else RunState.RUNNING
-                        self.phase = "in the final checkpoint" if last else f"in the checkpoint after step {done}"
+                    skipped["samples"] += bad_samples
+                    skipped["batches"] += bad_batches
+                    # Past a bound, every rank commits what the job did so far (errors.jsonl then names
+                    # every skip) and fails with the same error.
+                    over_budget = self._over_budget(skipped)
+                    stop = stopping > 0 and over_budget is None
+                    if last or stop or over_budget is not None or done % self.interval == 0:
+                        final = last and over_budget is None
+                        state = RunState.FINISHING if final else RunState.PREEMPTED if stop else RunState.RUNNING
+                        self.phase = "in the final checkpoint" if final else f"in the checkpoint after step {done}"
                         ckpt.commit(processor, sharding.watermark_after(G, total, W, done), new_errors, state)
                         new_errors = []
                         if self.tb_mirror is not None:
                             self.tb_mirror.sync()
+                    if over_budget is not None:
+                        self.phase = f"after step {done}, past a bound on skipped work"
+                        raise over_budget
                     if stop:
                         return done, True, watcher.requested
                 return steps, False, None
@@ -421,30 +443,37 @@ class _Job:
                 watchdog.close()
 
     def _step(self, items: Any, context: TorchBatchProcessorContext, runner: BatchRunner, g: int,
-              new_errors: List[Dict[str, Any]], skipped: Dict[str, int]) -> None:
-        """Load global batch ``g`` and process it under the sample and batch policies."""
+              new_errors: List[Dict[str, Any]]) -> "tuple[int, int]":
+        """Load global batch ``g`` and process it under the sample and batch policies; returns how
+        many of its samples failed to load and whether it failed in ``process_batch`` (0 or 1: a
+        batch split after running out of memory counts once, however many of its pieces failed)."""
         self.phase = f"loading global batch {g}"
         loaded, context._device_copies = next(items)
-        if loaded.bad:
-            records = loaded.bad_records()
-            new_errors.extend(records)
-            skipped["samples"] += len(records)
-            self._check_bad_budget(skipped["samples"])
+        records = loaded.bad_records() if loaded.bad else []
+        new_errors.extend(records)
+        failed_batch = 0
         if loaded.batch is not None:
             self.phase = f"in global batch {g}"
             runner.run(loaded.batch, loaded.indices, g)
-            records = runner.take_records()
-            if records:
-                new_errors.extend(records)
-                skipped["batches"] += len(records)
-                self._check_bad_batches(skipped["batches"])
+            pieces = runner.take_records()
+            new_errors.extend(pieces)
+            failed_batch = 1 if pieces else 0
+        return len(records), failed_batch
 
-    def _check_bad_batches(self, skipped: int) -> None:
-        if self.batches.max_bad is not None and skipped > self.batches.max_bad:
-            raise TooManyBadBatchesError(
-                f"{skipped} batches failed in process_batch, more than max_bad_batches={self.batches.max_bad}; "
-                f"see {self.run_dir.url}/errors.jsonl for those committed so far and the log for the others. "
-                "Fix the cause or raise the bound.")
+    def _over_budget(self, skipped: Dict[str, int]) -> Optional[Exception]:
+        """The error for a job past ``max_bad_samples`` or ``max_bad_batches``, else None."""
+        where = f"{self.run_dir.url}/errors.jsonl"
+        if self.max_bad_samples is not None and skipped["samples"] > self.max_bad_samples:
+            return TooManyBadSamplesError(
+                f"{skipped['samples']} samples failed to load, more than max_bad_samples={self.max_bad_samples}; "
+                f"each is named in {where}. Work committed so far is kept: fix the data or raise the bound, "
+                "then run again to resume.")
+        if self.batches.max_bad is not None and skipped["batches"] > self.batches.max_bad:
+            return TooManyBadBatchesError(
+                f"{skipped['batches']} batches failed in process_batch, more than "
+                f"max_bad_batches={self.batches.max_bad}; each is named in {where}. Work committed so far is "
+                "kept: fix the cause or raise the bound, then run again to resume.")
+        return None
 
     def _batch_timed_out(self, g: int, timeout_s: float) -> None:
         """On the watchdog's thread: record the stuck batch, then end this process at once."""
@@ -502,12 +531,6 @@ class _Job:
         if not device_prefetch_enabled(self.env.device):
             return ((loaded, {}) for loaded in batches)
         return DevicePrefetcher(batches, self.env.device, batch_of=lambda loaded: loaded.batch)
-
-    def _check_bad_budget(self, skipped: int) -> None:
-        if self.max_bad_samples is not None and skipped > self.max_bad_samples:
-            raise TooManyBadSamplesError(
-                f"{skipped} samples failed to load, more than max_bad_samples={self.max_bad_samples}; "
-                f"see {self.run_dir.url}/errors.jsonl for those committed so far. Fix the data or raise the bound.")
 
     def _completed_metrics(self, resumed: checkpoint.Resumed) -> Dict[str, Any]:
         """A run found complete: report its metrics, writing only what a crash at the end left out."""

@@ -88,11 +88,39 @@ def test_skipped_batches_are_recorded_once_across_a_preemption(tmp_path: Path, p
 
 
 def test_too_many_bad_batches_fails_naming_the_count_and_the_records(tmp_path: Path, procs: Procs) -> None:
-    done = _run(procs, _config(tmp_path, max_restarts=3), {"FAULTY_RAISE": "1,2,4", "FAULTY_POLICY": "skip",
-                                                            "FAULTY_MAX_BAD": "1"})
+    """The bound counts the whole job: one bad batch on each rank is 2 > 1. Everything done up to
+    then is committed, each skip named; a rerun with a higher bound finishes the rest."""
+    config = _config(tmp_path, max_restarts=3)
+    env = {"FAULTY_RAISE": "2,3", "FAULTY_POLICY": "skip", "FAULTY_MAX_BAD": "1"}  # rank 0 and rank 1
+    done = _run(procs, config, env)
     assert done.rc == ExitCode.FAILED, done.out
-    assert "more than max_bad_batches=1" in done.out and "errors.jsonl" in done.out
+    run_dir = _run_dir(tmp_path)
+    assert f"2 batches failed in process_batch, more than max_bad_batches=1; each is named in {run_dir}/errors.jsonl" \
+        in done.out, done.out
     assert done.out.count("WORKER rank=0") == 1, "a deterministic failure must not be restarted"
+    assert sorted(e["global_batch"] for e in _errors(run_dir)) == [2, 3]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["state"], status["skipped_batches"], status["committed_batches"]) == ("failed", 2, 4), status
+    again = _run(procs, config, dict(env, FAULTY_MAX_BAD="2"))
+    assert again.rc == ExitCode.COMPLETED, again.out
+    assert _indices(run_dir) == sorted(set(range(N)) - _batch(2) - _batch(3))
+    assert sorted(e["global_batch"] for e in _errors(run_dir)) == [2, 3]
+
+
+def test_skip_records_survive_a_crash_before_errors_jsonl_is_written(tmp_path: Path, procs: Procs) -> None:
+    """Killed after the record that holds a skip and before errors.jsonl caught up with it: the
+    resume writes the file from the record (one process, no launcher needed)."""
+    storage = str(tmp_path / "runs" / "faulty")
+    cmd = [PY, "tests/scripts/faulty_job.py", str(N), str(BS), str(INTERVAL), storage]
+    env = {"FAULTY_RAISE": "1", "FAULTY_POLICY": "skip"}
+    first = procs.run(cmd, dict(env, BATCHPROC_FAULT="kill-before-errors"), timeout=120)
+    assert first.rc == -9, first.out
+    assert not (_run_dir(tmp_path) / "errors.jsonl").exists()
+    second = procs.run(cmd, env, timeout=120)
+    assert second.rc == 0, second.out
+    (error,) = _errors(_run_dir(tmp_path))
+    assert error["global_batch"] == 1 and set(error["indices"]) == _batch(1)
+    assert _indices(_run_dir(tmp_path)) == sorted(set(range(N)) - _batch(1))
 
 
 # -- out of memory -------------------------------------------------------------------------------
@@ -121,7 +149,7 @@ def test_out_of_memory_batches_are_split_down_to_one_sample(tmp_path: Path, proc
 def test_out_of_memory_of_one_sample_under_raise_fails_naming_it(tmp_path: Path, procs: Procs) -> None:
     done = _run(procs, _config(tmp_path, slots=1), {"FAULTY_OOM_ABOVE": "1", "FAULTY_OOM_ALONE": "13"})
     assert done.rc == ExitCode.FAILED, done.out
-    assert "global batch 4, dataset indices 13..13" in done.out and "OutOfMemoryError" in done.out
+    assert "global batch 4, dataset indices 13)" in done.out and "OutOfMemoryError" in done.out
 
 
 # -- no restart loops ------------------------------------------------------------------------------
