@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from batchproc.errors import UserCodeError
+from batchproc.verdict import is_collective_failure
 
 BAD_BATCH_POLICIES = ("raise", "skip")
 TRACEBACK_HEAD = 1500  # characters of a skipped batch's traceback kept in errors.jsonl
@@ -99,6 +100,8 @@ class BatchRunner:
                 self._failed(e, indices, g)
         except Exception as e:
             context._drop_batch()
+            if is_collective_failure(e):  # a peer died under a collective in process_batch: restartable
+                raise
             self._failed(e, indices, g)
         finally:
             if self.watchdog is not None:

@@ -49,6 +49,8 @@ def _user_call(fn: Any, name: str, *args: Any) -> Any:
     try:
         return fn(*args)
     except Exception as e:
+        if verdict.is_collective_failure(e):  # a peer died under the user's collective: not their error
+            raise
         raise UserCodeError(f"{name}() raised {type(e).__name__}: {e}. Fix the error and run again; "
                             "committed work is kept.") from e
 
@@ -502,11 +504,13 @@ class _Job:
         (tag ``ffffffff``), so a rerun after a crash replaces them instead of adding copies.
         """
         env = self.env
+        self.phase = "after the final checkpoint"
         env.barrier()  # every rank has published: on_finish may read any rank's outputs
         if env.is_chief:
             self.run_dir.rm(STAGING, recursive=True)
             write_metrics(self.run_dir, metrics)
             lifecycle.transition(self.run_dir, RunState.FINISHING, metrics=metrics)
+        env.barrier()  # staging is cleared before any rank's on_finish stages files in it
         context.metrics = metrics
         finish_stager = Stager(self.run_dir, FINISH_TAG, env.rank)
         context._stager = finish_stager

@@ -213,14 +213,20 @@ def stop_before_start(run_dir: Optional[RunDir], signals: Sequence[int]) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    """How an attempt ended: the exit code, and the state to record (None: leave the status as is)."""
+    """How an attempt ended: the exit code, and the state to record (None: leave the status as is),
+    with why (a preemption's reason, or the cause of a failure no worker could record) and where."""
 
     exit_code: int
     record: Optional[RunState] = None
     reason: str = ""
+    phase: Optional[str] = None
 
 
 _UNSAID = (None, RunState.RUNNING, RunState.FINISHING)  # the child ended without saying how
+_DIED = ("no worker recorded an error of its own: one died (a signal or the out-of-memory killer) or lost "
+         "its connection, and the launcher's output above names it")
+DIED_RUNNING = _DIED + "; committed work is kept, and a rerun resumes"
+DIED_IN_FINISH = _DIED + "; every batch is committed, and a rerun runs only on_finish"
 
 
 def decide(child_rc: int, state: Optional[RunState], completed_before: bool, signalled: bool,
@@ -253,10 +259,15 @@ def decide(child_rc: int, state: Optional[RunState], completed_before: bool, sig
     if signalled and (state in _UNSAID or interrupted):
         if completed_before:
             return Verdict(ExitCode.COMPLETED)  # the run had completed; nothing was left to do
-        when = "during start-up" if state is None else "before the workers could checkpoint"
+        when = ("during start-up" if state is None else
+                "during on_finish, after every batch was committed" if state is RunState.FINISHING else
+                "before the workers could checkpoint")
         return Verdict(ExitCode.PREEMPTED, RunState.PREEMPTED, f"{signal_reason} {when}".strip())
     if state in _UNSAID and not completed_before:
-        return Verdict(rc, RunState.FAILED)  # a crash (OOM kill, SIGKILL, segfault) no worker could record
+        # A crash (OOM kill, SIGKILL, segfault) no worker could record; the state says where.
+        if state is RunState.FINISHING:
+            return Verdict(rc, RunState.FAILED, DIED_IN_FINISH, "in on_finish")
+        return Verdict(rc, RunState.FAILED, DIED_RUNNING if state is RunState.RUNNING else "")
     return Verdict(rc)  # FAILED as recorded by a worker, or a completed run's rerun that failed early
 
 
@@ -306,10 +317,13 @@ def _record_root_cause(run_dir: RunDir, verdict: Verdict, since: Optional[float]
     """FAILED with the root cause among the ranks' failure reports (a rank that failed first,
     rather than rank 0 seeing its collective break because of it)."""
     cause = lifecycle.root_cause(lifecycle.read_failures(run_dir, since))
-    if cause is not None:
+    if cause is not None and not (cause.secondary and verdict.reason):
         lifecycle.record_failure(run_dir, cause, exit_code=verdict.exit_code)
     elif verdict.record is RunState.FAILED:
-        lifecycle.transition(run_dir, RunState.FAILED, exit_code=verdict.exit_code)
+        # Only a consequence was reported (a rank's collective broke when its peer died): the
+        # verdict's account of the crash is the truer cause.
+        lifecycle.transition(run_dir, RunState.FAILED, exit_code=verdict.exit_code, error=verdict.reason or None,
+                             phase=verdict.phase, failed_rank=None, traceback=None)
 
 
 def _failed_after_completion(found: Sequence[Dict[str, Any]], run_dir: RunDir, since: Optional[float]) -> bool:

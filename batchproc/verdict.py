@@ -19,6 +19,8 @@ import time
 import traceback
 from typing import Any, Dict, List, Optional
 
+import torch
+
 from batchproc.errors import (BadSampleError, BatchTimeoutError, FingerprintMismatchError, InputChangedError,
                               PeerFailedError, TooManyBadBatchesError, TooManyBadSamplesError, UserCodeError)
 from batchproc.settings import ENV_VERDICT_DIR
@@ -26,6 +28,21 @@ from batchproc.settings import ENV_VERDICT_DIR
 #: Errors that the same inputs and code would raise again on a restart.
 DETERMINISTIC = (UserCodeError, BadSampleError, TooManyBadSamplesError, TooManyBadBatchesError,
                  FingerprintMismatchError, InputChangedError, BatchTimeoutError, PeerFailedError)
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside ``torch.distributed``: a collective in the user's code
+    broke (a peer died, a connection dropped). A consequence a restart may cure, not the user's own
+    error, so it is neither wrapped as one nor skipped under ``bad_batches="skip"``."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    tb, last = error.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and _TORCH_DISTRIBUTED in last.tb_frame.f_code.co_filename
+
+
+_TORCH_DISTRIBUTED = os.path.join("torch", "distributed", "")
 
 
 def verdict_dir(environ: Optional[Dict[str, str]] = None) -> Optional[str]:
@@ -72,6 +89,10 @@ def peer_failed() -> bool:
 
 def exit_cleanly(error: BaseException, rank: int, phase: str) -> None:
     """Print the error as Python would, then leave with code 0 (see the module docstring)."""
+    if isinstance(error, PeerFailedError):  # not this rank's failure: no traceback to blame it with
+        print(f"batchproc: rank {rank}: {error}; this worker exits without asking torchrun for a restart",
+              file=sys.stderr, flush=True)
+        raise SystemExit(0)
     traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
     print(f"batchproc: rank {rank} failed {phase}; a restart would fail the same way, so this worker "
           "exits without asking torchrun for one", file=sys.stderr, flush=True)

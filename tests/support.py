@@ -375,10 +375,12 @@ def sum_job_rows(n: int) -> List[Tuple[int, float]]:
 
 def assert_exactly_once(run_dir: Path, n: int) -> None:
     """A completed local run of the sum job over samples ``0..n-1``: every row once with its value,
-    only tagged shard files in ``outputs/``, nothing left staged, ``metrics.json`` exact."""
+    only tagged shard files in ``outputs/`` (and what on_finish published, under the tag of its
+    fixed names), nothing left staged, ``metrics.json`` exact."""
     assert index_and_y(output_rows(run_dir)) == sum_job_rows(n)
     names = [p.name for p in (run_dir / "outputs").rglob("*") if p.is_file()]
-    assert all(re.fullmatch(r"rows\.[0-9a-f]{8}-r\d+-u\d+\.jsonl", name) for name in names), names
+    assert all(re.fullmatch(r"rows\.[0-9a-f]{8}-r\d+-u\d+\.jsonl|[a-z]+\.ffffffff-r\d+-u\d+\.json", name)
+               for name in names), names
     staging = run_dir / "staging"
     assert not (staging.exists() and [p for p in staging.rglob("*") if p.is_file()])
     assert json.loads((run_dir / "metrics.json").read_text()) == sum_job_metrics(n)

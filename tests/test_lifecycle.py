@@ -20,7 +20,7 @@ import pytest
 from batchproc import lifecycle
 from batchproc.lifecycle import ExitCode, IllegalTransition, RunState
 from batchproc.storage import RunDir
-from batchproc.supervisor import Verdict, decide
+from batchproc.supervisor import DIED_IN_FINISH, DIED_RUNNING, Verdict, decide
 from tests.support import PY, ROOT, Procs, assert_exactly_once, base_env, shared_fs, sum_job_metrics, write_config
 
 N, BS, INTERVAL = 23, 2, 3  # 12 batches: 6 per rank on 2 ranks, the last one partial
@@ -37,14 +37,14 @@ POLICY = [
     (1, S.FAILED, False, False, False, Verdict(1)),  # a worker recorded its failure: nothing to add
     (1, S.FAILED, False, True, True, Verdict(ExitCode.PREEMPTED, S.PREEMPTED, "signal SIGINT before the workers could checkpoint")),
     (1, S.FAILED, False, True, False, Verdict(1)),  # a real failure while stopping stays a failure
-    (-9 + 256, S.RUNNING, False, False, False, Verdict(247, S.FAILED)),  # a crash no worker could record
-    (1, S.FINISHING, False, False, False, Verdict(1, S.FAILED)),  # crash in on_finish
-    (1, S.FINISHING, False, True, False, Verdict(ExitCode.PREEMPTED, S.PREEMPTED, "signal SIGTERM before the workers could checkpoint")),
+    (-9 + 256, S.RUNNING, False, False, False, Verdict(247, S.FAILED, DIED_RUNNING)),  # a crash no worker could record
+    (1, S.FINISHING, False, False, False, Verdict(1, S.FAILED, DIED_IN_FINISH, "in on_finish")),  # crash in on_finish
+    (1, S.FINISHING, False, True, False, Verdict(ExitCode.PREEMPTED, S.PREEMPTED, "signal SIGTERM during on_finish, after every batch was committed")),
     (1, None, False, True, False, Verdict(ExitCode.PREEMPTED, S.PREEMPTED, "signal SIGTERM during start-up")),
     (1, None, False, False, False, Verdict(1, S.FAILED)),  # died before any worker wrote
     (1, None, True, False, False, Verdict(1)),  # a completed run's rerun failed early: stays completed
     (1, None, True, True, False, Verdict(ExitCode.COMPLETED)),  # ... or was stopped early: 0
-    (0, S.RUNNING, False, False, False, Verdict(ExitCode.FAILED, S.FAILED)),  # exit 0 but never finished
+    (0, S.RUNNING, False, False, False, Verdict(ExitCode.FAILED, S.FAILED, DIED_RUNNING)),  # exit 0, never finished
 ]
 
 
@@ -150,6 +150,7 @@ def test_on_finish_sees_every_rank_published_and_final_metrics(tmp_path: Path, p
     assert done.rc == ExitCode.COMPLETED, done.out
     run_dir = tmp_path / "runs" / "fin"
     assert_exactly_once(run_dir, N)
+    _assert_one_summary_per_rank(run_dir)
     for rank in (0, 1):
         log = _log(tmp_path, rank)
         # Determined's order: last batch -> final on_checkpoint_start -> (commit) -> on_finish
@@ -157,6 +158,12 @@ def test_on_finish_sees_every_rank_published_and_final_metrics(tmp_path: Path, p
         (finish,) = _finishes(tmp_path, rank)
         assert finish == {"rows_published": N, "metrics": sum_job_metrics(N), "allgather": [0, 1],
                           "gather": [0, 10] if rank == 0 else None, "broadcast": "from 0"}
+
+
+def _assert_one_summary_per_rank(run_dir: Path) -> None:
+    summaries = [json.loads(p.read_text()) for p in (run_dir / "outputs").rglob("summary*.json")]
+    assert sorted(s["rank"] for s in summaries) == [0, 1] and {s["rows"] for s in summaries} == {N}, summaries
+    assert not [p for p in (run_dir / "staging").rglob("*") if p.is_file()], "staged files left behind"
 
 
 def _assert_rerun_runs_only_on_finish(tmp_path: Path, procs: Procs, config: Path) -> None:
@@ -170,6 +177,7 @@ def _assert_rerun_runs_only_on_finish(tmp_path: Path, procs: Procs, config: Path
         last = _finishes(tmp_path, rank)[-1]
         assert (last["rows_published"], last["metrics"]) == (N, sum_job_metrics(N))
     assert_exactly_once(tmp_path / "runs" / "fin", N)
+    _assert_one_summary_per_rank(tmp_path / "runs" / "fin")
 
 
 def test_sigkill_during_on_finish_reruns_only_on_finish(tmp_path: Path, procs: Procs) -> None:
@@ -178,6 +186,8 @@ def test_sigkill_during_on_finish_reruns_only_on_finish(tmp_path: Path, procs: P
     assert first.rc not in (ExitCode.COMPLETED, ExitCode.PREEMPTED), first.out
     status = lifecycle.read_status(RunDir(str(tmp_path / "runs" / "fin")))
     assert status.state is RunState.FAILED and status.all_committed, status
+    assert status.phase == "in on_finish" and "a rerun runs only on_finish" in (status.error or ""), status
+    assert "a rerun runs only on_finish (in on_finish)" in first.out, first.out
     _assert_rerun_runs_only_on_finish(tmp_path, procs, config)
 
 
