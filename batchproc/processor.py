@@ -13,6 +13,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import time
 import warnings
 import sys
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar, overload
@@ -143,7 +144,8 @@ class TorchBatchProcessorContext:
     def _report_model_source(self, kind: str, obj: Any) -> None:
         if not self._env.is_chief:
             return
-        entry: Dict[str, Any] = {"kind": kind, "repr": repr(obj)[:500]}
+        entry: Dict[str, Any] = {"kind": kind, "repr": repr(obj)[:500], "attempt": self._stager.attempt,
+                                 "time": time.time()}
         for attr in ("uuid", "name", "model_id", "model_version", "version"):
             value = getattr(obj, attr, None)
             if isinstance(value, (str, int, float)):
@@ -153,6 +155,9 @@ class TorchBatchProcessorContext:
             entry["checkpoint_uuid"] = checkpoint_uuid
         if not self._model_registry_noted:
             self._model_registry_noted = True
+            # Object stores cannot append: the file is rewritten whole, earlier attempts' lines first.
+            earlier = self._run_dir.read_bytes(MODEL_SOURCES) if self._run_dir.exists(MODEL_SOURCES) else b""
+            self._model_sources = [json.loads(line) for line in earlier.decode().splitlines() if line.strip()]
             print(f"batchproc: there is no model registry; report_task_using_{kind}() is recorded in "
                   f"{self.run_dir}/{MODEL_SOURCES}", file=sys.stderr)
         self._model_sources.append(entry)
@@ -229,13 +234,20 @@ def _to_device(data: Any, device: torch.device, copies: Dict[int, Any], warned: 
             return ahead[1]
         return data.to(device, non_blocking=data.is_pinned())
     if isinstance(data, dict):
-        return type(data)((k, _to_device(v, device, copies, warned)) for k, v in data.items())
+        moved = {k: _to_device(v, device, copies, warned) for k, v in data.items()}
+        try:
+            return type(data)(moved)
+        except TypeError:  # a dict subclass built otherwise (defaultdict): a plain dict, as Determined
+            return moved
     if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
         return type(data)(*(_to_device(v, device, copies, warned) for v in data))
     if isinstance(data, (list, tuple)):
         return type(data)(_to_device(v, device, copies, warned) for v in data)
-    if type(data).__module__ == "numpy" and hasattr(data, "dtype") and getattr(data, "ndim", 0) > 0:
-        return torch.from_numpy(data).to(device)
+    if type(data).__module__ == "numpy" and type(data).__name__ == "ndarray":
+        try:
+            return torch.from_numpy(data).to(device)
+        except TypeError:  # object or string arrays: no tensor dtype; warned about below
+            pass
     if callable(getattr(data, "to", None)) and not isinstance(data, _PLAIN):
         return data.to(device)  # BatchEncoding, torch_geometric Data, ...
     if not isinstance(data, _PLAIN) and type(data) not in warned:

@@ -98,6 +98,9 @@ class ReducerRegistry:
         key = name if name is not None else f"<{type(reducer).__name__}#{len(self._reducers)}>"
         if key in self._reducers:
             raise ValueError(f"a reducer named {name!r} was already wrapped; give each a unique name")
+        if any(r is reducer for r in self._reducers.values()):  # its updates would count twice
+            raise ValueError(f"this {type(reducer).__name__} object was already wrapped; wrap a new one for "
+                             f"{name or 'each metric'}")
         self._call(reducer, key, "reset")
         self._reducers[key] = reducer
         self._named[key] = name is not None

@@ -280,6 +280,10 @@ class _Job:
             dataset_len=n, batch_size=self.batch_size, max_batches=self.max_batches,
             total_batches=sharding.num_batches(n, self.batch_size, self.max_batches, self.env.world_size),
             inputs=frozen.get("inputs"))
+        per_worker = -(-n // (self.batch_size * self.env.world_size))
+        if self.max_batches is not None and self.max_batches > per_worker and self.env.is_chief:
+            warnings.warn(f"max_batches={self.max_batches} is more than the {per_worker} batches each of the "
+                          f"{self.env.world_size} worker(s) has; processing the whole dataset", stacklevel=2)
         opened: Any = None
         if self.env.is_chief:
             try:

@@ -305,10 +305,18 @@ def test_context_members_behave_as_determined(tmp_path: Path) -> None:
     assert [s["kind"] for s in sources] == ["model_version", "checkpoint"]
     assert sources[0]["model_version"] == 3 and sources[1]["uuid"] == "ck-1"
     assert "there is no model registry" in done.stderr
+    # Preempted, then resumed: the resumed attempt adds its lines after the first attempt's.
+    for fault in ("stop@step=0", ""):
+        env = dict(base_env(), BATCHPROC_FAULT=fault)
+        step = subprocess.run([PY, str(script), str(tmp_path / "again")], env=env, capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+        assert step.returncode == 0, step.stdout + step.stderr
+    lines = [json.loads(line) for line in (tmp_path / "again" / "model_sources.jsonl").read_text().splitlines()]
+    assert [s["kind"] for s in lines] == ["model_version", "checkpoint"] * 2 and lines[0]["attempt"] != lines[2]["attempt"]
 
 
 _CONTEXT_JOB = '''
-import json, sys, types
+import collections, json, sys, types
 import numpy as np, torch
 from batchproc import TorchBatchProcessor, torch_batch_process
 
@@ -327,8 +335,10 @@ class P(TorchBatchProcessor):
                                                 checkpoint=types.SimpleNamespace(uuid="ck-0")))
         context.report_task_using_checkpoint(types.SimpleNamespace(uuid="ck-1"))
     def process_batch(self, batch, batch_idx):
-        moved = self.context.to_device({"x": batch, "np": np.ones(2), "obj": Movable(), "s": "text"})
-        SEEN.append((str(moved["x"].device), moved["obj"].moved == "cpu", isinstance(moved["np"], torch.Tensor)))
+        moved = self.context.to_device(collections.defaultdict(list, {"x": batch, "np": np.ones(2), "obj": Movable(),
+                                                                      "s": "text", "np0": np.array(1.5)}))
+        SEEN.append((str(moved["x"].device), moved["obj"].moved == "cpu",
+                     isinstance(moved["np"], torch.Tensor) and isinstance(moved["np0"], torch.Tensor)))
         for v in batch.tolist():
             self.mean.update(v)
 
