@@ -21,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import glob
 import io
 import operator
 import os
 import re
+import stat
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, overload
 
@@ -101,9 +103,14 @@ class ImageFiles(Dataset[Dict[str, Any]]):
         fs, root = fsspec.core.url_to_fs(self.source, **self._fs_options())
         self._fs_cache: Any = fs
         self._fs_pid: Optional[int] = os.getpid()
-        self._root: str = root
         self._local = isinstance(fs, LocalFileSystem)
-        if self._local and not _MAGIC.search(root) and not os.path.exists(root):
+        if self._local and root:
+            root = os.path.normpath(root)  # /a/./b, /a//b and /x/../a/b are one source
+        self._root: str = root
+        # A local folder named "photos [2024]" is that folder, not a glob. On object stores a
+        # wildcard always globs (a literal "[" is written "[[]"): checking costs a request per rank.
+        self._glob = bool(_MAGIC.search(root)) and not (self._local and os.path.exists(root))
+        if self._local and not self._glob and not os.path.exists(root):
             # A stat, not a listing: cheap, and a typo is better reported here than at the first batch.
             raise FileNotFoundError(f"no such file or folder: {root!r}")
         self._manifest: Optional[Manifest] = None
@@ -129,7 +136,7 @@ class ImageFiles(Dataset[Dict[str, Any]]):
         if self._listing is None:
             fs = self._fs()
             self._listing = _list_images(fs, self._root, self.batchproc_source(), self.label_mode,
-                                         self.extensions, self._local)
+                                         self.extensions, self._local, self._glob)
             if not self._local:
                 fs.invalidate_cache()  # s3fs would keep every object's info dict alive
         if not len(self._listing):
@@ -498,19 +505,39 @@ def _s3_walk(fs: Any, root: str) -> _Found:
 
 def _local_walk(root: str) -> _Found:
     """Every file under a local folder, streamed (no info dict per file, as fsspec's ``find``
-    builds); hidden folders are not entered. Symlinked files count, as their targets."""
+    builds); hidden folders are not entered. Symlinks count as their targets, folders included (as
+    ImageFolder reads them), each real folder once; dangling ones are skipped."""
     found = _Found()
     stack = [root]
+    st = os.stat(root)
+    seen = {(st.st_dev, st.st_ino)}  # a link back up the tree must not loop
     while stack:
         with os.scandir(stack.pop()) as entries:
             for e in entries:
                 if e.name.startswith("."):
                     continue
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
+                if e.is_dir():
+                    st = e.stat()
+                    if (st.st_dev, st.st_ino) not in seen:
+                        seen.add((st.st_dev, st.st_ino))
+                        stack.append(e.path)
                 elif e.is_file():
                     st = e.stat()
                     found.add(e.path, st.st_size, mtime_version(st.st_mtime))
+    return found
+
+
+def _local_glob(pattern: str) -> _Found:
+    """A local glob as the shell and Python's ``glob`` read it (``**`` included): symlinked folders
+    are followed, wildcards skip hidden names, and dangling links are skipped."""
+    found = _Found()
+    for path in sorted(glob.iglob(pattern, recursive=True)):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            found.add(path, st.st_size, mtime_version(st.st_mtime))
     return found
 
 
@@ -518,22 +545,28 @@ def _from_infos(infos: Any, kind: str) -> _Found:
     found = _Found()
     for path, info in sorted(infos.items()):
         if info.get("type") != "directory":
-            found.add(path, int(info.get("size") or 0) if info.get("size") is not None else -1, _info_version(info, kind))
+            try:
+                version = _info_version(info, kind)
+            except FileNotFoundError:  # a dangling symlink: no file to read, as a folder walk skips it
+                continue
+            found.add(path, int(info.get("size") or 0) if info.get("size") is not None else -1, version)
     return found
 
 
 def _list_images(fs: Any, root: str, source: str, label_mode: str, extensions: Tuple[str, ...],
-                 local: bool) -> Manifest:
+                 local: bool, is_glob: bool) -> Manifest:
     """The manifest of ``root`` (a folder, a glob or a file on ``fs``), sorted by path."""
     kind = _version_kind(fs, local)
     s3 = _is_s3(fs)
-    magic = _MAGIC.search(root)
+    magic = _MAGIC.search(root) if is_glob else None
     if magic:
         # Like a shell glob, wildcards do not match hidden names (".DS_Store", ".cache/").
         base = root[:magic.start()].rsplit("/", 1)[0]
         if s3:
             pattern = re.compile(fsspec.utils.glob_translate(root))
             matched = _s3_walk(fs, base).keep(lambda p: bool(pattern.match(p)))
+        elif local:
+            matched = _local_glob(root)
         else:
             matched = _from_infos(fs.glob(root, detail=True), kind)
         matched = matched.keep(lambda p: not any(_hidden(c) for c in p[len(base) + 1:].split("/")))

@@ -127,6 +127,27 @@ def test_flat_folder_and_glob_are_unlabeled_unless_asked(tmp_path):
     assert len(single) == 1 and single[0]["image"].shape == (3, 5, 7)
 
 
+def test_symlinked_folders_bracketed_names_and_unnormalized_paths(tmp_path):
+    """As ImageFolder reads them: a class folder that is a symlink is a class (a link back up the
+    tree is not followed twice), a dangling link is skipped, a folder named like a glob is that
+    folder, and /a/./b, /a//b and /x/../a/b name one source."""
+    f = sample_files()
+    write_tree(tmp_path / "photos [2024]", {"cat/a.png": f["rgb.png"]})
+    write_tree(tmp_path / "elsewhere", {"dog/b.png": f["gray.png"]})
+    top = tmp_path / "photos [2024]"
+    (top / "dog").symlink_to(tmp_path / "elsewhere" / "dog", target_is_directory=True)
+    (top / "cat" / "loop").symlink_to(top, target_is_directory=True)
+    (top / "cat" / "gone.png").symlink_to(tmp_path / "missing.png")
+    ds = ImageFiles(top)
+    assert ds.classes == ["cat", "dog"] and ds.labels == [0, 1]
+    assert [str(Path(p).relative_to(top)) for p in ds.paths] == ["cat/a.png", "dog/b.png"]
+    globbed = ImageFiles(str(tmp_path / "photos [[]2024]" / "*" / "*.png"), labels="parent")
+    assert globbed.classes == ["cat", "dog"] and len(globbed) == 2  # the dangling link is skipped
+    spellings = [str(top), f"{tmp_path}/./photos [2024]", f"{tmp_path}//photos [2024]/",
+                 f"{tmp_path}/elsewhere/../photos [2024]", f"file://{top}"]
+    assert len({ImageFiles(s).batchproc_source() for s in spellings}) == 1
+
+
 def test_missing_or_empty_input_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         ImageFiles(tmp_path / "nope")  # a local path is checked at once (a stat, not a listing)
