@@ -288,6 +288,8 @@ class _Job:
         if self.env.is_chief:
             try:
                 self.run_dir.makedirs("")
+                if self.settings.run_dir is None and verdict.verdict_dir() is not None:
+                    verdict.announce_run_dir(self.run_dir.url, lifecycle.read_status(self.run_dir).updated)
                 resumed = checkpoint.open_run(self.run_dir, fingerprint, self.env.restart_count)
                 fingerprint.total_batches = resumed.total_batches
                 if not resumed.completed:

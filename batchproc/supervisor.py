@@ -348,7 +348,7 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
     environment -> the exit code from the run's state (:func:`resolve_exit_code`).
     """
     from batchproc.errors import RunDirLockedError
-    from batchproc.storage import acquire_run_lock
+    from batchproc.storage import RunDir, acquire_run_lock
 
     lock = None
     if run_dir is not None and take_lock:
@@ -386,6 +386,10 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
             # A rank that failed for good left a verdict, and every worker left cleanly so that
             # torchrun would not replay it.
             found = verdict.read(verdicts)
+            announced = verdict.announced_run_dir(verdicts) if run_dir is None else None
+            if announced is not None:  # the script chose its run directory: its state decides too
+                run_dir = RunDir(announced["url"], settings.storage_options)
+                before = announced.get("status_updated")
             if found and run_dir is None:
                 first = found[0]
                 print(f"{name}: failed: {first['error']} (rank {first['rank']}, {first['phase']})", file=sys.stderr)

@@ -45,6 +45,32 @@ def is_collective_failure(error: BaseException) -> bool:
 _TORCH_DISTRIBUTED = os.path.join("torch", "distributed", "")
 
 
+_ANNOUNCED = "run_dir.announced"  # not *.json: read() takes those for verdicts
+
+
+def announce_run_dir(url: str, status_updated: Optional[float]) -> None:
+    """Rank 0 tells a supervisor started without a run directory (the launcher running a script
+    that picks its own storage) which one it opened, and the status stamp it found there, so that
+    the exit code follows the run's state (75 when preempted) as under ``batchproc run``."""
+    folder = verdict_dir()
+    if folder is None:
+        return
+    path = os.path.join(folder, _ANNOUNCED)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"url": url, "status_updated": status_updated}, f)
+    os.replace(path + ".tmp", path)
+
+
+def announced_run_dir(folder: str) -> Optional[Dict[str, Any]]:
+    """What :func:`announce_run_dir` left in ``folder``, if anything."""
+    try:
+        with open(os.path.join(folder, _ANNOUNCED)) as f:
+            found: Dict[str, Any] = json.load(f)
+        return found
+    except (OSError, ValueError):
+        return None
+
+
 def verdict_dir(environ: Optional[Dict[str, str]] = None) -> Optional[str]:
     env = os.environ if environ is None else environ
     return env.get(ENV_VERDICT_DIR) or None

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Procs, assert_exactly_once, job_cmd, output_indices, sum_job_metrics, torchrun_cmd
+from batchproc.lifecycle import ExitCode
+from tests.support import (PY, SCRIPTS, Procs, assert_exactly_once, job_cmd, output_indices, sum_job_metrics,
+                           torchrun_cmd)
 
 N, BS = 60, 2
 SLOW = {"SUM_JOB_SLEEP": "0.15"}
@@ -44,3 +46,16 @@ def test_signal_to_torchrun_checkpoints_and_resumes(procs: Procs, tmp_path: Path
     assert second.result()["metrics"] == sum_job_metrics(N)
     assert_exactly_once(run_dir, N)
 
+
+
+def test_launcher_without_a_run_directory_exits_75_when_the_script_was_preempted(procs: Procs, tmp_path: Path) -> None:
+    """The script picks its own run directory (no batchproc run above the launcher): rank 0 tells
+    the launcher which, so its exit code follows the run's state as under batchproc run."""
+    run_dir = tmp_path / "run"
+    cmd = [PY, "-m", "launch.torch_distributed", "--nproc-per-node", "2", "--",
+           PY, str(SCRIPTS / "sum_job.py"), str(N), str(BS), "4", "-", str(run_dir)]
+    first = procs.run(cmd, {"BATCHPROC_FAULT": "stop@step=2"})
+    assert first.rc == ExitCode.PREEMPTED, first.out
+    second = procs.run(cmd)
+    assert second.rc == ExitCode.COMPLETED, second.out
+    assert_exactly_once(run_dir, N)
