@@ -325,9 +325,23 @@ def _freeze_on_chief(dataset: Any, run_dir: "RunDir") -> Dict[str, Any]:
             raise ValueError(f"{type(dataset).__name__}.batchproc_list_inputs() returned a manifest of "
                              f"{manifest.source!r}, but its batchproc_source() is {source!r}")
         blob = manifest.to_bytes()
+        _check_not_lost(run_dir, hashlib.sha256(blob).hexdigest())
         run_dir.write_atomic(MANIFEST_FILE, blob, durable=True)
     dataset.batchproc_use_inputs(manifest)
     return {"source": source, "entries": len(manifest), "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def _check_not_lost(run_dir: "RunDir", listed_sha256: str) -> None:
+    """No manifest: a first attempt, unless the run's fingerprint says one was frozen and it is
+    gone; a listing identical to it (same bytes) stands in for it, any other is an error."""
+    from batchproc.checkpoint import FINGERPRINT_FILE  # checkpoint imports this module
+
+    recorded = (run_dir.read_json_or_none(FINGERPRINT_FILE) or {}).get("inputs")
+    if isinstance(recorded, dict) and recorded.get("sha256") not in (None, listed_sha256):
+        raise FileNotFoundError(
+            f"run directory {run_dir.url} froze {recorded.get('entries')} inputs of {recorded.get('source')!r} at "
+            f"its first attempt, but their manifest {MANIFEST_FILE} is gone: which files the run must process "
+            f"is no longer known. Restore the file, or start over with `batchproc run ... --fresh`.")
 
 
 def read_manifest(run_dir: "RunDir", expect_sha256: Optional[str] = None) -> Manifest:

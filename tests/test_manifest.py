@@ -175,6 +175,20 @@ def test_a_changed_file_under_raise_is_an_error_naming_it(tmp_path: Path, clean_
         run_job(str(data), str(run), bad_samples="raise", env=clean_env)
 
 
+def test_a_deleted_manifest_is_listed_again_only_if_nothing_changed(tmp_path: Path,
+                                                                     clean_env: pytest.MonkeyPatch) -> None:
+    data, run = tmp_path / "data", tmp_path / "run"
+    write_files(data, original_files())
+    assert run_job(str(data), str(run), stop_at=0, env=clean_env).preempted
+    (run / "inputs" / "manifest.npz").unlink()
+    (data / "img030.bmp").rename(tmp_path / "aside.bmp")
+    with pytest.raises(FileNotFoundError, match=r"froze 20 inputs .* manifest inputs/manifest\.npz is gone"):
+        run_job(str(data), str(run), env=clean_env)
+    (tmp_path / "aside.bmp").rename(data / "img030.bmp")  # back, as it was (a rename keeps its mtime)
+    assert run_job(str(data), str(run), env=clean_env).completed  # the same listing stands in for it
+    assert sorted(r["path"] for r in read_rows(str(run))) == [str(data / n) for n in ORIGINAL]
+
+
 def test_another_source_is_an_error_naming_both_until_fresh(tmp_path: Path, clean_env: pytest.MonkeyPatch) -> None:
     a, b, run = tmp_path / "a", tmp_path / "b", tmp_path / "run"
     write_files(a, original_files())
