@@ -243,7 +243,8 @@ def _to_device(data: Any, device: torch.device, copies: Dict[int, Any], warned: 
         return type(data)(*(_to_device(v, device, copies, warned) for v in data))
     if isinstance(data, (list, tuple)):
         return type(data)(_to_device(v, device, copies, warned) for v in data)
-    if type(data).__module__ == "numpy" and type(data).__name__ == "ndarray":
+    numpy = sys.modules.get("numpy")  # an ndarray implies numpy was imported
+    if numpy is not None and isinstance(data, numpy.ndarray):  # memmaps and 0-d arrays too
         try:
             return torch.from_numpy(data).to(device)
         except TypeError:  # object or string arrays: no tensor dtype; warned about below
