@@ -19,8 +19,6 @@ import time
 import traceback
 from typing import Any, Dict, List, Optional
 
-import torch
-
 from batchproc.errors import (BadSampleError, BatchTimeoutError, FingerprintMismatchError, InputChangedError,
                               PeerFailedError, TooManyBadBatchesError, TooManyBadSamplesError, UserCodeError)
 from batchproc.settings import ENV_VERDICT_DIR
@@ -34,7 +32,8 @@ def is_collective_failure(error: BaseException) -> bool:
     """Whether ``error`` was raised inside ``torch.distributed``: a collective in the user's code
     broke (a peer died, a connection dropped). A consequence a restart may cure, not the user's own
     error, so it is neither wrapped as one nor skipped under ``bad_batches="skip"``."""
-    if isinstance(error, torch.distributed.DistError):
+    dist = sys.modules.get("torch.distributed")  # not imported here: the launcher does without torch
+    if dist is not None and isinstance(error, getattr(dist, "DistError", ())):
         return True
     tb, last = error.__traceback__, None
     while tb is not None:
