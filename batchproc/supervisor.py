@@ -223,8 +223,8 @@ class Verdict:
 
 
 _UNSAID = (None, RunState.RUNNING, RunState.FINISHING)  # the child ended without saying how
-_DIED = ("no worker recorded an error of its own: one died (a signal or the out-of-memory killer) or lost "
-         "its connection, and the launcher's output above names it")
+_DIED = ("no worker recorded an error of its own: one died (a signal or the out-of-memory killer), hung or "
+         "lost its connection, and the launcher's output above names it")
 DIED_RUNNING = _DIED + "; committed work is kept, and a rerun resumes"
 DIED_IN_FINISH = _DIED + "; every batch is committed, and a rerun runs only on_finish"
 
@@ -296,6 +296,10 @@ def resolve_exit_code(child_rc: int, run_dir: Optional[RunDir], before: Optional
     # and the state then still tells the truth; a failed child that wrote nothing has failed.
     trusted = child_rc == 0 or before is None or status.updated != before
     state = status.state if trusted else None
+    if state is RunState.FAILED and not verdicts and lifecycle.is_secondary(status.error or ""):
+        # Rank 0 recorded only a consequence (its collective broke when a peer died, which no
+        # one could record): decide as if nothing was said, from where the run had got to.
+        state = RunState.FINISHING if status.all_committed else RunState.RUNNING
     interrupted = (state is RunState.FAILED and signal.SIGINT in signals
                    and (status.error or "").startswith("KeyboardInterrupt"))
     # A failing script exits non-zero at every level (its rank's verdict, then the launcher's code),
@@ -322,7 +326,10 @@ def _record_root_cause(run_dir: RunDir, verdict: Verdict, since: Optional[float]
     elif verdict.record is RunState.FAILED:
         # Only a consequence was reported (a rank's collective broke when its peer died): the
         # verdict's account of the crash is the truer cause.
-        lifecycle.transition(run_dir, RunState.FAILED, exit_code=verdict.exit_code, error=verdict.reason or None,
+        error = verdict.reason or None
+        if error and cause is not None:
+            error += f"; rank {cause.rank} then saw {cause.error[:300]}"
+        lifecycle.transition(run_dir, RunState.FAILED, exit_code=verdict.exit_code, error=error,
                              phase=verdict.phase, failed_rank=None, traceback=None)
 
 

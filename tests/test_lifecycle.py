@@ -20,7 +20,7 @@ import pytest
 from batchproc import lifecycle
 from batchproc.lifecycle import ExitCode, IllegalTransition, RunState
 from batchproc.storage import RunDir
-from batchproc.supervisor import DIED_IN_FINISH, DIED_RUNNING, Verdict, decide
+from batchproc.supervisor import DIED_IN_FINISH, DIED_RUNNING, Verdict, decide, resolve_exit_code, status_stamp
 from tests.support import PY, ROOT, Procs, assert_exactly_once, base_env, shared_fs, sum_job_metrics, write_config
 
 N, BS, INTERVAL = 23, 2, 3  # 12 batches: 6 per rank on 2 ranks, the last one partial
@@ -124,6 +124,21 @@ def test_root_cause_is_the_first_primary_error() -> None:
     assert cause is not None and (cause.rank, cause.phase) == (1, "in global batch 5")
 
 
+def test_a_recorded_consequence_gives_way_to_the_crash_it_followed(tmp_path: Path) -> None:
+    """Rank 1 SIGKILLed in on_finish; rank 0's allgather broke and rank 0 recorded that: the
+    supervisor records the crash, where it happened and what rank 0 saw, not rank 0's error."""
+    run_dir = RunDir(str(tmp_path))
+    lifecycle.transition(run_dir, S.RUNNING, committed_batches=10, total_batches=10)
+    lifecycle.transition(run_dir, S.FINISHING)
+    before = status_stamp(run_dir)
+    broken = RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:1234: Connection reset by peer")
+    lifecycle.record_failure(run_dir, lifecycle.report_failure(run_dir, broken, 0, "in on_finish"))
+    assert resolve_exit_code(1, run_dir, before, since=0) == 1
+    status = lifecycle.read_status(run_dir)
+    assert status.state is S.FAILED and status.phase == "in on_finish" and status.failed_rank is None, status
+    assert (status.error or "").startswith(DIED_IN_FINISH + "; rank 0 then saw RuntimeError: [gloo"), status
+
+
 # -- through the real launcher -------------------------------------------------------------------
 
 
@@ -187,7 +202,9 @@ def test_sigkill_during_on_finish_reruns_only_on_finish(tmp_path: Path, procs: P
     status = lifecycle.read_status(RunDir(str(tmp_path / "runs" / "fin")))
     assert status.state is RunState.FAILED and status.all_committed, status
     assert status.phase == "in on_finish" and "a rerun runs only on_finish" in (status.error or ""), status
-    assert "a rerun runs only on_finish (in on_finish)" in first.out, first.out
+    last = first.out.strip().splitlines()[-2]
+    assert "no worker recorded an error of its own" in last and "a rerun runs only on_finish" in last, last
+    assert last.endswith("(in on_finish)"), last
     _assert_rerun_runs_only_on_finish(tmp_path, procs, config)
 
 
