@@ -105,6 +105,49 @@ def throughput(recs: List[dict], since: str = "start") -> float:
     return sum(r["samples"] for r in recs if r["rank"] == 0 or r["mode"] in ("plain", "pil")) / (end - start)
 
 
+def run_batchproc(args: List[str], slots: int) -> List[dict]:
+    """``batchproc run`` of an experiment whose entrypoint is ``bench.workload ARGS`` on ``slots``
+    ranks, everything else at batchproc's defaults (threads, loader workers); records carry t0."""
+    store = tempfile.mkdtemp(prefix="bench-slots-")
+    cfg = Path(store, "experiment.yaml")
+    cfg.write_text(f"name: bench\nentrypoint: python3 -m launch.torch_distributed python3 -m bench.workload "
+                   f"{' '.join(args)}\nresources:\n  slots_per_trial: {slots}\nmax_restarts: 0\n"
+                   f"checkpoint_storage:\n  type: shared_fs\n  host_path: {store}/runs\n")
+    env = env_for(1)
+    del env["OMP_NUM_THREADS"]  # batchproc's own choice per rank
+    env["BENCH_OUT"] = out_dir = tempfile.mkdtemp(prefix="bench-out-")
+    t0 = time.time()
+    out = subprocess.run([PY, "-m", "batchproc", "run", str(cfg)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=1200)
+    recs = read_records(out_dir)
+    shutil.rmtree(store, ignore_errors=True)
+    if out.returncode != 0 or not recs:
+        raise RuntimeError(f"batchproc run {args} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    for r in recs:
+        r["t0"] = t0
+    return recs
+
+
+def outside_rows(table: "Table", runs: int, jpegs: str) -> str:
+    """Row o, issue 11's outside harness: PIL ImageFolder, ResNet-18, batch 32; the plain side a
+    DataLoader loop with 2 threads and 1 worker keeping its predictions in memory."""
+    pil = ["--data", jpegs, "--model", "resnet18", "--bs", "32"]
+    plain = lambda: run(["pil", *pil, "--nw", "1"], threads=2)  # noqa: E731
+    same = lambda: run(["pil-rows", *pil, "--nw", "1", "--interval", "5"], threads=2)  # noqa: E731
+    base, ours = alternate(plain, same, runs)
+    compare(table, "o", "same work, 1 process: TorchBatchProcessor, checkpoint_interval=5, Parquet rows through "
+            "RowWriter vs the plain loop (img/s)", [throughput(r) for r in ours], [throughput(r) for r in base],
+            ">= 0.97", lambda x: x >= 0.97)
+    slots = lambda: run_batchproc(["pil-rows", *pil, "--interval", "5"], 2)  # noqa: E731
+    base, ours = alternate(plain, slots, runs)
+    compare(table, "o", "batchproc run, 2 slots at its defaults vs the plain loop in one process, whole "
+            "process (img/s)", [throughput(r, "t0") for r in ours], [throughput(r, "t0") for r in base],
+            ">= 1.0", lambda x: x >= 1.0)
+    return ("Row o: the plain side is `bench.workload pil --nw 1` with 2 threads; the 2-slot side is a "
+            "`batchproc run` experiment at batchproc's defaults, timed from its command's start to the last "
+            "rank's end, the plain side from its process's start.")
+
+
 def alternate(a, b, runs: int):
     """Run ``a()`` and ``b()`` alternately ``runs`` times each; lists of their results."""
     ra, rb = [], []
@@ -147,7 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument("--runs", type=int, default=5, help="alternating runs per side (medians)")
     p.add_argument("--images", type=int, default=320, help="JPEG files (batches of 32)")
-    p.add_argument("--rows", default="abcdefghms")
+    p.add_argument("--rows", default="abcdefghmos")
     p.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     args = p.parse_args(argv)
     jpegs = str(make_jpegs(DATA / f"jpeg500-{args.images}", args.images))
@@ -202,6 +245,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         pil, ours = alternate(lambda: run(["pil", *bare, "--nw", "0"]), lambda: run(["framework", *bare]), R)
         compare(table, "g", "data path alone, no model: ImageFiles + default loader vs PIL (img/s)",
                 [throughput(r) for r in ours], [throughput(r) for r in pil], "(bound)", None)
+    if "o" in args.rows:
+        notes.append(outside_rows(table, R, jpegs))
     if "h" in args.rows:
         notes.append(gpu_rows(table, R))
     if "m" in args.rows:  # frozen inputs: the manifest at 100k and 1M entries (bench/manifest.py)

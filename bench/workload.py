@@ -149,6 +149,28 @@ class Predict(TorchBatchProcessor):
             self.preds = []
 
 
+class Rows(Predict):
+    """The outside harness's framework side (issue 11): Predict's work, its outputs written as
+    Parquet rows (dataset index, prediction) through RowWriter, committed every checkpoint."""
+
+    def __init__(self, context):
+        super().__init__(context)
+        from batchproc.writers import RowWriter
+
+        self.rows = RowWriter(context, "preds", format="parquet")
+
+    def process_batch(self, batch, batch_idx):
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        with torch.inference_mode():
+            pred = self.model(self.context.to_device(x)).argmax(1)
+        MARKS.setdefault("first_batch", time.time())
+        self.count.update(len(pred))
+        self.rows.add({"index": i, "pred": p} for i, p in zip(self.context.batch_indices, pred.tolist()))
+
+    def on_checkpoint_start(self):
+        self.rows.flush()
+
+
 def run_example(bs: int, nw: Optional[int]) -> int:
     """examples/classify_images.py's processor over ARGS.data, with the model built before the clock."""
     import dataclasses
@@ -172,7 +194,7 @@ def dataset():
         return _Synthetic(ARGS.n)
     if ARGS.mode.startswith("gpu-"):
         return _HostImages(ARGS.n)
-    if ARGS.mode == "pil":
+    if ARGS.mode in ("pil", "pil-rows"):
         from torchvision import transforms as T
 
         tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
@@ -210,7 +232,8 @@ def plain_loop(ds) -> int:
 def main() -> None:
     global ARGS, MODEL
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["plain", "framework", "pil", "example", "synthetic", "gpu-model", "gpu-framework"])
+    p.add_argument("mode", choices=["plain", "framework", "pil", "pil-rows", "example", "synthetic", "gpu-model",
+                                    "gpu-framework"])
     p.add_argument("--data")
     p.add_argument("--model", default="resnet18")
     p.add_argument("--bs", type=int, default=32)
@@ -233,7 +256,8 @@ def main() -> None:
         samples = gpu_model_loop(ds)
     else:
         kwargs = {} if ARGS.nw is None else {"num_workers": ARGS.nw}
-        result = torch_batch_process(GpuPredict if ARGS.mode == "gpu-framework" else Predict, ds, batch_size=ARGS.bs, checkpoint_interval=ARGS.interval,
+        cls = {"gpu-framework": GpuPredict, "pil-rows": Rows}.get(ARGS.mode, Predict)
+        result = torch_batch_process(cls, ds, batch_size=ARGS.bs, checkpoint_interval=ARGS.interval,
                                      max_batches=ARGS.max_batches, dataloader_kwargs=kwargs, storage=ARGS.storage)
         samples = result.metrics.get("samples", 0)
     end = time.time()
