@@ -506,8 +506,9 @@ class _Job:
 
         The run is FINISHING (all outputs published, metrics final) until every rank's
         ``on_finish`` returned, then COMPLETED. Files written in ``upload_path()`` during
-        ``on_finish`` are published at once under names that are the same on every run of it
-        (tag ``ffffffff``), so a rerun after a crash replaces them instead of adding copies.
+        ``on_finish`` are published when this rank's ``on_finish`` returns, under names that are
+        the same on every run of it (tag ``ffffffff``), so a rerun after a crash replaces them
+        instead of adding copies.
         """
         env = self.env
         self.phase = "after the final checkpoint"

@@ -52,8 +52,9 @@ class Instrumented(Processor):
         _log(self.context, "finish " + json.dumps({"rows_published": rows, "metrics": self.context.metrics,
                                                    "allgather": ranks, "gather": gathered,
                                                    "broadcast": dist.broadcast(f"from {dist.get_rank()}")}))
-        # Every rank publishes a file from on_finish too, as soon as it starts it (rank 0 may still
-        # be tidying up after the final commit then): one per rank, however often on_finish runs.
+        # Every rank stages a file from on_finish too, as soon as it starts it (rank 0 may still be
+        # tidying up after the final commit then); it is published when this rank's on_finish
+        # returns: one per rank, however often on_finish runs.
         with self.context.upload_path() as path:
             with open(os.path.join(path, "summary.json"), "w") as f:
                 json.dump({"rank": dist.get_rank(), "rows": rows}, f)
