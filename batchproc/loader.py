@@ -6,7 +6,9 @@ holds and the samples that failed to load (dropped under ``bad_samples="skip"``)
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import traceback
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
@@ -172,17 +174,36 @@ class _WorkerInit:
     """Loader workers ignore the preemption signals. torchrun signals each worker's whole process
     group and Ctrl-C reaches the terminal's; the main process turns the signal into a
     checkpoint-and-stop, which needs the batch in flight, so its loader workers must not die
-    first. (They still exit with their parent, and torchrun's SIGKILL after the grace period.)"""
+    first. They die with their rank instead: the kernel kills them when it exits
+    (``PR_SET_PDEATHSIG`` on Linux). torch's own check compares the worker's parent pid with the
+    one it saw at start, so a rank that died while its worker was starting (a signal during
+    start-up) left that worker waiting forever, reparented to init."""
 
     def __init__(self, user_fn: Optional[Callable[[int], None]]) -> None:
         self.user_fn = user_fn
+        self.parent = os.getpid()  # the rank, which forks the workers
 
     def __call__(self, worker_id: int) -> None:
         for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)  # blocked by the parent around the fork
+        _die_with_parent()
+        if os.getppid() != self.parent:  # the rank died before the line above took effect
+            os._exit(0)
         if self.user_fn is not None:
             self.user_fn(worker_id)
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel for SIGKILL when the parent exits (Linux; a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def build_loader(dataset: Dataset[Any], sampler: RankBatchSampler, dataloader_kwargs: Dict[str, Any],

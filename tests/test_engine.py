@@ -7,6 +7,7 @@ outputs/, and metrics equal to a single-process run's.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Dict, Union
 
@@ -140,3 +141,45 @@ def test_bad_sample_names_the_index(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     # The batches before the bad one were committed.
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "failed" and status["committed_batches"] == 2
+
+
+_ORPHAN = """
+import os, sys, time, torch
+from torch.utils.data import DataLoader
+from batchproc.loader import _WorkerInit
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self): return 10
+    def __getitem__(self, i): return i
+
+pid = os.fork()
+if pid == 0:  # the rank: it dies while its loader worker is still starting
+    it = iter(DataLoader(Items(), batch_size=2, num_workers=1, worker_init_fn=_WorkerInit(lambda w: time.sleep(1))))
+    print(it._workers[0].pid, flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_loader_worker_does_not_outlive_a_rank_that_died_while_it_started(procs: Procs, tmp_path: Path) -> None:
+    """torch's workers watch for their parent's death by its pid, seen once they start: a rank
+    SIGKILLed (or signalled at start-up) before then left its worker behind, reparented to init,
+    forever. Ours ask the kernel to kill them with their rank."""
+    import os
+    import time
+
+    script = tmp_path / "orphan.py"
+    script.write_text(_ORPHAN)
+    done = procs.run([sys.executable, str(script)], timeout=60)
+    worker = int(done.out.split()[0])
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:
+        with open(f"/proc/{worker}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.2)
+    else:
+        alive = os.path.exists(f"/proc/{worker}")
+        if alive:
+            os.kill(worker, 9)
+        assert not alive, f"loader worker {worker} outlived its rank"
