@@ -311,6 +311,7 @@ def _freeze_on_chief(dataset: Any, run_dir: "RunDir") -> Dict[str, Any]:
         blob: Optional[bytes] = run_dir.read_bytes(MANIFEST_FILE)
     except FileNotFoundError:
         blob = None
+    listed = blob is None
     if blob is not None:
         manifest = Manifest.from_bytes(blob, f"{run_dir.url}/{MANIFEST_FILE}")
         if manifest.source != source:
@@ -325,10 +326,12 @@ def _freeze_on_chief(dataset: Any, run_dir: "RunDir") -> Dict[str, Any]:
             raise ValueError(f"{type(dataset).__name__}.batchproc_list_inputs() returned a manifest of "
                              f"{manifest.source!r}, but its batchproc_source() is {source!r}")
         blob = manifest.to_bytes()
-        _check_not_lost(run_dir, hashlib.sha256(blob).hexdigest())
+    sha256 = hashlib.sha256(blob).hexdigest()
+    if listed:
+        _check_not_lost(run_dir, sha256)
         run_dir.write_atomic(MANIFEST_FILE, blob, durable=True)
     dataset.batchproc_use_inputs(manifest)
-    return {"source": source, "entries": len(manifest), "sha256": hashlib.sha256(blob).hexdigest()}
+    return {"source": source, "entries": len(manifest), "sha256": sha256}
 
 
 def _check_not_lost(run_dir: "RunDir", listed_sha256: str) -> None:

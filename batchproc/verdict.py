@@ -54,10 +54,7 @@ def announce_run_dir(url: str, status_updated: Optional[float]) -> None:
     folder = verdict_dir()
     if folder is None:
         return
-    path = os.path.join(folder, _ANNOUNCED)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"url": url, "status_updated": status_updated}, f)
-    os.replace(path + ".tmp", path)
+    _write_json(os.path.join(folder, _ANNOUNCED), {"url": url, "status_updated": status_updated})
 
 
 def announced_run_dir(folder: str) -> Optional[Dict[str, Any]]:
@@ -85,11 +82,16 @@ def write(error: str, rank: int, phase: str, folder: Optional[str] = None) -> bo
     if folder is None:
         return False
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"r{rank}-p{os.getpid()}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"error": error, "rank": rank, "phase": phase, "time": time.time()}, f)
-    os.replace(path + ".tmp", path)
+    _write_json(os.path.join(folder, f"r{rank}-p{os.getpid()}.json"),
+                {"error": error, "rank": rank, "phase": phase, "time": time.time()})
     return True
+
+
+def _write_json(path: str, obj: Dict[str, Any]) -> None:
+    """Whole or not at all: the supervisor may read the folder at any moment."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
 
 
 def read(folder: Optional[str]) -> List[Dict[str, Any]]:

@@ -66,16 +66,24 @@ def run(args: List[str], nproc: int = 0, threads: int = 2, extra_env: Optional[D
         cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "--no-python", *cmd]
     env = env_for(threads)
     env.update(extra_env or {})
-    env["BENCH_OUT"] = out_dir = tempfile.mkdtemp(prefix="bench-out-")
+    try:
+        return measure(cmd, env)
+    finally:
+        if storage is None:
+            shutil.rmtree(store, ignore_errors=True)
+
+
+def measure(cmd: List[str], env: Dict[str, str]) -> List[dict]:
+    """Run ``cmd`` (bench.workload somewhere below it) and return its ranks' BENCH records, each
+    with ``t0``, the time the command started."""
+    env = dict(env, BENCH_OUT=tempfile.mkdtemp(prefix="bench-out-"))
     t0 = time.time()
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    recs = read_records(out_dir)
+    recs = read_records(env["BENCH_OUT"])
     if out.returncode != 0 or not recs:
         raise RuntimeError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     for r in recs:
         r["t0"] = t0
-    if storage is None:
-        shutil.rmtree(store, ignore_errors=True)
     return recs
 
 
@@ -115,17 +123,10 @@ def run_batchproc(args: List[str], slots: int) -> List[dict]:
                    f"checkpoint_storage:\n  type: shared_fs\n  host_path: {store}/runs\n")
     env = env_for(1)
     del env["OMP_NUM_THREADS"]  # batchproc's own choice per rank
-    env["BENCH_OUT"] = out_dir = tempfile.mkdtemp(prefix="bench-out-")
-    t0 = time.time()
-    out = subprocess.run([PY, "-m", "batchproc", "run", str(cfg)], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=1200)
-    recs = read_records(out_dir)
-    shutil.rmtree(store, ignore_errors=True)
-    if out.returncode != 0 or not recs:
-        raise RuntimeError(f"batchproc run {args} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    for r in recs:
-        r["t0"] = t0
-    return recs
+    try:
+        return measure([PY, "-m", "batchproc", "run", str(cfg)], env)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
 
 
 def outside_rows(table: "Table", runs: int, jpegs: str) -> str:
