@@ -13,8 +13,8 @@ _WHERE = {
     "TorchBatchProcessor": "batchproc.processor",
     "TorchBatchProcessorContext": "batchproc.processor",
     "MetricReducer": "batchproc.reducer",
-    "torch_batch_process": "batchproc.run",
-    "BatchProcessResult": "batchproc.run",
+    "torch_batch_process": "batchproc.engine.run",
+    "BatchProcessResult": "batchproc.engine.run",
     "DistributedContext": "batchproc.dist_context",
 }
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from batchproc.dist_context import DistributedContext
     from batchproc.processor import TorchBatchProcessor, TorchBatchProcessorContext
     from batchproc.reducer import MetricReducer
-    from batchproc.run import BatchProcessResult, torch_batch_process
+    from batchproc.engine.run import BatchProcessResult, torch_batch_process
 
 
 def get_hparams() -> "dict[str, Any]":

@@ -2,6 +2,6 @@
 
 import sys
 
-from batchproc.cli import main
+from batchproc.control.cli import main
 
 sys.exit(main())

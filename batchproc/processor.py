@@ -23,7 +23,7 @@ import torch
 from batchproc.dist_context import DistributedContext
 from batchproc.distributed import WorkerEnv
 from batchproc.reducer import MetricReducer, ReducerRegistry, SimpleReducer, json_safe
-from batchproc.storage import RunDir, Stager
+from batchproc.rundir.storage import RunDir, Stager
 
 
 R = TypeVar("R", bound=MetricReducer)
@@ -47,7 +47,7 @@ class TorchBatchProcessorContext:
         self.global_batch_idx: int = -1
         #: Dataset indices of the samples in the batch being processed (bad samples excluded).
         self.batch_indices: List[int] = []
-        # Device copies of this batch's tensors, made ahead on a side stream (batchproc.prefetch).
+        # Device copies of this batch's tensors, made ahead on a side stream (batchproc.engine.prefetch).
         self._device_copies: Dict[int, Any] = {}
         self._warned_types: Set[type] = set()
         self._metrics: Optional[Dict[str, Any]] = None
@@ -207,7 +207,7 @@ class TorchBatchProcessorContext:
     # -- batch boundaries, for buffers that must not keep half of a failed batch ------------------
 
     def _watch_batches(self, buffer: Any) -> None:
-        """``buffer`` (a :class:`batchproc.writers.RowWriter`) hears when a batch starts
+        """``buffer`` (a :class:`batchproc.data.writers.RowWriter`) hears when a batch starts
         (``_batch_started``) and when its work is dropped (``_batch_dropped``: it raised)."""
         self._batch_buffers.append(buffer)
 

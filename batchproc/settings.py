@@ -28,13 +28,13 @@ ENV_PG_TIMEOUT = "BATCHPROC_PG_TIMEOUT_S"
 ENV_LOCK_HELD = "BATCHPROC_LOCK_HELD"
 #: "1": show rank 0's progress bar even though stderr is a pipe (the launcher's is a terminal).
 ENV_PROGRESS = "BATCHPROC_PROGRESS"
-#: "1": copy the next batch to the GPU on a side stream (``batchproc.prefetch``; CUDA only, opt-in).
+#: "1": copy the next batch to the GPU on a side stream (``batchproc.engine.prefetch``; CUDA only, opt-in).
 ENV_DEVICE_PREFETCH = "BATCHPROC_DEVICE_PREFETCH"
-#: Test-only fault injection (see ``batchproc.faults``); never set in production.
+#: Test-only fault injection (see ``batchproc.engine.fault_injection``); never set in production.
 ENV_FAULT = "BATCHPROC_FAULT"
-#: Set by the supervisor (batchproc.supervisor.supervise): a folder where a rank that failed for a
+#: Set by the supervisor (batchproc.control.supervisor.supervise): a folder where a rank that failed for a
 #: reason a restart cannot fix (an error in user code, bad data, a stuck batch) leaves its verdict
-#: before exiting cleanly, so that torchrun does not replay the failure (see batchproc.verdict).
+#: before exiting cleanly, so that torchrun does not replay the failure (see batchproc.engine.verdict).
 ENV_VERDICT_DIR = "BATCHPROC_VERDICT_DIR"
 #: Set by torchrun in each worker: how many times its agent restarted the worker group.
 ENV_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"

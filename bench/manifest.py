@@ -172,7 +172,7 @@ def cmd_listing(source: str, storage: str, baseline: bool) -> Dict[str, Any]:
 
     from batchproc.images import ImageFiles
     from batchproc.inputs import MANIFEST_FILE, read_manifest
-    from batchproc.storage import RunDir
+    from batchproc.rundir.storage import RunDir
 
     before = peak_rss_mb()
     t0 = time.time()
@@ -386,7 +386,7 @@ def _resume_rows(table: Any, n: int, runs: int, moto: Moto, compare: Callable[..
                  alternate: Callable[..., Tuple[List[Any], List[Any]]], notes: List[str]) -> None:
     """Time to the first batch of a resume at 10% and at 90% of ``n`` objects."""
     from batchproc.inputs import MANIFEST_FILE
-    from batchproc.storage import RunDir
+    from batchproc.rundir.storage import RunDir
 
     env = moto.env()
     opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": moto.endpoint}}
@@ -423,7 +423,7 @@ def _rss_rows(table: Any, runs: int, jpegs: str, compare: Callable[..., float],
               notes: List[str]) -> None:
     """Peak memory of a rank and its loader workers: a 1M-entry manifest against a 1k one."""
     from batchproc.inputs import MANIFEST_FILE
-    from batchproc.storage import RunDir
+    from batchproc.rundir.storage import RunDir
 
     def rss(entries: int) -> Dict[str, Any]:
         store = tempfile.mkdtemp(prefix="bench-rss-")

@@ -11,8 +11,8 @@ from typing import Any, Dict, List, Set
 
 import torch
 
-from batchproc.batch_faults import batch_size_of, take
-from batchproc.lifecycle import ExitCode
+from batchproc.engine.batch_faults import batch_size_of, take
+from batchproc.rundir.lifecycle import ExitCode
 from tests.support import PY, Procs, shared_fs, write_config
 
 N, BS, INTERVAL = 30, 3, 2  # 10 global batches, 5 per rank on 2 ranks

@@ -21,10 +21,10 @@ def test_failed_rerun_of_a_completed_run_keeps_it_completed(tmp_path: Path) -> N
     """A rerun of a finished job, signalled while starting (before its workers said anything),
     used to mark the run FAILED; every later rerun then found nothing to do, wrote nothing, and
     exited 1 forever (the campaign's "did not complete in 4 runs")."""
-    from batchproc import lifecycle
-    from batchproc.lifecycle import RunState
-    from batchproc.storage import RunDir
-    from batchproc.supervisor import resolve_exit_code, status_stamp
+    from batchproc.rundir import lifecycle
+    from batchproc.rundir.lifecycle import RunState
+    from batchproc.rundir.storage import RunDir
+    from batchproc.control.supervisor import resolve_exit_code, status_stamp
 
     run_dir = RunDir(str(tmp_path / "run"))
     for state in (RunState.RUNNING, RunState.FINISHING, RunState.COMPLETED):

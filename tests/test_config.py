@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from batchproc.config import ExperimentConfig, FsspecStorage, S3Storage, SharedFSStorage, load_config
+from batchproc.control.config import ExperimentConfig, FsspecStorage, S3Storage, SharedFSStorage, load_config
 from batchproc.errors import ConfigError
 
 VALID = """

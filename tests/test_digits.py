@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from batchproc.images import ImageFiles
-from batchproc.writers import read_rows
+from batchproc.data.images import ImageFiles
+from batchproc.data.writers import read_rows
 from tests.support import PY, ROOT, Procs
 
 sys.path.insert(0, str(ROOT / "examples"))
@@ -22,7 +22,7 @@ from digits_cnn import WEIGHTS_FILE, DigitsCNN, digits_preprocess, load_digits_c
 from digits_data import MARKER, N_DIGITS, digits_index, ensure_digits_folder  # noqa: E402
 
 
-# torchvision 0.29 deprecates its decoders (batchproc.images silences this; pytest re-enables it).
+# torchvision 0.29 deprecates its decoders (batchproc.data.images silences this; pytest re-enables it).
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")
 
 

@@ -146,7 +146,7 @@ def test_bad_sample_names_the_index(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 _ORPHAN = """
 import os, sys, time, torch
 from torch.utils.data import DataLoader
-from batchproc.loader import _WorkerInit
+from batchproc.engine.loader import _WorkerInit
 
 class Items(torch.utils.data.Dataset):
     def __len__(self): return 10

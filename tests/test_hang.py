@@ -22,8 +22,8 @@ PG_TIMEOUT_S = 6
 
 
 def test_pg_timeout_flows_from_config_to_workers() -> None:
-    from batchproc.config import ExperimentConfig
-    from batchproc.supervisor import child_env
+    from batchproc.control.config import ExperimentConfig
+    from batchproc.control.supervisor import child_env
     from batchproc.settings import RunSettings
 
     config = ExperimentConfig(name="x", entrypoint="python3 x.py", process_group_timeout_s=12)

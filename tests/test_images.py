@@ -17,10 +17,10 @@ from torchvision.transforms import v2
 
 from batchproc import TorchBatchProcessor, torch_batch_process
 from batchproc.errors import BadSampleError, TooManyBadSamplesError
-from batchproc.images import ImageFiles, decode_image_bytes, preprocess_from_weights, standard_preprocess
-from batchproc.writers import RowWriter, list_outputs, read_rows
+from batchproc.data.images import ImageFiles, decode_image_bytes, preprocess_from_weights, standard_preprocess
+from batchproc.data.writers import RowWriter, list_outputs, read_rows
 
-# torchvision 0.29 deprecates its decoders (batchproc.images silences this; pytest re-enables it).
+# torchvision 0.29 deprecates its decoders (batchproc.data.images silences this; pytest re-enables it).
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")
 
 RNG = np.random.default_rng(0)

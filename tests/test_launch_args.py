@@ -8,7 +8,7 @@ from typing import List, Optional
 import pytest
 
 from batchproc.settings import FORWARDED_SIGNALS, RunSettings
-from launch.torch_distributed import (
+from batchproc.control.launcher import (
     ENTRY,
     LOG_LINE_PREFIX,
     SIGNALS_TO_HANDLE,
@@ -20,7 +20,7 @@ from launch.torch_distributed import (
 )
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-LOOPBACK_TORCHRUN = [sys.executable, "-m", "launch.loopback"]  # one node: stores bind 127.0.0.1
+LOOPBACK_TORCHRUN = [sys.executable, "-m", "batchproc.control.loopback"]  # one node: stores bind 127.0.0.1
 
 
 def value(cmd: List[str], *flags: str) -> Optional[str]:
@@ -163,20 +163,20 @@ def test_launcher_overrides_of_an_entrypoint():
 @pytest.mark.parametrize("python", ["python", "python3", "python3.11", "/usr/bin/python3", sys.executable])
 def test_python_is_dropped_and_the_script_runs_under_batchproc_entry(python):
     cmd = cmd_for(script=[python, "-u", "examples/x.py", "--lr", "1"])
-    assert cmd[-6:] == ["--module", "--", "batchproc.entry", "examples/x.py", "--lr", "1"]
+    assert cmd[-6:] == ["--module", "--", "batchproc.engine.entry", "examples/x.py", "--lr", "1"]
     assert python not in cmd[3:] and "--no-python" not in cmd and "-u" not in cmd
 
 
 def test_python_module_runs_under_batchproc_entry():
     cmd = cmd_for(script=["python3", "-m", "pkg.mod", "--a"])
-    assert cmd[-6:] == ["--module", "--", "batchproc.entry", "-m", "pkg.mod", "--a"]
+    assert cmd[-6:] == ["--module", "--", "batchproc.engine.entry", "-m", "pkg.mod", "--a"]
     given = cmd_for(["-m"], script=["python3", "-m", "pkg.mod"])  # the user's -m stands; no second one
-    assert "--module" not in given and given[-4:] == ["--", "batchproc.entry", "-m", "pkg.mod"]
+    assert "--module" not in given and given[-4:] == ["--", "batchproc.engine.entry", "-m", "pkg.mod"]
 
 
 def test_py_file_runs_under_batchproc_entry_and_executables_without_python():
     cmd = cmd_for(script=["x.py"])
-    assert cmd[-4:] == ["--module", "--", "batchproc.entry", "x.py"] and "--no-python" not in cmd
+    assert cmd[-4:] == ["--module", "--", "batchproc.engine.entry", "x.py"] and "--no-python" not in cmd
     cmd = cmd_for(script=["./job.sh", "a"])
     assert cmd[-4:] == ["--no-python", "--", "./job.sh", "a"]
     cmd = cmd_for(["--no-python"], script=["./job", "a"])  # the user's own executable, as given
@@ -208,7 +208,7 @@ def test_the_cli_and_the_launcher_start_without_importing_torch():
     of CPU here, belongs in the workers only."""
     import subprocess
 
-    code = ("import sys, batchproc.cli, batchproc.supervisor, launch.torch_distributed; "
+    code = ("import sys, batchproc.control.cli, batchproc.control.supervisor, launch.torch_distributed; "
             "print(sorted(m for m in ('torch', 's3fs', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -17,10 +17,10 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
-from batchproc import lifecycle
-from batchproc.lifecycle import ExitCode, IllegalTransition, RunState
-from batchproc.storage import RunDir
-from batchproc.supervisor import DIED_IN_FINISH, DIED_RUNNING, Verdict, decide, resolve_exit_code, status_stamp
+from batchproc.rundir import lifecycle
+from batchproc.rundir.lifecycle import ExitCode, IllegalTransition, RunState
+from batchproc.rundir.storage import RunDir
+from batchproc.control.supervisor import DIED_IN_FINISH, DIED_RUNNING, Verdict, decide, resolve_exit_code, status_stamp
 from tests.support import PY, ROOT, Procs, assert_exactly_once, base_env, shared_fs, sum_job_metrics, write_config
 
 N, BS, INTERVAL = 23, 2, 3  # 12 batches: 6 per rank on 2 ranks, the last one partial

@@ -1,4 +1,4 @@
-"""Inputs frozen at the first attempt (batchproc.inputs) through real runs, on local disk and on S3.
+"""Inputs frozen at the first attempt (batchproc.data.inputs) through real runs, on local disk and on S3.
 
 Between a preempted attempt and its resume, files are added, removed and replaced, keeping the
 count or changing it: every file of the original listing is output exactly once, with its original
@@ -26,10 +26,10 @@ from PIL import Image
 
 from batchproc import torch_batch_process
 from batchproc.errors import BadSampleError, FingerprintMismatchError, InputSourceMismatchError
-from batchproc.images import ImageFiles
-from batchproc.inputs import MANIFEST_FILE, Manifest, StringColumn, freeze_inputs
-from batchproc.storage import RunDir
-from batchproc.writers import read_rows
+from batchproc.data.images import ImageFiles
+from batchproc.data.inputs import MANIFEST_FILE, Manifest, StringColumn, freeze_inputs
+from batchproc.rundir.storage import RunDir
+from batchproc.data.writers import read_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")
 
@@ -60,7 +60,7 @@ def bmp(seed: int, side: int = 4) -> bytes:
 
 
 def pixel_digest(data: bytes) -> int:
-    from batchproc.images import decode_image_bytes
+    from batchproc.data.images import decode_image_bytes
 
     return images_job.digest(decode_image_bytes(data))
 
@@ -219,7 +219,7 @@ class Squares(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 
 def test_datasets_without_the_protocol_keep_length_and_content_fingerprint(tmp_path: Path) -> None:
-    from batchproc.checkpoint import Fingerprint, check_fingerprint
+    from batchproc.engine.checkpoint import Fingerprint, check_fingerprint
     from batchproc.distributed import WorkerEnv
 
     env = WorkerEnv(0, 1, 0, 1, torch.device("cpu"), 0)
@@ -375,8 +375,8 @@ class Recording(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 
 def test_a_batch_loads_at_once_with_per_sample_failures_and_hints_the_next_batches() -> None:
-    from batchproc.loader import _Bad, _IndexedDataset
-    from batchproc.sharding import RankBatchSampler
+    from batchproc.engine.loader import _Bad, _IndexedDataset
+    from batchproc.engine.sharding import RankBatchSampler
 
     ds = Recording()
     sampler = RankBatchSampler(100, 10, 10, 0, 2, 1)  # rank 1 of 2: global batches 1, 3, 5, 7, 9

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from batchproc.lifecycle import ExitCode
+from batchproc.rundir.lifecycle import ExitCode
 from tests.support import (PY, SCRIPTS, Procs, assert_exactly_once, job_cmd, output_indices, sum_job_metrics,
                            torchrun_cmd)
 

@@ -2,7 +2,7 @@
 
 from hypothesis import given, settings, strategies as st
 
-from batchproc import sharding
+from batchproc.engine import sharding
 
 
 def simulate(n: int, bs: int, attempts):

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from batchproc.errors import RunDirLockedError
-from batchproc.storage import LOCK_FILES, RunDir, acquire_run_lock, published_name
+from batchproc.rundir.storage import LOCK_FILES, RunDir, acquire_run_lock, published_name
 
 
 @pytest.fixture(params=["local", "memory", "s3"])

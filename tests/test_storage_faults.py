@@ -78,7 +78,7 @@ def outputs(s3: Outage) -> Tuple[List[str], List[int]]:
 
 
 def test_rundir_retries_through_an_outage(s3: Outage, capsys: pytest.CaptureFixture[str]) -> None:
-    from batchproc.storage import RunDir
+    from batchproc.rundir.storage import RunDir
 
     rd = RunDir(f"s3://{s3.bucket}/unit", CLIENT_OPTIONS)
     rd.write_json("a.json", {"v": 1})
@@ -147,7 +147,7 @@ def test_lease_of_a_killed_holder_is_taken_over_but_a_live_one_stands() -> None:
     import subprocess
 
     from batchproc.errors import RunDirLockedError
-    from batchproc.storage import RunDir, RunLock, _pid_space, acquire_run_lock
+    from batchproc.rundir.storage import RunDir, RunLock, _pid_space, acquire_run_lock
 
     rd = RunDir(f"memory://lease-{uuid.uuid4().hex[:8]}")
     dead = subprocess.Popen(["true"])

@@ -31,7 +31,7 @@ import time
 import traceback
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional
 
-from batchproc.storage import RunDir
+from batchproc.rundir.storage import RunDir
 
 STATUS_FILE = "status.json"
 FAILURES = "failures"

@@ -14,12 +14,12 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-from batchproc import lifecycle, report
-from batchproc.config import load_config
+from batchproc.rundir import lifecycle, report
+from batchproc.control.config import load_config
 from batchproc.errors import ConfigError
-from batchproc.lifecycle import ExitCode, RunState, read_state
-from batchproc.supervisor import PreemptionSignals
-from batchproc.storage import RunDir
+from batchproc.rundir.lifecycle import ExitCode, RunState, read_state
+from batchproc.control.supervisor import PreemptionSignals
+from batchproc.rundir.storage import RunDir
 
 def _err(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
@@ -91,14 +91,14 @@ def _print_summary(rc: int, run_dir: RunDir, args: argparse.Namespace, since: fl
 def _cmd_run(args: argparse.Namespace) -> int:
     # Record preemption signals before anything slow (imports, config, the run lock): with Python's
     # default actions a SIGTERM there would kill us and the run would end as failed, although
-    # "stop, run again to resume" is all the signal means (see batchproc.supervisor).
+    # "stop, run again to resume" is all the signal means (see batchproc.control.supervisor).
     with PreemptionSignals() as signals:
         return _run(args, signals)
 
 
 def _run(args: argparse.Namespace, signals: PreemptionSignals) -> int:
-    from batchproc.supervisor import supervise
-    from launch.torch_distributed import launcher_overrides, max_nodes
+    from batchproc.control.supervisor import supervise
+    from batchproc.control.launcher import launcher_overrides, max_nodes
 
     try:
         config = load_config(args.config, args.set)

@@ -25,12 +25,13 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from batchproc import settings as _settings
-from batchproc import entry, lifecycle, verdict
-from batchproc.lifecycle import ExitCode, RunState
+from batchproc.engine import entry, verdict
+from batchproc.rundir import lifecycle
+from batchproc.rundir.lifecycle import ExitCode, RunState
 from batchproc.settings import FORWARDED_SIGNALS, RunSettings
 
 if TYPE_CHECKING:
-    from batchproc.storage import RunDir
+    from batchproc.rundir.storage import RunDir
 
 # Names that RunSettings.to_env() may leave out; a stale value from our own environment must not
 # reach the child (e.g. BATCHPROC_LOCK_HELD=1 from an outer job on another run directory).
@@ -238,8 +239,8 @@ def decide(child_rc: int, state: Optional[RunState], completed_before: bool, sig
     stamp); ``completed_before``: status.json says COMPLETED whatever this attempt did;
     ``signalled``: we forwarded a preemption signal to the child; ``interrupted``: rank 0 recorded
     the KeyboardInterrupt that Python's default SIGINT action raised in it; ``failed_for_good``: a
-    rank left a verdict (:mod:`batchproc.verdict`); ``failed_after_completion``: a rank's script
-    raised after torch_batch_process returned (:mod:`batchproc.entry`).
+    rank left a verdict (:mod:`batchproc.engine.verdict`); ``failed_after_completion``: a rank's script
+    raised after torch_batch_process returned (:mod:`batchproc.engine.entry`).
     """
     if failed_for_good:
         # The run failed, whatever code torchrun ended with: 0 when every worker left cleanly, 143
@@ -355,7 +356,7 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
     environment -> the exit code from the run's state (:func:`resolve_exit_code`).
     """
     from batchproc.errors import RunDirLockedError
-    from batchproc.storage import RunDir, acquire_run_lock
+    from batchproc.rundir.storage import RunDir, acquire_run_lock
 
     lock = None
     if run_dir is not None and take_lock:

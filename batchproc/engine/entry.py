@@ -1,4 +1,4 @@
-"""``python -m batchproc.entry SCRIPT [ARGS...]`` or ``python -m batchproc.entry -m MODULE [ARGS...]``.
+"""``python -m batchproc.engine.entry SCRIPT [ARGS...]`` or ``python -m batchproc.engine.entry -m MODULE [ARGS...]``.
 
 The launcher runs every Python entrypoint through this module (torchrun's ``--module``), so that an
 error raised by the job's script *outside* ``torch_batch_process`` is handled like one inside it:
@@ -6,10 +6,10 @@ building the dataset from a folder that does not exist, a typo in the script, a 
 run completed. Without it torchrun sees a worker exit non-zero and replays the same error on every
 restart, on every rank, and nothing records the cause in the run directory.
 
-Here such an error is reported as the rank's failure (:mod:`batchproc.lifecycle`), with the phase
+Here such an error is reported as the rank's failure (:mod:`batchproc.rundir.lifecycle`), with the phase
 "in the script, before torch_batch_process" (or "after it returned"). If a restart could not
 help (anything but a connection, timeout or collective error), the rank leaves a verdict and
-exits cleanly (:mod:`batchproc.verdict`): one attempt, and the supervisor prints the cause.
+exits cleanly (:mod:`batchproc.engine.verdict`): one attempt, and the supervisor prints the cause.
 Errors inside ``torch_batch_process`` were decided there already and pass through untouched.
 
 The script runs as it would under ``python SCRIPT``: ``__name__ == "__main__"``, ``sys.argv``
@@ -30,29 +30,30 @@ from batchproc import settings as _settings
 REPORTED = "_batchproc_reported"
 BEFORE = "in the script, before torch_batch_process"
 AFTER = "in the script, after torch_batch_process returned"
-USAGE = "usage: python -m batchproc.entry SCRIPT [ARGS...] | -m MODULE [ARGS...]"
+USAGE = "usage: python -m batchproc.engine.entry SCRIPT [ARGS...] | -m MODULE [ARGS...]"
 
 
 def script_phase() -> str:
     """Where in the script an error outside ``torch_batch_process`` happened."""
-    run = sys.modules.get("batchproc.run")
+    run = sys.modules.get("batchproc.engine.run")
     return AFTER if run is not None and int(getattr(run, "returned", 0)) > 0 else BEFORE
 
 
 def restart_could_help(error: BaseException) -> bool:
-    """A storage, connection or timeout error (:func:`batchproc.storage.is_transient`) or a
+    """A storage, connection or timeout error (:func:`batchproc.rundir.storage.is_transient`) or a
     collective one (a peer or a store went away) may pass on a restart; anything else the script
     raised would be raised again by the same code and inputs."""
-    from batchproc.lifecycle import describe_error, is_secondary
-    from batchproc.storage import is_transient
+    from batchproc.rundir.lifecycle import describe_error, is_secondary
+    from batchproc.rundir.storage import is_transient
 
     return is_transient(error) or is_secondary(describe_error(error))
 
 
 def _report(error: BaseException) -> None:
     """Record the failure as torch_batch_process would, then leave cleanly if it is deterministic."""
-    from batchproc import lifecycle, verdict
-    from batchproc.storage import RunDir
+    from batchproc.rundir import lifecycle
+    from batchproc.engine import verdict
+    from batchproc.rundir.storage import RunDir
 
     rank = int(os.environ.get("RANK") or 0)
     phase = script_phase()

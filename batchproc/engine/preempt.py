@@ -13,9 +13,9 @@ import threading
 from typing import Any, Dict, Optional
 
 from batchproc.distributed import WorkerEnv
-from batchproc.report import STOP_FILE
+from batchproc.rundir.report import STOP_FILE
 from batchproc.settings import PREEMPTION_SIGNALS
-from batchproc.storage import RunDir
+from batchproc.rundir.storage import RunDir
 
 
 class PreemptionWatcher:

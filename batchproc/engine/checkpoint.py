@@ -30,13 +30,13 @@ import torch
 
 from batchproc.distributed import WorkerEnv
 from batchproc.errors import CorruptCheckpointError, FingerprintMismatchError, UserCodeError
-from batchproc.faults import Faults
-from batchproc.inputs import check_inputs_fingerprint
+from batchproc.engine.fault_injection import Faults
+from batchproc.data.inputs import check_inputs_fingerprint
 from batchproc.reducer import ReducerRegistry, json_safe
-from batchproc import lifecycle
-from batchproc.lifecycle import RunState
-from batchproc.report import ERRORS_FILE, write_errors
-from batchproc.storage import OUTPUTS, STAGING, RunDir, Stager, StorageUnavailableError
+from batchproc.rundir import lifecycle
+from batchproc.rundir.lifecycle import RunState
+from batchproc.rundir.report import ERRORS_FILE, write_errors
+from batchproc.rundir.storage import OUTPUTS, STAGING, RunDir, Stager, StorageUnavailableError
 
 RECORDS = "checkpoints"
 FINGERPRINT_FILE = "fingerprint.json"
@@ -99,7 +99,7 @@ class Fingerprint:
     batch_size: int
     max_batches: Optional[int]
     total_batches: int
-    #: The frozen inputs (batchproc.inputs): manifest source and digest, or a content fingerprint.
+    #: The frozen inputs (batchproc.data.inputs): manifest source and digest, or a content fingerprint.
     inputs: Optional[Dict[str, Any]] = None
 
     def to_json(self) -> Dict[str, Any]:

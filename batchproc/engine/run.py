@@ -18,27 +18,27 @@ from typing import Any, Dict, List, Optional, Tuple, Type, cast
 
 from torch.utils.data import Dataset, default_collate
 
-from batchproc import checkpoint, sharding
+from batchproc.engine import checkpoint, sharding
 from batchproc.distributed import WorkerEnv, init_worker
-from batchproc import verdict
-from batchproc.entry import REPORTED
-from batchproc.batch_faults import BAD_BATCH_POLICIES, BatchRunner, Watchdog
+from batchproc.engine import verdict
+from batchproc.engine.entry import REPORTED
+from batchproc.engine.batch_faults import BAD_BATCH_POLICIES, BatchRunner, Watchdog
 from batchproc.errors import (BatchTimeoutError, PeerFailedError, TooManyBadBatchesError, TooManyBadSamplesError,
                               UserCodeError)
-from batchproc.faults import Faults
-from batchproc.inputs import freeze_inputs
-from batchproc.loader import build_loader, check_dataloader_kwargs
-from batchproc.prefetch import DevicePrefetcher, device_prefetch_enabled
-from batchproc.progress import Progress
-from batchproc.preempt import PreemptionWatcher, clear_stop_request
+from batchproc.engine.fault_injection import Faults
+from batchproc.data.inputs import freeze_inputs
+from batchproc.engine.loader import build_loader, check_dataloader_kwargs
+from batchproc.engine.prefetch import DevicePrefetcher, device_prefetch_enabled
+from batchproc.engine.progress import Progress
+from batchproc.engine.preempt import PreemptionWatcher, clear_stop_request
 from batchproc.processor import (TensorBoardMirror, TorchBatchProcessor, TorchBatchProcessorContext,
                                  default_tensorboard_path)
 from batchproc.reducer import ReducerRegistry
-from batchproc import lifecycle
-from batchproc.lifecycle import RunState
-from batchproc.report import METRICS_FILE, write_metrics
+from batchproc.rundir import lifecycle
+from batchproc.rundir.lifecycle import RunState
+from batchproc.rundir.report import METRICS_FILE, write_metrics
 from batchproc.settings import PREEMPTION_SIGNALS, RunSettings
-from batchproc.storage import STAGING, RunDir, RunLock, Stager, acquire_run_lock
+from batchproc.rundir.storage import STAGING, RunDir, RunLock, Stager, acquire_run_lock
 
 DETERMINISTIC = verdict.DETERMINISTIC
 
@@ -72,7 +72,7 @@ class BatchProcessResult:
     steps_this_attempt: int = 0  #: steps this rank ran in this call
 
 
-#: How many calls of torch_batch_process returned in this process (batchproc.entry names the phase).
+#: How many calls of torch_batch_process returned in this process (batchproc.engine.entry names the phase).
 returned = 0
 DEFAULT_BATCH_SIZE = 1  # Determined's, when neither batch_size nor dataloader_kwargs["batch_size"] is given
 
@@ -125,12 +125,12 @@ def torch_batch_process(
         max_bad_samples: with ``"skip"``, fail once more samples than this were skipped.
         bad_batches: ``"raise"`` (fail naming the batch) or ``"skip"`` (record a batch whose
             ``process_batch`` raised in ``errors.jsonl`` and go on). Either way a batch that runs
-            out of memory is split in halves and retried first (see :mod:`batchproc.batch_faults`).
+            out of memory is split in halves and retried first (see :mod:`batchproc.engine.batch_faults`).
         max_bad_batches: with ``"skip"``, fail once more batches than this were skipped.
         batch_timeout_s: a rank whose batch runs longer dumps its threads' stacks and fails the
             job at once (off by default).
     """
-    global returned  # counted for batchproc.entry's phase names
+    global returned  # counted for batchproc.engine.entry's phase names
     loader_kwargs = check_dataloader_kwargs(dataloader_kwargs, batch_size is not None)
     if batch_size is None:
         batch_size = loader_kwargs.pop("batch_size", DEFAULT_BATCH_SIZE)
@@ -154,12 +154,12 @@ def torch_batch_process(
         return result
     except BaseException as e:
         if isinstance(e, SystemExit) and e.code == 0:
-            raise  # a clean exit after a verdict (batchproc.verdict): recorded already
+            raise  # a clean exit after a verdict (batchproc.engine.verdict): recorded already
         phase = job.phase if job is not None else "before the first batch"
         _record_failure(run_dir, e, env, job)
         verdict.handle(e, env.rank, phase)  # leaves cleanly when a restart could not help
         try:
-            setattr(e, REPORTED, True)  # batchproc.entry: decided here, not to be reported again
+            setattr(e, REPORTED, True)  # batchproc.engine.entry: decided here, not to be reported again
         except Exception:
             pass
         raise

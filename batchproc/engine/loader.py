@@ -18,7 +18,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from batchproc.errors import BadSampleError
 from batchproc.settings import PREEMPTION_SIGNALS, cpu_count
-from batchproc.sharding import RankBatchSampler, batch_indices
+from batchproc.engine.sharding import RankBatchSampler, batch_indices
 
 BAD_SAMPLE_POLICIES = ("raise", "skip")
 #: Batches a loader process fetches ahead of the one it decodes (datasets with ``prefetch``).

@@ -12,7 +12,7 @@
   (global batch, dataset indices, the error and the head of its traceback) to be committed to
   ``errors.jsonl`` with the next checkpoint, and the job goes on.
 
-Rows that a :class:`batchproc.writers.RowWriter` buffered for a piece that then raised are dropped
+Rows that a :class:`batchproc.data.writers.RowWriter` buffered for a piece that then raised are dropped
 (``context`` tells the writers when a piece starts and when it is dropped), so its samples have no
 output rather than half of one.
 """
@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from batchproc.errors import UserCodeError
-from batchproc.verdict import is_collective_failure
+from batchproc.engine.verdict import is_collective_failure
 
 BAD_BATCH_POLICIES = ("raise", "skip")
 TRACEBACK_HEAD = 1500  # characters of a skipped batch's traceback kept in errors.jsonl

@@ -1,7 +1,7 @@
 """What a run reports: the status as ``batchproc status`` shows it, final metrics, skipped-sample
 records, and the stop request of ``batchproc stop``.
 
-``status.json`` itself is written only by :mod:`batchproc.lifecycle`; this module reads it.
+``status.json`` itself is written only by :mod:`batchproc.rundir.lifecycle`; this module reads it.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import json
 import time
 from typing import Any, Dict, List
 
-from batchproc import lifecycle
-from batchproc.lifecycle import RunState
-from batchproc.storage import RunDir
+from batchproc.rundir import lifecycle
+from batchproc.rundir.lifecycle import RunState
+from batchproc.rundir.storage import RunDir
 
 METRICS_FILE = "metrics.json"
 ERRORS_FILE = "errors.jsonl"

@@ -1,0 +1,1 @@
+"""From an experiment file to an exit code: the CLI, the config, the launcher, supervision. No torch."""

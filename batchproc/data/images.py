@@ -1,0 +1,683 @@
+"""Image files as a map-style dataset, from a local folder, a glob or any fsspec URL.
+
+``ImageFiles("s3://bucket/dogs/Images/*/*.jpg", transform=standard_preprocess())`` serves the
+files sorted by path, and decodes each one with torchvision's native decoders (JPEG, PNG, WebP,
+GIF) into a 3-channel ``uint8`` CHW tensor; PIL is only a fallback for the formats torchvision
+cannot read (BMP, TIFF, ...).
+
+Listing is lazy. Under ``torch_batch_process`` the files are listed once per run, by rank 0 of
+the first attempt, and every rank of every attempt serves that frozen list (see
+:mod:`batchproc.data.inputs`): files added later are not part of the run, and a file gone or changed
+since (size, or ETag on S3, or modification time on local disk) fails as a bad sample naming it.
+Alone, the first ``len()`` or item lists the source.
+
+On object stores the files of a batch are fetched concurrently (and, under batchproc's loader,
+those of the next batches while this one decodes), one request per file: :meth:`ImageFiles.prefetch`
+and :meth:`ImageFiles.load_samples`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import glob
+import io
+import operator
+import os
+import re
+import stat
+import sys
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, overload
+
+import fsspec
+import fsspec.asyn
+import fsspec.utils
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image
+
+from batchproc.errors import InputChangedError
+from batchproc.data.inputs import IntColumn, Manifest, StringColumn, etag_version, mtime_version
+
+#: File name endings a folder listing keeps (a glob keeps whatever it matches).
+IMG_EXTENSIONS: Tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
+                                   ".ppm", ".pgm", ".pbm")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LABEL_MODES = ("auto", "parent", "none")
+UNKNOWN_LABEL = -1
+#: Connections per process to S3 when ``storage_options`` do not say (aiobotocore's default is 10,
+#: too few to keep two batches of requests in flight).
+S3_POOL_CONNECTIONS = 64
+#: Requests one process keeps in flight. Fewer than the connections, and started in the order they
+#: were asked for: the files of the batch being loaded are not slowed down by those of the batches
+#: read ahead (at start-up all three batches are asked for at once, and a server answers the
+#: requests it holds together, not first come first served).
+MAX_IN_FLIGHT = 32
+
+# torchvision 0.29 warns on every decode that its decoders are deprecated in favour of TorchCodec;
+# they are what this module deliberately uses (pinned torchvision), so that one warning is silenced.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning, module="torchvision.io.image")
+
+Transform = Callable[[torch.Tensor], Any]
+_MAGIC = re.compile(r"[*?\[]")
+_CPP_LOCATION = re.compile(r"^\w+, \S+\.cpp:\d+, ")  # "decode_jpeg, /__w/.../decode_jpeg.cpp:171, "
+
+
+class ImageFiles(Dataset[Dict[str, Any]]):
+    """Image files named by a folder, a glob, a single file, or any fsspec URL of those.
+
+    Items are ``{"image": transform(uint8 CHW RGB tensor), "label": int, "path": str}``.
+
+    Labels (``labels=``):
+      * ``"auto"``: a folder with sub-folders and no images directly in it is read in ImageFolder
+        layout — each sub-folder is a class (``classes`` sorted by name, labels their indices),
+        images found recursively inside it. Any other input (a glob, a flat folder, a single file) has no
+        labels: every label is ``-1`` (:data:`UNKNOWN_LABEL`) and ``classes`` is empty.
+      * ``"parent"``: the class of a file is the name of its parent folder, for any input (e.g.
+        the glob ``Images/*/*.jpg`` of Stanford Dogs).
+      * ``"none"``: every label is ``-1``.
+
+    A folder listing keeps the files ending in ``extensions``; a glob keeps what it matches. Both
+    skip hidden names (``.x``) below the folder or the glob's fixed prefix. Without a
+    ``transform`` that makes every image the same size, batches of more than one image cannot be
+    stacked by the default collate function.
+
+    ``files``, ``paths`` and ``labels`` are read-only sequences over the columnar manifest (they
+    compare equal to lists); ``classes`` is a list.
+    """
+
+    def __init__(self, source: "str | os.PathLike[str]", transform: Optional[Transform] = None, *,
+                 storage_options: Optional[Dict[str, Any]] = None, labels: str = "auto",
+                 extensions: Sequence[str] = IMG_EXTENSIONS) -> None:
+        if labels not in LABEL_MODES:
+            raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+        self.source = os.fspath(source)
+        self.transform = transform
+        self.storage_options = dict(storage_options or {})
+        self.label_mode = labels
+        self.extensions = tuple(e.lower() for e in extensions)
+        fs, root = fsspec.core.url_to_fs(self.source, **self._fs_options())
+        self._fs_cache: Any = fs
+        self._fs_pid: Optional[int] = os.getpid()
+        self._local = isinstance(fs, LocalFileSystem)
+        if self._local and root:
+            root = os.path.normpath(root)  # /a/./b, /a//b and /x/../a/b are one source
+        self._root: str = root
+        # A local folder named "photos [2024]" is that folder, not a glob. On object stores a
+        # wildcard always globs (a literal "[" is written "[[]"): checking costs a request per rank.
+        self._glob = bool(_MAGIC.search(root)) and not (self._local and os.path.exists(root))
+        if self._local and not self._glob and not os.path.exists(root):
+            # A stat, not a listing: cheap, and a typo is better reported here than at the first batch.
+            raise FileNotFoundError(f"no such file or folder: {root!r}")
+        self._manifest: Optional[Manifest] = None
+        self._listing: Optional[Manifest] = None  # this process's own listing, until a run freezes one
+        self._classes: List[str] = []
+        self._classes_read = False
+        self._reader: Optional[_Reader] = None
+
+    # -- the frozen-inputs protocol (batchproc.data.inputs) ---------------------------------------
+
+    def batchproc_source(self) -> str:
+        """The normalized URL (an absolute path locally), plus the options that change the listing."""
+        where = self._root if self._local else self._fs().unstrip_protocol(self._root)
+        options = []
+        if self.label_mode != "auto":
+            options.append(f"labels={self.label_mode}")
+        if self.extensions != IMG_EXTENSIONS:
+            options.append(f"extensions={','.join(self.extensions)}")
+        return f"{where} ({'; '.join(options)})" if options else where
+
+    def batchproc_list_inputs(self) -> Manifest:
+        """List the source (once per process: a listing already made here is reused)."""
+        if self._listing is None:
+            fs = self._fs()
+            self._listing = _list_images(fs, self._root, self.batchproc_source(), self.label_mode,
+                                         self.extensions, self._local, self._glob)
+            if not self._local:
+                fs.invalidate_cache()  # s3fs would keep every object's info dict alive
+        if not len(self._listing):
+            raise ValueError(f"no image files found at {self.source!r} "
+                             f"(a folder is searched for {', '.join(self.extensions)}; a glob is taken as is)")
+        return self._listing
+
+    def batchproc_use_inputs(self, manifest: Manifest) -> None:
+        """Serve ``manifest``'s files (the run's frozen inputs) from now on."""
+        if self._classes_read and list(manifest.classes) != self._classes:
+            warnings.warn(f"ImageFiles({self.source!r}): the classes read before the run started "
+                          f"({len(self._classes)}) are not those of the run's frozen inputs "
+                          f"({len(manifest.classes)}); labels follow the frozen inputs. Read `classes` "
+                          f"after torch_batch_process() has started (e.g. in the processor) to get them.",
+                          stacklevel=2)
+        self._serve(manifest)
+        self._listing = None  # a later run lists afresh
+
+    def _serve(self, manifest: Manifest) -> None:
+        self._manifest = manifest
+        self._classes = list(manifest.classes)
+        self._reader = None
+
+    @property
+    def manifest(self) -> Manifest:
+        """The files served: the run's frozen inputs, or this process's listing (made on demand,
+        and the one a run started next in this process freezes)."""
+        if self._manifest is None:
+            self._serve(self.batchproc_list_inputs())
+        assert self._manifest is not None
+        return self._manifest
+
+    # -- the listing, as sequences --------------------------------------------------------------
+
+    @property
+    def classes(self) -> List[str]:
+        """Class names, sorted; ``labels[i]`` indexes into it (empty when the input has no labels)."""
+        self.manifest
+        self._classes_read = True
+        return self._classes
+
+    @property
+    def labels(self) -> IntColumn:
+        return IntColumn(self.manifest.labels)
+
+    @property
+    def files(self) -> "PrefixedColumn":
+        """Paths as the filesystem names them."""
+        m = self.manifest
+        return PrefixedColumn(_join_prefix(m.root), m.paths)
+
+    @property
+    def paths(self) -> "PrefixedColumn":
+        """What ``path`` holds per item: a local path, or a full URL (``s3://...``)."""
+        m = self.manifest
+        if self._local:
+            return PrefixedColumn(_join_prefix(m.root), m.paths)
+        return PrefixedColumn(_join_prefix(self._fs().unstrip_protocol(m.root) if m.root else ""), m.paths)
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _fs_options(self) -> Dict[str, Any]:
+        options = dict(self.storage_options)
+        if fsspec.core.split_protocol(self.source)[0] in ("s3", "s3a"):
+            config = dict(options.get("config_kwargs") or {})
+            config.setdefault("max_pool_connections", S3_POOL_CONNECTIONS)
+            options["config_kwargs"] = config
+        return options
+
+    def _fs(self) -> Any:
+        # One filesystem per process: async clients (s3fs) must not be shared with forked workers.
+        if self._fs_pid != os.getpid():
+            self._fs_cache = fsspec.core.url_to_fs(self.source, **self._fs_options())[0]
+            self._fs_pid = os.getpid()
+            self._reader = None
+        return self._fs_cache
+
+    def _get_reader(self) -> "_Reader":
+        fs = self._fs()
+        if self._reader is None:
+            self._reader = _Reader(fs, self.manifest, self._local, self.paths)
+        return self._reader
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fs_cache"], state["_fs_pid"], state["_reader"] = None, None, None  # rebuilt in the receiving process
+        return state
+
+    def _index(self, i: int) -> int:
+        n = len(self.manifest)
+        i = operator.index(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for {n} files")
+        return i
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """Start fetching these samples' files now (on object stores; a no-op on local disk)."""
+        self._get_reader().prefetch([self._index(i) for i in indices])
+
+    def load_samples(self, indices: Sequence[int]) -> List[Any]:
+        """Samples ``indices``, their files fetched concurrently; a sample that fails to load is the
+        exception it raised, so one bad file is one bad sample."""
+        reader = self._get_reader()
+        good = []
+        for i in indices:
+            try:
+                good.append(self._index(i))
+            except IndexError:
+                pass
+        reader.prefetch(good)
+        out: List[Any] = []
+        for i in indices:
+            try:
+                i = self._index(i)
+                path = reader.url(i)
+                image = decode_image_bytes(reader.read(i), path)
+                if self.transform is not None:
+                    image = self.transform(image)
+                out.append({"image": image, "label": int(self.manifest.labels[i]), "path": path})
+            except Exception as e:
+                out.append(e)
+        return out
+
+    def __getitems__(self, indices: Sequence[int]) -> List[Dict[str, Any]]:
+        """A batch's samples (torch's DataLoader calls this with the batch's indices)."""
+        items = self.load_samples(indices)
+        for item in items:
+            if isinstance(item, BaseException):
+                raise item
+        return items
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        item = self.load_samples([i])[0]
+        if isinstance(item, BaseException):
+            raise item
+        return item  # type: ignore[no-any-return]
+
+    def describe_sample(self, i: int) -> str:
+        """The file behind sample ``i`` (batchproc names it when loading the sample fails)."""
+        return self.paths[i]
+
+    def __repr__(self) -> str:
+        if self._manifest is None:
+            return f"ImageFiles({self.source!r}, not listed yet)"
+        return f"ImageFiles({self.source!r}, {len(self)} files, {len(self._classes)} classes)"
+
+
+def _join_prefix(root: str) -> str:
+    return "" if not root else (root if root.endswith("/") else root + "/")
+
+
+class PrefixedColumn(Sequence[str]):
+    """``prefix + s`` for every ``s`` of a :class:`StringColumn`, computed on access."""
+
+    __slots__ = ("prefix", "column")
+
+    def __init__(self, prefix: str, column: StringColumn) -> None:
+        self.prefix = prefix
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> List[str]: ...
+
+    def __getitem__(self, i: Union[int, slice]) -> Union[str, List[str]]:
+        if isinstance(i, slice):
+            return [self.prefix + s for s in self.column[i]]
+        return self.prefix + self.column[i]
+
+    def __iter__(self) -> Iterator[str]:
+        for s in self.column:
+            yield self.prefix + s
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"PrefixedColumn({self.prefix!r}, {len(self)} strings)"
+
+
+# -- reading files ---------------------------------------------------------------------------
+
+
+def _is_s3(fs: Any) -> bool:
+    # An S3FileSystem exists only once s3fs was imported: importing it here just to ask would cost
+    # every local job 0.4 s of CPU per process (s3fs pulls in botocore and aiohttp).
+    s3fs = sys.modules.get("s3fs")
+    return s3fs is not None and isinstance(fs, s3fs.S3FileSystem) and hasattr(fs, "_call_s3")
+
+
+async def _get_s3(fs: Any, path: str) -> Tuple[bytes, Optional[str]]:
+    """One GET: the bytes and the ETag they came with (s3fs's ``cat_file`` drops the ETag, and
+    with its default ``max_concurrency`` sends a HEAD first: two round trips)."""
+    from batchproc.rundir.storage import is_transient
+
+    bucket, key, version_id = fs.split_path(path)
+    extra = {"VersionId": version_id} if version_id else {}
+    for attempt in range(3):
+        try:
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, **extra)  # retries its own errors
+            try:
+                data = await resp["Body"].read()
+            finally:
+                resp["Body"].close()
+            return data, resp.get("ETag")
+        except Exception as e:  # a body cut short is worth another try; a missing key is not
+            if attempt == 2 or not is_transient(e):
+                raise
+            await asyncio.sleep(0.2 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+async def _get_async(fs: Any, path: str) -> Tuple[bytes, Optional[str]]:
+    return await fs._cat_file(path), None
+
+
+async def _in_turn(limit: asyncio.Semaphore, get: Callable[[Any, str], Any], fs: Any, path: str) -> Any:
+    async with limit:  # FIFO: requests start in the order prefetch() was given them
+        return await get(fs, path)
+
+
+class _Reader:
+    """One process's reads of one manifest. On async filesystems (S3, GCS, HTTP, ...) each file is
+    one request on fsspec's IO loop, started by :meth:`prefetch` and collected by :meth:`read`; on
+    local disk reads are plain and synchronous (the page cache is faster than any overlap)."""
+
+    MIN_PENDING = 1024  # prefetched files not yet read, at least (a wrong guess of the next batch is dropped)
+
+    def __init__(self, fs: Any, manifest: Manifest, local: bool, urls: PrefixedColumn) -> None:
+        self.fs = fs
+        self.manifest = manifest
+        self.urls = urls
+        self.kind = "local" if local else "s3" if _is_s3(fs) else "async" if getattr(fs, "async_impl", False) else "sync"
+        self.pending: "collections.OrderedDict[int, concurrent.futures.Future[Tuple[bytes, Optional[str]]]]" = \
+            collections.OrderedDict()
+        self.max_pending = self.MIN_PENDING
+        self.limit = asyncio.Semaphore(MAX_IN_FLIGHT)  # bound to fsspec's IO loop when first awaited there
+
+    def url(self, i: int) -> str:
+        return self.urls[i]
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        if self.kind in ("local", "sync"):
+            return
+        get = _get_s3 if self.kind == "s3" else _get_async
+        # Never so small that a hint evicts files of the batch being read (the oldest entries).
+        self.max_pending = max(self.max_pending, 2 * len(indices))
+        for i in indices:
+            if i not in self.pending:
+                self.pending[i] = asyncio.run_coroutine_threadsafe(
+                    _in_turn(self.limit, get, self.fs, self.manifest.path(i)), self.fs.loop)
+        while len(self.pending) > self.max_pending:
+            self.pending.popitem(last=False)[1].cancel()
+
+    def read(self, i: int) -> bytes:
+        """File ``i``'s bytes, checked against the manifest; raises :class:`InputChangedError` naming
+        the file if it is gone or changed."""
+        try:
+            if self.kind == "local":
+                return self._read_local(i)
+            if self.kind == "sync":
+                data = self.fs.cat_file(self.manifest.path(i))
+                self._check_size(i, len(data))
+                return data  # type: ignore[no-any-return]
+            future = self.pending.pop(i, None)
+            if future is None:
+                self.prefetch([i])
+                future = self.pending.pop(i)
+            data, etag = future.result()
+        except FileNotFoundError:
+            raise InputChangedError(f"{self.url(i)} is gone: it was listed when the run's inputs were frozen") from None
+        self._check_size(i, len(data))
+        expected = int(self.manifest.versions[i])
+        if etag is not None and expected and self.manifest.version_kind == "etag" and etag_version(etag) != expected:
+            raise InputChangedError(f"{self.url(i)} changed since the run's inputs were frozen: its ETag is not the "
+                                    f"one listed then")
+        return data
+
+    def _read_local(self, i: int) -> bytes:
+        path = self.manifest.path(i)
+        st = os.stat(path)
+        self._check_size(i, st.st_size)
+        expected = int(self.manifest.versions[i])
+        if expected and self.manifest.version_kind == "mtime" and mtime_version(st.st_mtime) != expected:
+            raise InputChangedError(f"{path} changed since the run's inputs were frozen: it was modified since")
+        with open(path, "rb") as f:
+            return f.read()
+
+    def _check_size(self, i: int, size: int) -> None:
+        expected = int(self.manifest.sizes[i])
+        if expected >= 0 and size != expected:
+            raise InputChangedError(f"{self.url(i)} changed since the run's inputs were frozen: it has {size} "
+                                    f"bytes, {expected} when listed")
+
+
+# -- listing ---------------------------------------------------------------------------------
+
+
+class _Found:
+    """Files found by a listing, as three parallel lists (transient: the manifest is columnar)."""
+
+    def __init__(self) -> None:
+        self.paths: List[str] = []
+        self.sizes: List[int] = []
+        self.versions: List[int] = []
+
+    def add(self, path: str, size: int, version: int) -> None:
+        self.paths.append(path)
+        self.sizes.append(size)
+        self.versions.append(version)
+
+    def keep(self, pred: Callable[[str], bool]) -> "_Found":
+        out = _Found()
+        for p, s, v in zip(self.paths, self.sizes, self.versions):
+            if pred(p):
+                out.add(p, s, v)
+        return out
+
+
+def _version_kind(fs: Any, local: bool) -> str:
+    return "mtime" if local else "etag" if _is_s3(fs) else "none"
+
+
+def _info_version(info: Dict[str, Any], kind: str) -> int:
+    if kind == "mtime":
+        mtime = info.get("mtime")
+        if info.get("islink"):  # fsspec reports the link's own time; reads see the target's
+            mtime = os.stat(info["name"]).st_mtime
+        return mtime_version(mtime) if mtime is not None else 0
+    if kind == "etag" and info.get("ETag"):
+        return etag_version(info["ETag"])
+    return 0
+
+
+def _s3_walk(fs: Any, root: str) -> _Found:
+    """Every object under ``root/``, one flat LIST page per 1,000 keys, streamed page by page (no
+    info dict is kept: ``find``/``glob`` would cache them all, and walk a glob folder by folder)."""
+    bucket, key, _ = fs.split_path(root)
+    prefix = key.rstrip("/") + "/" if key else ""
+    found = _Found()
+
+    async def walk() -> None:
+        async for info in fs._iterdir(bucket, prefix=prefix, delimiter=""):
+            name = info["name"]
+            if not name.endswith("/"):  # folder markers
+                found.add(name, int(info["size"]), etag_version(info["ETag"]) if info.get("ETag") else 0)
+
+    fsspec.asyn.sync(fs.loop, walk)
+    return found
+
+
+def _local_walk(root: str) -> _Found:
+    """Every file under a local folder, streamed (no info dict per file, as fsspec's ``find``
+    builds); hidden folders are not entered. Symlinks count as their targets, folders included (as
+    ImageFolder reads them), each real folder once; dangling ones are skipped."""
+    found = _Found()
+    stack = [root]
+    st = os.stat(root)
+    seen = {(st.st_dev, st.st_ino)}  # a link back up the tree must not loop
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    st = e.stat()
+                    if (st.st_dev, st.st_ino) not in seen:
+                        seen.add((st.st_dev, st.st_ino))
+                        stack.append(e.path)
+                elif e.is_file():
+                    st = e.stat()
+                    found.add(e.path, st.st_size, mtime_version(st.st_mtime))
+    return found
+
+
+def _local_glob(pattern: str) -> _Found:
+    """A local glob as the shell and Python's ``glob`` read it (``**`` included): symlinked folders
+    are followed, wildcards skip hidden names, and dangling links are skipped."""
+    found = _Found()
+    for path in sorted(glob.iglob(pattern, recursive=True)):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            found.add(path, st.st_size, mtime_version(st.st_mtime))
+    return found
+
+
+def _from_infos(infos: Any, kind: str) -> _Found:
+    found = _Found()
+    for path, info in sorted(infos.items()):
+        if info.get("type") != "directory":
+            try:
+                version = _info_version(info, kind)
+            except FileNotFoundError:  # a dangling symlink: no file to read, as a folder walk skips it
+                continue
+            found.add(path, int(info.get("size") or 0) if info.get("size") is not None else -1, version)
+    return found
+
+
+def _list_images(fs: Any, root: str, source: str, label_mode: str, extensions: Tuple[str, ...],
+                 local: bool, is_glob: bool) -> Manifest:
+    """The manifest of ``root`` (a folder, a glob or a file on ``fs``), sorted by path."""
+    kind = _version_kind(fs, local)
+    s3 = _is_s3(fs)
+    magic = _MAGIC.search(root) if is_glob else None
+    if magic:
+        # Like a shell glob, wildcards do not match hidden names (".DS_Store", ".cache/").
+        base = root[:magic.start()].rsplit("/", 1)[0]
+        if s3:
+            pattern = re.compile(fsspec.utils.glob_translate(root))
+            matched = _s3_walk(fs, base).keep(lambda p: bool(pattern.match(p)))
+        elif local:
+            matched = _local_glob(root)
+        else:
+            matched = _from_infos(fs.glob(root, detail=True), kind)
+        matched = matched.keep(lambda p: not any(_hidden(c) for c in p[len(base) + 1:].split("/")))
+        classes = [_parent_name(p) for p in matched.paths] if label_mode == "parent" else []
+        return _manifest(source, base, matched, classes, kind)
+    root = root.rstrip("/") or root
+    found: Optional[_Found] = _s3_walk(fs, root) if s3 else None
+    if not found or not found.paths:
+        if fs.isfile(root):
+            info = fs.info(root)
+            single = _Found()
+            single.add(root, int(info.get("size", -1)), _info_version(info, kind))
+            classes = [_parent_name(root)] if label_mode == "parent" else []
+            return _manifest(source, root.rsplit("/", 1)[0] if "/" in root else "", single, classes, kind)
+        if s3 or not fs.isdir(root):
+            raise FileNotFoundError(f"no such file or folder: {fs.unstrip_protocol(root)!r}")
+        found = _local_walk(root) if local else _from_infos(fs.find(root, detail=True), kind)
+    cut = len(root) + 1 if root != "/" else 1
+    visible = found.keep(lambda p: not any(_hidden(c) for c in p[cut:].split("/")))
+    images = visible.keep(lambda p: p.lower().endswith(extensions))
+    if label_mode == "parent":
+        classes = [_parent_name(p) for p in images.paths]
+    elif (label_mode == "auto" and any("/" in p[cut:] for p in visible.paths)
+          and not any("/" not in p[cut:] for p in images.paths)):
+        # ImageFolder layout: the first path component below the root is the class.
+        classes = [p[cut:].split("/", 1)[0] for p in images.paths]
+    else:
+        classes = []
+    return _manifest(source, root, images, classes, kind)
+
+
+def _manifest(source: str, root: str, found: _Found, class_of: List[str], kind: str) -> Manifest:
+    order = sorted(range(len(found.paths)), key=found.paths.__getitem__)
+    cut = len(_join_prefix(root))
+    classes = sorted(set(class_of))
+    index = {c: i for i, c in enumerate(classes)}
+    return Manifest.build(
+        source, [found.paths[i][cut:] for i in order], sizes=[found.sizes[i] for i in order],
+        versions=[found.versions[i] for i in order],
+        labels=[index[class_of[i]] for i in order] if class_of else None, classes=classes, root=root,
+        version_kind=kind)
+
+
+def _hidden(name: str) -> bool:
+    return name.rstrip("/").rsplit("/", 1)[-1].startswith(".")
+
+
+def _parent_name(path: str) -> str:
+    parts = path.rstrip("/").split("/")
+    return parts[-2] if len(parts) > 1 else ""
+
+
+def decode_image_bytes(data: bytes, path: str = "<bytes>") -> torch.Tensor:
+    """Encoded image bytes -> ``uint8`` RGB tensor (3, H, W), whatever the file's mode.
+
+    torchvision converts grayscale, alpha, palette and CMYK (JPEG) images to RGB natively, and
+    16-bit PNGs are scaled to 8 bits. Formats it cannot read go through PIL. A file neither can
+    decode raises ``ValueError`` naming ``path``.
+    """
+    if not data:
+        raise ValueError(f"cannot decode {path}: the file is empty")
+    try:
+        image: torch.Tensor = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        image = _decode_with_pil(data, path, _CPP_LOCATION.sub("", str(e).strip()))
+    if image.dtype != torch.uint8:  # 16-bit PNG
+        from torchvision.transforms.v2.functional import to_dtype
+
+        image = to_dtype(image, torch.uint8, scale=True)
+    return image
+
+
+def _decode_with_pil(data: bytes, path: str, tv_error: str) -> torch.Tensor:
+    try:
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except Exception as e:
+        raise ValueError(f"cannot decode {path}: {tv_error} (PIL: {type(e).__name__}: {e})") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+
+
+# -- preprocessing ---------------------------------------------------------------------------
+
+
+def standard_preprocess(size: int = 224, resize: int = 256,
+                        mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Transform:
+    """The usual ImageNet evaluation transform on uint8 CHW tensors: resize the short side to
+    ``resize`` (antialiased), center-crop ``size``, scale to [0, 1] floats, normalize."""
+    from torchvision.transforms import v2
+
+    transform: Transform = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size),
+                                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    return transform
+
+
+def preprocess_from_weights(weights: Any) -> Transform:
+    """The evaluation transform that torchvision weights were trained with (works on tensors).
+
+    ``weights`` is a weights enum (``ResNet50_Weights.DEFAULT``) or its name
+    (``"ResNet50_Weights.IMAGENET1K_V2"``); nothing is downloaded.
+    """
+    if isinstance(weights, str):
+        from torchvision.models import get_weight
+
+        weights = get_weight(weights)
+    transform: Transform = weights.transforms()
+    return transform
+
+
+__all__ = ["ImageFiles", "PrefixedColumn", "decode_image_bytes", "standard_preprocess", "preprocess_from_weights",
+           "IMG_EXTENSIONS", "UNKNOWN_LABEL"]

@@ -1,0 +1,1 @@
+"""One attempt on one rank: sharded loading, the processing loop, commits, preemption, verdicts."""
