@@ -23,6 +23,7 @@ import torch
 from batchproc.dist_context import DistributedContext
 from batchproc.distributed import WorkerEnv
 from batchproc.reducer import MetricReducer, ReducerRegistry, SimpleReducer, json_safe
+from batchproc.rundir.layout import MODEL_SOURCES, REPORTED_METRICS, TENSORBOARD_DIR
 from batchproc.rundir.storage import RunDir, Stager
 
 
@@ -278,11 +279,6 @@ class TorchBatchProcessor(abc.ABC):
         published under ``<run_dir>/outputs/``; ``context.metrics`` holds the final metrics).
         Not called on preemption. At-least-once: a run stopped during it runs it again on the
         next start (loading no batch), so make it idempotent."""
-
-
-TENSORBOARD_DIR = "tensorboard"
-REPORTED_METRICS = "metrics.jsonl"
-MODEL_SOURCES = "model_sources.jsonl"
 
 
 def default_tensorboard_path(run_dir_url: str, is_local: bool, rank: int) -> pathlib.Path:

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from batchproc.rundir import layout
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "bench" / ".data"
 PY = sys.executable
@@ -101,7 +103,7 @@ def commit_ms(n: int) -> float:
     store = tempfile.mkdtemp(prefix="bench-commit-")
     run(["synthetic", "--model", "tiny", "--bs", "4", "--n", str(n), "--max-batches", "200", "--interval", "1"],
         threads=1, storage=store)
-    times = sorted(json.loads(p.read_text())["time"] for p in Path(store, "checkpoints").glob("ckpt-*.json"))
+    times = sorted(json.loads(p.read_text())["time"] for p in Path(store, layout.RECORDS).glob("ckpt-*.json"))
     shutil.rmtree(store, ignore_errors=True)
     return med([b - a for a, b in zip(times, times[1:])]) * 1000
 

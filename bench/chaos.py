@@ -59,12 +59,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # tests.support, when run as a script rather than with -m from ROOT
     sys.path.insert(0, str(ROOT))
 
+from batchproc.rundir import layout  # noqa: E402
 from batchproc.settings import ENV_FAULT  # noqa: E402
 from tests.support import (PY, S3Server, Tracked, base_env, config_text, s3_storage, shared_fs,  # noqa: E402
                            sum_job_metrics)
 
 NAME = "chaos"
-TAGGED = re.compile(r"^rows\.[0-9a-f]{8}-r\d+-u\d+\.jsonl$")
 SLOW_ATTEMPT_S = 60.0  # reported (not counted as hung): an attempt this long deserves a look
 ORPHAN_GRACE_S = 15.0  # a process still alive this long after its batchproc run ended is an orphan
 
@@ -350,7 +350,7 @@ class Campaign:
         return rc
 
     def truncate_latest(self, store, rng: random.Random, out: Outcome) -> None:
-        records = [f for f in store.files("checkpoints") if re.fullmatch(r"checkpoints/ckpt-\d{8}\.json", f)]
+        records = [f for f in store.files(layout.RECORDS) if layout.record_seq(f.rsplit("/", 1)[-1]) is not None]
         if len(records) < 2:  # with no valid record left, the run is refused by design (--fresh)
             out.notes.append("truncate: skipped (fewer than 2 records)")
             return
@@ -361,10 +361,11 @@ class Campaign:
 
     def check(self, sc: Scenario, store, out: Outcome) -> None:
         counts: collections.Counter = collections.Counter()
-        for rel in store.files("outputs"):
+        for rel in store.files(layout.OUTPUTS):
             name = rel.rsplit("/", 1)[-1]
             rows = [json.loads(l) for l in store.read(rel).decode().splitlines() if l.strip()]
-            if not TAGGED.match(name) or rel.count("/") != 1:
+            tagged = layout.parse_tag(name) is not None and name.startswith("rows.") and name.endswith(".jsonl")
+            if not tagged or rel.count("/") != 1:
                 out.stray.append(rel)
                 out.duplicated += len(rows)
                 continue
@@ -377,11 +378,11 @@ class Campaign:
         out.lost += sum(1 for i in range(sc.n) if counts[i] == 0 and i not in skipped)
         out.duplicated += sum(c - 1 for c in counts.values() if c > 1)
         out.duplicated += sum(c for i, c in counts.items() if not 0 <= i < sc.n or i in skipped)
-        out.stray.extend(store.files("staging"))
+        out.stray.extend(store.files(layout.STAGING))
         # Every skipped batch is recorded exactly once (its records follow the commit rules of outputs).
         records: collections.Counter = collections.Counter()
-        if store.exists("errors.jsonl"):
-            for line in store.read("errors.jsonl").decode().splitlines():
+        if store.exists(layout.ERRORS_FILE):
+            for line in store.read(layout.ERRORS_FILE).decode().splitlines():
                 e = json.loads(line)
                 if e.get("kind") == "batch":
                     records[e["global_batch"]] += 1
@@ -389,7 +390,7 @@ class Campaign:
         out.duplicated += sum(c - 1 for c in records.values() if c > 1)
         out.duplicated += sum(c for g, c in records.items() if g not in sc.raise_batches)
         ref = sum_job_metrics(sc.n) if not skipped else _metrics_over([i for i in range(sc.n) if i not in skipped])  # what a clean run reports (tests/test_engine.py checks the closed form)
-        metrics = json.loads(store.read("metrics.json")) if store.exists("metrics.json") else None
+        metrics = json.loads(store.read(layout.METRICS_FILE)) if store.exists(layout.METRICS_FILE) else None
         if metrics != ref:
             out.metric_mismatch += 1
             out.notes.append(f"metrics {metrics} != reference {ref}")

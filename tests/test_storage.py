@@ -7,7 +7,8 @@ import uuid
 import pytest
 
 from batchproc.errors import RunDirLockedError
-from batchproc.rundir.storage import LOCK_FILES, RunDir, acquire_run_lock, published_name
+from batchproc.rundir.layout import LOCK_FILES, published_name
+from batchproc.rundir.storage import RunDir, acquire_run_lock
 
 
 @pytest.fixture(params=["local", "memory", "s3"])

@@ -19,6 +19,7 @@ from batchproc.control.config import load_config
 from batchproc.errors import ConfigError
 from batchproc.rundir.lifecycle import ExitCode, RunState, read_state
 from batchproc.control.supervisor import PreemptionSignals
+from batchproc.rundir.layout import METRICS_FILE
 from batchproc.rundir.storage import RunDir
 
 def _err(message: str) -> None:
@@ -66,7 +67,7 @@ def _print_summary(rc: int, run_dir: RunDir, args: argparse.Namespace, since: fl
     done = f"{status.get('committed_batches', 0)}/{total if total is not None else '?'} batches"
     if rc == ExitCode.COMPLETED:
         print(f"batchproc: completed ({done}). Outputs: {_url_join(run_dir.url, 'outputs/')}  "
-              f"metrics: {_url_join(run_dir.url, report.METRICS_FILE)}")
+              f"metrics: {_url_join(run_dir.url, METRICS_FILE)}")
         print("metrics: " + json.dumps(status.get("metrics", {}), sort_keys=True))
         skipped = {what: status.get(f"skipped_{what}") or 0 for what in ("batches", "samples")}
         if any(skipped.values()):  # the job went on past them (bad_batches/bad_samples="skip")

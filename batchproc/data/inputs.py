@@ -31,12 +31,12 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from batchproc.errors import FingerprintMismatchError, InputSourceMismatchError
+from batchproc.rundir.layout import MANIFEST_FILE
 
 if TYPE_CHECKING:
     from batchproc.distributed import WorkerEnv
     from batchproc.rundir.storage import RunDir
 
-MANIFEST_FILE = "inputs/manifest.npz"
 FORMAT = 1
 UNKNOWN_SIZE = -1
 UNKNOWN_VERSION = 0
@@ -275,12 +275,15 @@ def content_fingerprint(dataset: Any) -> Optional[str]:
     return str(fn()) if callable(fn) else None
 
 
-def freeze_inputs(dataset: Any, run_dir: "RunDir", env: "WorkerEnv") -> Dict[str, Any]:
+def freeze_inputs(dataset: Any, run_dir: "RunDir", env: "WorkerEnv",
+                  recorded: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Make ``dataset`` serve the run's frozen inputs, on every rank; the fingerprint entries to record.
 
     Called by every rank at the start of every attempt, before anything asks the dataset for its
     length. Rank 0 loads the run's manifest or, at the first attempt, lists the source and
     writes one; then the other ranks read that file. Every rank raises rank 0's error.
+    ``recorded``: rank 0's copy of the inputs entry of the run's fingerprint, if it has one (a
+    missing manifest is then an error, unless a new listing is identical to the one it names).
     """
     if not has_frozen_inputs(dataset):
         fp = content_fingerprint(dataset)
@@ -288,7 +291,7 @@ def freeze_inputs(dataset: Any, run_dir: "RunDir", env: "WorkerEnv") -> Dict[str
     outcome: Any = None
     if env.is_chief:
         try:
-            outcome = _freeze_on_chief(dataset, run_dir)
+            outcome = _freeze_on_chief(dataset, run_dir, recorded)
         except BaseException as e:
             outcome = e
     outcome = env.broadcast(outcome)
@@ -305,7 +308,7 @@ def freeze_inputs(dataset: Any, run_dir: "RunDir", env: "WorkerEnv") -> Dict[str
     return {"inputs": outcome}
 
 
-def _freeze_on_chief(dataset: Any, run_dir: "RunDir") -> Dict[str, Any]:
+def _freeze_on_chief(dataset: Any, run_dir: "RunDir", recorded: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     source = dataset.batchproc_source()
     try:
         blob: Optional[bytes] = run_dir.read_bytes(MANIFEST_FILE)
@@ -328,18 +331,15 @@ def _freeze_on_chief(dataset: Any, run_dir: "RunDir") -> Dict[str, Any]:
         blob = manifest.to_bytes()
     sha256 = hashlib.sha256(blob).hexdigest()
     if listed:
-        _check_not_lost(run_dir, sha256)
+        _check_not_lost(run_dir, sha256, recorded)
         run_dir.write_atomic(MANIFEST_FILE, blob, durable=True)
     dataset.batchproc_use_inputs(manifest)
     return {"source": source, "entries": len(manifest), "sha256": sha256}
 
 
-def _check_not_lost(run_dir: "RunDir", listed_sha256: str) -> None:
+def _check_not_lost(run_dir: "RunDir", listed_sha256: str, recorded: Optional[Dict[str, Any]]) -> None:
     """No manifest: a first attempt, unless the run's fingerprint says one was frozen and it is
     gone; a listing identical to it (same bytes) stands in for it, any other is an error."""
-    from batchproc.engine.checkpoint import FINGERPRINT_FILE  # checkpoint imports this module
-
-    recorded = (run_dir.read_json_or_none(FINGERPRINT_FILE) or {}).get("inputs")
     if isinstance(recorded, dict) and recorded.get("sha256") not in (None, listed_sha256):
         raise FileNotFoundError(
             f"run directory {run_dir.url} froze {recorded.get('entries')} inputs of {recorded.get('source')!r} at "

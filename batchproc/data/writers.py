@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
-from batchproc.rundir.storage import OUTPUTS, RunDir
+from batchproc.rundir.layout import OUTPUTS
+from batchproc.rundir.storage import RunDir
 
 FORMATS = {"parquet": ".parquet", "jsonl": ".jsonl"}
 

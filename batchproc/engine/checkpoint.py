@@ -35,24 +35,14 @@ from batchproc.data.inputs import check_inputs_fingerprint
 from batchproc.reducer import ReducerRegistry, json_safe
 from batchproc.rundir import lifecycle
 from batchproc.rundir.lifecycle import RunState
-from batchproc.rundir.report import ERRORS_FILE, write_errors
-from batchproc.rundir.storage import OUTPUTS, STAGING, RunDir, Stager, StorageUnavailableError
+from batchproc.rundir import layout
+from batchproc.rundir.layout import ERRORS_FILE, FINGERPRINT_FILE, OUTPUTS, RECORDS, STAGING, record_name, states_name
+from batchproc.rundir.report import write_errors
+from batchproc.rundir.storage import RunDir, Stager, StorageUnavailableError
 
-RECORDS = "checkpoints"
-FINGERPRINT_FILE = "fingerprint.json"
 FORMAT = 1
 MAX_ERRORS_KEPT = 10_000
 KEEP_RECORDS = 3
-_RECORD_RE = re.compile(r"^ckpt-(\d{8})\.json$")
-_TAG_RE = re.compile(r"\.([0-9a-f]{8})-r(\d+)-u(\d+)(\.|$)")
-
-
-def record_name(seq: int) -> str:
-    return f"{RECORDS}/ckpt-{seq:08d}.json"
-
-
-def states_name(seq: int) -> str:
-    return f"{RECORDS}/ckpt-{seq:08d}.states.pt"
 
 
 def _checksum(record: Dict[str, Any]) -> str:
@@ -192,7 +182,7 @@ def _load_record(run_dir: RunDir, seq: int) -> Tuple[CheckpointRecord, Dict[str,
 
 
 def record_seqs(run_dir: RunDir) -> List[int]:
-    return sorted(int(m.group(1)) for n in run_dir.listdir(RECORDS) if (m := _RECORD_RE.match(n)))
+    return sorted(seq for n in run_dir.listdir(RECORDS) if (seq := layout.record_seq(n)) is not None)
 
 
 def load_latest(run_dir: RunDir) -> Optional[Tuple[CheckpointRecord, Dict[str, List[Any]], List[int]]]:
@@ -223,12 +213,12 @@ def _set_aside_damaged(run_dir: RunDir, damaged: List[int], counters: Dict[str, 
     of every attempt and rank, so the uncommitted ones are found without the damaged record.
     """
     for rel in run_dir.find(OUTPUTS):
-        m = _TAG_RE.search(rel.rsplit("/", 1)[-1])
-        if m and int(m.group(3)) >= counters.get(m.group(1), {}).get(m.group(2), 0):
-            run_dir.move(rel, "rejected/" + rel)
+        tag = layout.parse_tag(rel)
+        if tag and tag.upload >= counters.get(tag.attempt, {}).get(str(tag.rank), 0):
+            run_dir.move(rel, layout.rejected_name(rel))
     for seq in damaged:
         for name in (record_name(seq), states_name(seq)):
-            run_dir.move(name, f"rejected/{name}")
+            run_dir.move(name, layout.rejected_name(name))
 
 
 def open_run(run_dir: RunDir, fingerprint: Fingerprint, restart_count: int) -> Resumed:

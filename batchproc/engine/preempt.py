@@ -13,7 +13,7 @@ import threading
 from typing import Any, Dict, Optional
 
 from batchproc.distributed import WorkerEnv
-from batchproc.rundir.report import STOP_FILE
+from batchproc.rundir.layout import STOP_FILE
 from batchproc.settings import PREEMPTION_SIGNALS
 from batchproc.rundir.storage import RunDir
 

@@ -36,9 +36,10 @@ from batchproc.processor import (TensorBoardMirror, TorchBatchProcessor, TorchBa
 from batchproc.reducer import ReducerRegistry
 from batchproc.rundir import lifecycle
 from batchproc.rundir.lifecycle import RunState
-from batchproc.rundir.report import METRICS_FILE, write_metrics
+from batchproc.rundir.layout import ERRORS_FILE, FINGERPRINT_FILE, FINISH_TAG, METRICS_FILE, STAGING
+from batchproc.rundir.report import write_metrics
 from batchproc.settings import PREEMPTION_SIGNALS, RunSettings
-from batchproc.rundir.storage import STAGING, RunDir, RunLock, Stager, acquire_run_lock
+from batchproc.rundir.storage import RunDir, RunLock, Stager, acquire_run_lock
 
 DETERMINISTIC = verdict.DETERMINISTIC
 
@@ -53,10 +54,6 @@ def _user_call(fn: Any, name: str, *args: Any) -> Any:
             raise
         raise UserCodeError(f"{name}() raised {type(e).__name__}: {e}. Fix the error and run again; "
                             "committed work is kept.") from e
-
-
-#: The attempt tag of files written during on_finish: the same on every run of it (see _Job._finish).
-FINISH_TAG = "ffffffff"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +269,8 @@ class _Job:
 
     def _open(self) -> "tuple[checkpoint.Resumed, checkpoint.Fingerprint, str]":
         """Rank 0 reads the resume point; every rank receives it (or rank 0's error)."""
-        frozen = freeze_inputs(self.dataset, self.run_dir, self.env)  # first: len() must not list the source
+        recorded = (self.run_dir.read_json_or_none(FINGERPRINT_FILE) or {}).get("inputs") if self.env.is_chief else None
+        frozen = freeze_inputs(self.dataset, self.run_dir, self.env, recorded)  # first: len() must not list the source
         n = len(self.dataset)  # type: ignore[arg-type]
         if self.loader_kwargs.get("drop_last"):
             n -= n % self.batch_size  # as a DataLoader with drop_last=True would: the tail is not processed
@@ -470,7 +468,7 @@ class _Job:
 
     def _over_budget(self, skipped: Dict[str, int]) -> Optional[Exception]:
         """The error for a job past ``max_bad_samples`` or ``max_bad_batches``, else None."""
-        where = f"{self.run_dir.url}/errors.jsonl"
+        where = f"{self.run_dir.url}/{ERRORS_FILE}"
         if self.max_bad_samples is not None and skipped["samples"] > self.max_bad_samples:
             return TooManyBadSamplesError(
                 f"{skipped['samples']} samples failed to load, more than max_bad_samples={self.max_bad_samples}; "

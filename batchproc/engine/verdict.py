@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 
 from batchproc.errors import (BadSampleError, BatchTimeoutError, FingerprintMismatchError, InputChangedError,
                               PeerFailedError, TooManyBadBatchesError, TooManyBadSamplesError, UserCodeError)
+from batchproc.rundir.layout import ANNOUNCED_RUN_DIR
 from batchproc.settings import ENV_VERDICT_DIR
 
 #: Errors that the same inputs and code would raise again on a restart.
@@ -44,7 +45,6 @@ def is_collective_failure(error: BaseException) -> bool:
 _TORCH_DISTRIBUTED = os.path.join("torch", "distributed", "")
 
 
-_ANNOUNCED = "run_dir.announced"  # not *.json: read() takes those for verdicts
 
 
 def announce_run_dir(url: str, status_updated: Optional[float]) -> None:
@@ -54,13 +54,13 @@ def announce_run_dir(url: str, status_updated: Optional[float]) -> None:
     folder = verdict_dir()
     if folder is None:
         return
-    _write_json(os.path.join(folder, _ANNOUNCED), {"url": url, "status_updated": status_updated})
+    _write_json(os.path.join(folder, ANNOUNCED_RUN_DIR), {"url": url, "status_updated": status_updated})
 
 
 def announced_run_dir(folder: str) -> Optional[Dict[str, Any]]:
     """What :func:`announce_run_dir` left in ``folder``, if anything."""
     try:
-        with open(os.path.join(folder, _ANNOUNCED)) as f:
+        with open(os.path.join(folder, ANNOUNCED_RUN_DIR)) as f:
             found: Dict[str, Any] = json.load(f)
         return found
     except (OSError, ValueError):

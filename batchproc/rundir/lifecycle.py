@@ -31,10 +31,8 @@ import time
 import traceback
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional
 
+from batchproc.rundir.layout import FAILURES, STATUS_FILE
 from batchproc.rundir.storage import RunDir
-
-STATUS_FILE = "status.json"
-FAILURES = "failures"
 
 
 class ExitCode(enum.IntEnum):

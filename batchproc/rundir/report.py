@@ -12,11 +12,8 @@ from typing import Any, Dict, List
 
 from batchproc.rundir import lifecycle
 from batchproc.rundir.lifecycle import RunState
+from batchproc.rundir.layout import ERRORS_FILE, METRICS_FILE, STOP_FILE
 from batchproc.rundir.storage import RunDir
-
-METRICS_FILE = "metrics.json"
-ERRORS_FILE = "errors.jsonl"
-STOP_FILE = "stop-request"
 
 
 def read_status(run_dir: RunDir) -> Dict[str, Any]:

@@ -29,12 +29,10 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from batchproc.errors import RunDirLockedError
+from batchproc.rundir import layout
+from batchproc.rundir.layout import LOCK_FILES, published_name
 
 T = TypeVar("T")
-
-OUTPUTS = "outputs"
-STAGING = "staging"
-LOCK_FILES = (".lock", ".lock.holder", "lock.json")
 
 
 class StorageUnavailableError(OSError):
@@ -175,17 +173,6 @@ class RunDir:
 # -- staging and publication ---------------------------------------------------------------
 
 
-def published_name(relpath: str, attempt: str, rank: int, seq: int) -> str:
-    """The path under ``outputs/`` of a staged file, unique per attempt, rank and upload.
-
-    The tag goes before the first suffix so ``preds.parquet`` stays a ``.parquet`` file.
-    """
-    directory, _, base = relpath.rpartition("/")
-    stem, dot, suffix = base.partition(".")
-    tagged = f"{stem}.{attempt}-r{rank}-u{seq}{dot}{suffix}"
-    return f"{OUTPUTS}/{directory}/{tagged}" if directory else f"{OUTPUTS}/{tagged}"
-
-
 class Stager:
     """One rank's uploads: files written in ``upload_path()`` are staged, then listed at commit.
 
@@ -209,7 +196,7 @@ class Stager:
         return self._seq
 
     def staging_prefix(self) -> str:
-        return f"{STAGING}/{self.attempt}/r{self.rank}"
+        return layout.staging_prefix(self.attempt, self.rank)
 
     def open_upload(self) -> Tuple[str, int]:
         """A fresh folder for the user to write into, and its upload sequence number."""
@@ -228,7 +215,7 @@ class Stager:
         for dirpath, _, files in os.walk(folder):
             for f in sorted(files):
                 rel = os.path.relpath(os.path.join(dirpath, f), folder).replace(os.sep, "/")
-                staged = f"{self.staging_prefix()}/u{seq}/{rel}"
+                staged = layout.staged_name(self.attempt, self.rank, seq, rel)
                 pairs.append((staged, published_name(rel, self.attempt, self.rank, seq)))
         self._pending.extend(pairs)
         if not self.run_dir.is_local:
@@ -248,7 +235,7 @@ class Stager:
                     return
                 folder, pairs = item
                 for staged, _ in pairs:
-                    rel = staged.split("/", 4)[4]  # staging/<attempt>/r<rank>/u<seq>/<rel>
+                    rel = layout.staged_relpath(staged)
                     local = os.path.join(folder, *rel.split("/"))
                     self.run_dir.put_file(local, staged)  # retried there
                 shutil.rmtree(folder, ignore_errors=True)
@@ -360,16 +347,16 @@ class RunLock:
             import filelock
 
             os.makedirs(rd.root, exist_ok=True)
-            lock = filelock.FileLock(rd.path(".lock"))
+            lock = filelock.FileLock(rd.path(layout.LOCAL_LOCK))
             try:
                 lock.acquire(timeout=0)
             except filelock.Timeout:
-                raise RunDirLockedError(self._busy_message(rd.read_json_or_none(".lock.holder"))) from None
+                raise RunDirLockedError(self._busy_message(rd.read_json_or_none(layout.LOCAL_LOCK_HOLDER))) from None
             self._file_lock = lock
-            rd.write_json(".lock.holder", self.info)
+            rd.write_json(layout.LOCAL_LOCK_HOLDER, self.info)
             return self
         # Object stores have no flock: a lease object refreshed by a heartbeat stands in for it.
-        held = rd.read_json_or_none("lock.json")
+        held = rd.read_json_or_none(layout.LEASE)
         if (held and held.get("id") != self.info["id"] and time.time() - held.get("heartbeat", 0) < self.LEASE_TTL_S
                 and not self._holder_gone(held)):
             raise RunDirLockedError(self._busy_message(held))
@@ -397,7 +384,7 @@ class RunLock:
         return False
 
     def _write_lease(self) -> None:
-        self.run_dir.write_json("lock.json", dict(self.info, heartbeat=time.time()))
+        self.run_dir.write_json(layout.LEASE, dict(self.info, heartbeat=time.time()))
 
     def _beat(self) -> None:
         while not self._stop.wait(self.LEASE_TTL_S / 3):
@@ -416,15 +403,15 @@ class RunLock:
     def release(self) -> None:
         self._stop.set()
         if self._file_lock is not None:
-            self.run_dir.rm(".lock.holder")
+            self.run_dir.rm(layout.LOCAL_LOCK_HOLDER)
             self._file_lock.release()
             self._file_lock = None
         elif self._heartbeat is not None:
             self._heartbeat = None
             try:
-                self.run_dir.rm("lock.json")
+                self.run_dir.rm(layout.LEASE)
             except Exception as e:  # the job's own outcome matters more; the lease expires
-                print(f"batchproc: warning: cannot release the lease {self.run_dir.path('lock.json')} ({e}); "
+                print(f"batchproc: warning: cannot release the lease {self.run_dir.path(layout.LEASE)} ({e}); "
                       f"it expires {self.LEASE_TTL_S:g} s after its last heartbeat", file=sys.stderr)
 
 
