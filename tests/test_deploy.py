@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from batchproc.control.launcher import _parse_overrides, parse_args
+from batchproc.control.torchrun_args import _parse_overrides, parse_args
 
 DEPLOY = Path(__file__).resolve().parents[1] / "examples" / "deploy"
 

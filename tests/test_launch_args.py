@@ -8,7 +8,7 @@ from typing import List, Optional
 import pytest
 
 from batchproc.settings import FORWARDED_SIGNALS, RunSettings
-from batchproc.control.launcher import (
+from batchproc.control.torchrun_args import (
     ENTRY,
     LOG_LINE_PREFIX,
     SIGNALS_TO_HANDLE,
@@ -212,3 +212,12 @@ def test_the_cli_and_the_launcher_start_without_importing_torch():
             "print(sorted(m for m in ('torch', 's3fs', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_launcher_by_its_package_path_is_the_same_launcher() -> None:
+    """Where another installed package is called ``launch``, ``-m batchproc.control.launcher`` is
+    the same command, and its overrides are read the same way."""
+    for module in ("launch.torch_distributed", "batchproc.control.launcher"):
+        entrypoint = ["python3", "-m", module, "--nnodes", "2", "--", "python3", "job.py"]
+        assert launcher_overrides(entrypoint) == ["--nnodes", "2"]
+        assert max_nodes(launcher_overrides(entrypoint)) == 2

@@ -99,7 +99,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, signals: PreemptionSignals) -> int:
     from batchproc.control.supervisor import supervise
-    from batchproc.control.launcher import launcher_overrides, max_nodes
+    from batchproc.control.torchrun_args import launcher_overrides, max_nodes
 
     try:
         config = load_config(args.config, args.set)
