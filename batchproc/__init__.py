@@ -15,11 +15,11 @@ _WHERE = {
     "MetricReducer": "batchproc.reducer",
     "torch_batch_process": "batchproc.engine.run",
     "BatchProcessResult": "batchproc.engine.run",
-    "DistributedContext": "batchproc.dist_context",
+    "DistributedContext": "batchproc.distributed",
 }
 
 if TYPE_CHECKING:
-    from batchproc.dist_context import DistributedContext
+    from batchproc.distributed import DistributedContext
     from batchproc.processor import TorchBatchProcessor, TorchBatchProcessorContext
     from batchproc.reducer import MetricReducer
     from batchproc.engine.run import BatchProcessResult, torch_batch_process

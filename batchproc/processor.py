@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 
 import torch
 
-from batchproc.dist_context import DistributedContext
+from batchproc.distributed import DistributedContext
 from batchproc.distributed import WorkerEnv
 from batchproc.reducer import MetricReducer, ReducerRegistry, SimpleReducer, json_safe
 from batchproc.rundir.layout import MODEL_SOURCES, REPORTED_METRICS, TENSORBOARD_DIR

@@ -20,7 +20,7 @@ import pytest
 from batchproc.rundir import lifecycle
 from batchproc.rundir.lifecycle import ExitCode, IllegalTransition, RunState
 from batchproc.rundir.storage import RunDir
-from batchproc.control.supervisor import DIED_IN_FINISH, DIED_RUNNING, Verdict, decide, resolve_exit_code, status_stamp
+from batchproc.control.supervisor import DIED_IN_FINISH, DIED_RUNNING, AttemptOutcome, ExitDecision, decide, resolve_exit_code, status_stamp
 from tests.support import PY, ROOT, Procs, assert_exactly_once, base_env, shared_fs, sum_job_metrics, write_config
 
 N, BS, INTERVAL = 23, 2, 3  # 12 batches: 6 per rank on 2 ranks, the last one partial
@@ -31,46 +31,47 @@ N, BS, INTERVAL = 23, 2, 3  # 12 batches: 6 per rank on 2 ranks, the last one pa
 S = RunState
 POLICY = [
     # child rc, state this attempt recorded, completed before, signal forwarded, interrupted -> verdict
-    (0, S.COMPLETED, False, False, False, Verdict(ExitCode.COMPLETED)),
-    (0, S.PREEMPTED, False, True, False, Verdict(ExitCode.PREEMPTED)),
-    (1, S.PREEMPTED, False, True, False, Verdict(ExitCode.PREEMPTED)),  # torchrun's code after a signal
-    (1, S.FAILED, False, False, False, Verdict(1)),  # a worker recorded its failure: nothing to add
-    (1, S.FAILED, False, True, True, Verdict(ExitCode.PREEMPTED, S.PREEMPTED, "signal SIGINT before the workers could checkpoint")),
-    (1, S.FAILED, False, True, False, Verdict(1)),  # a real failure while stopping stays a failure
-    (-9 + 256, S.RUNNING, False, False, False, Verdict(247, S.FAILED, DIED_RUNNING)),  # a crash no worker could record
-    (1, S.FINISHING, False, False, False, Verdict(1, S.FAILED, DIED_IN_FINISH, "in on_finish")),  # crash in on_finish
-    (1, S.FINISHING, False, True, False, Verdict(ExitCode.PREEMPTED, S.PREEMPTED, "signal SIGTERM during on_finish, after every batch was committed")),
-    (1, None, False, True, False, Verdict(ExitCode.PREEMPTED, S.PREEMPTED, "signal SIGTERM during start-up")),
-    (1, None, False, False, False, Verdict(1, S.FAILED)),  # died before any worker wrote
-    (1, None, True, False, False, Verdict(1)),  # a completed run's rerun failed early: stays completed
-    (1, None, True, True, False, Verdict(ExitCode.COMPLETED)),  # ... or was stopped early: 0
-    (0, S.RUNNING, False, False, False, Verdict(ExitCode.FAILED, S.FAILED, DIED_RUNNING)),  # exit 0, never finished
+    (0, S.COMPLETED, False, False, False, ExitDecision(ExitCode.COMPLETED)),
+    (0, S.PREEMPTED, False, True, False, ExitDecision(ExitCode.PREEMPTED)),
+    (1, S.PREEMPTED, False, True, False, ExitDecision(ExitCode.PREEMPTED)),  # torchrun's code after a signal
+    (1, S.FAILED, False, False, False, ExitDecision(1)),  # a worker recorded its failure: nothing to add
+    (1, S.FAILED, False, True, True, ExitDecision(ExitCode.PREEMPTED, S.PREEMPTED, "signal SIGINT before the workers could checkpoint")),
+    (1, S.FAILED, False, True, False, ExitDecision(1)),  # a real failure while stopping stays a failure
+    (-9 + 256, S.RUNNING, False, False, False, ExitDecision(247, S.FAILED, DIED_RUNNING)),  # a crash no worker could record
+    (1, S.FINISHING, False, False, False, ExitDecision(1, S.FAILED, DIED_IN_FINISH, "in on_finish")),  # crash in on_finish
+    (1, S.FINISHING, False, True, False, ExitDecision(ExitCode.PREEMPTED, S.PREEMPTED, "signal SIGTERM during on_finish, after every batch was committed")),
+    (1, None, False, True, False, ExitDecision(ExitCode.PREEMPTED, S.PREEMPTED, "signal SIGTERM during start-up")),
+    (1, None, False, False, False, ExitDecision(1, S.FAILED)),  # died before any worker wrote
+    (1, None, True, False, False, ExitDecision(1)),  # a completed run's rerun failed early: stays completed
+    (1, None, True, True, False, ExitDecision(ExitCode.COMPLETED)),  # ... or was stopped early: 0
+    (0, S.RUNNING, False, False, False, ExitDecision(ExitCode.FAILED, S.FAILED, DIED_RUNNING)),  # exit 0, never finished
 ]
 
 
 @pytest.mark.parametrize("child_rc,state,completed_before,signalled,interrupted,expected", POLICY)
 def test_exit_code_policy(child_rc: int, state: Optional[RunState], completed_before: bool, signalled: bool,
-                          interrupted: bool, expected: Verdict) -> None:
+                          interrupted: bool, expected: ExitDecision) -> None:
     name = "SIGINT" if interrupted else "SIGTERM"
-    got = decide(child_rc, state, completed_before, signalled, interrupted, f"signal {name}" if signalled else "")
+    got = decide(AttemptOutcome(child_rc, state, completed_before, signalled, interrupted,
+                                f"signal {name}" if signalled else ""))
     assert got == expected
 
 
 VERDICT_POLICY = [  # child_rc, state, signalled, failed_for_good, failed_after_completion, expected
-    (1, S.COMPLETED, False, True, True, Verdict(ExitCode.FAILED)),  # completed, then the script failed
-    (1, S.COMPLETED, False, True, False, Verdict(ExitCode.COMPLETED)),  # a verdict of an earlier phase
-    (1, S.PREEMPTED, False, True, False, Verdict(ExitCode.FAILED, S.FAILED)),  # a peer's SIGTERM after a verdict
-    (1, S.PREEMPTED, True, True, False, Verdict(ExitCode.PREEMPTED)),  # the user's own stop stands
-    (143, None, False, True, False, Verdict(ExitCode.FAILED, S.FAILED)),  # we stopped the ranks left waiting
-    (0, None, False, True, False, Verdict(ExitCode.FAILED, S.FAILED)),  # every worker left cleanly
+    (1, S.COMPLETED, False, True, True, ExitDecision(ExitCode.FAILED)),  # completed, then the script failed
+    (1, S.COMPLETED, False, True, False, ExitDecision(ExitCode.COMPLETED)),  # a verdict of an earlier phase
+    (1, S.PREEMPTED, False, True, False, ExitDecision(ExitCode.FAILED, S.FAILED)),  # a peer's SIGTERM after a verdict
+    (1, S.PREEMPTED, True, True, False, ExitDecision(ExitCode.PREEMPTED)),  # the user's own stop stands
+    (143, None, False, True, False, ExitDecision(ExitCode.FAILED, S.FAILED)),  # we stopped the ranks left waiting
+    (0, None, False, True, False, ExitDecision(ExitCode.FAILED, S.FAILED)),  # every worker left cleanly
 ]
 
 
 @pytest.mark.parametrize("child_rc,state,signalled,failed_for_good,after,expected", VERDICT_POLICY)
 def test_exit_code_policy_after_a_verdict(child_rc: int, state: RunState, signalled: bool, failed_for_good: bool,
-                                          after: bool, expected: Verdict) -> None:
-    got = decide(child_rc, state, state is S.COMPLETED, signalled, failed_for_good=failed_for_good,
-                 failed_after_completion=after)
+                                          after: bool, expected: ExitDecision) -> None:
+    got = decide(AttemptOutcome(child_rc, state, state is S.COMPLETED, signalled, failed_for_good=failed_for_good,
+                                failed_after_completion=after))
     assert got == expected
 
 

@@ -213,7 +213,7 @@ def stop_before_start(run_dir: Optional[RunDir], signals: Sequence[int]) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class Verdict:
+class ExitDecision:
     """How an attempt ended: the exit code, and the state to record (None: leave the status as is),
     with why (a preemption's reason, or the cause of a failure no worker could record) and where."""
 
@@ -230,46 +230,53 @@ DIED_RUNNING = _DIED + "; committed work is kept, and a rerun resumes"
 DIED_IN_FINISH = _DIED + "; every batch is committed, and a rerun runs only on_finish"
 
 
-def decide(child_rc: int, state: Optional[RunState], completed_before: bool, signalled: bool,
-           interrupted: bool = False, signal_reason: str = "", *, failed_for_good: bool = False,
-           failed_after_completion: bool = False) -> Verdict:
-    """The exit-code policy, as a pure function (tests/test_lifecycle.py holds it to a table).
+@dataclasses.dataclass(frozen=True)
+class AttemptOutcome:
+    """What the supervisor knows when its child has ended: the input of :func:`decide`."""
 
-    ``state``: what this attempt's workers recorded (None if nothing, or only a previous attempt's
-    stamp); ``completed_before``: status.json says COMPLETED whatever this attempt did;
-    ``signalled``: we forwarded a preemption signal to the child; ``interrupted``: rank 0 recorded
-    the KeyboardInterrupt that Python's default SIGINT action raised in it; ``failed_for_good``: a
-    rank left a verdict (:mod:`batchproc.engine.verdict`); ``failed_after_completion``: a rank's script
-    raised after torch_batch_process returned (:mod:`batchproc.engine.entry`).
-    """
+    child_rc: int  #: the child's exit code (128+N for signal N)
+    state: Optional[RunState]  #: what this attempt's workers recorded (None: nothing, or only an earlier attempt's stamp)
+    completed_before: bool = False  #: status.json says COMPLETED, whatever this attempt did
+    signalled: bool = False  #: we forwarded a preemption signal to the child
+    interrupted: bool = False  #: rank 0 recorded the KeyboardInterrupt of Python's default SIGINT action
+    signal_reason: str = ""  #: "signal SIGTERM", for the preemption's recorded reason
+    failed_for_good: bool = False  #: a rank left a verdict (:mod:`batchproc.engine.verdict`)
+    failed_after_completion: bool = False  #: a rank's script raised after torch_batch_process returned
+
+
+def decide(outcome: AttemptOutcome) -> ExitDecision:
+    """The exit-code policy, as a pure function (tests/test_lifecycle.py holds it to a table)."""
+    child_rc, state, completed_before = outcome.child_rc, outcome.state, outcome.completed_before
+    signalled, interrupted, signal_reason = outcome.signalled, outcome.interrupted, outcome.signal_reason
+    failed_for_good, failed_after_completion = outcome.failed_for_good, outcome.failed_after_completion
     if failed_for_good:
         # The run failed, whatever code torchrun ended with: 0 when every worker left cleanly, 143
         # when we stopped the ranks still waiting for the failed one (run_child).
         child_rc = ExitCode.FAILED
     rc = lifecycle.exit_code_for(state, child_rc)
     if rc == ExitCode.COMPLETED and failed_after_completion:
-        return Verdict(ExitCode.FAILED)  # the run completed (and stays so), then the script failed
+        return ExitDecision(ExitCode.FAILED)  # the run completed (and stays so), then the script failed
     if rc == ExitCode.PREEMPTED and failed_for_good and not signalled:
         # A rank failed for good, and a peer took the SIGTERM that ended it for a preemption:
         # the run failed (a rerun would meet the same failure).
-        return Verdict(ExitCode.FAILED, RunState.FAILED)
+        return ExitDecision(ExitCode.FAILED, RunState.FAILED)
     if rc in (ExitCode.COMPLETED, ExitCode.PREEMPTED):
-        return Verdict(rc)
+        return ExitDecision(rc)
     # Nobody said how it ended (or rank 0 said "KeyboardInterrupt"), and we had forwarded a
     # signal: that signal ended the attempt. Committed progress is intact and a rerun resumes.
     if signalled and (state in _UNSAID or interrupted):
         if completed_before:
-            return Verdict(ExitCode.COMPLETED)  # the run had completed; nothing was left to do
+            return ExitDecision(ExitCode.COMPLETED)  # the run had completed; nothing was left to do
         when = ("during start-up" if state is None else
                 "during on_finish, after every batch was committed" if state is RunState.FINISHING else
                 "before the workers could checkpoint")
-        return Verdict(ExitCode.PREEMPTED, RunState.PREEMPTED, f"{signal_reason} {when}".strip())
+        return ExitDecision(ExitCode.PREEMPTED, RunState.PREEMPTED, f"{signal_reason} {when}".strip())
     if state in _UNSAID and not completed_before:
         # A crash (OOM kill, SIGKILL, segfault) no worker could record; the state says where.
         if state is RunState.FINISHING:
-            return Verdict(rc, RunState.FAILED, DIED_IN_FINISH, "in on_finish")
-        return Verdict(rc, RunState.FAILED, DIED_RUNNING if state is RunState.RUNNING else "")
-    return Verdict(rc)  # FAILED as recorded by a worker, or a completed run's rerun that failed early
+            return ExitDecision(rc, RunState.FAILED, DIED_IN_FINISH, "in on_finish")
+        return ExitDecision(rc, RunState.FAILED, DIED_RUNNING if state is RunState.RUNNING else "")
+    return ExitDecision(rc)  # FAILED as recorded by a worker, or a completed run's rerun that failed early
 
 
 def resolve_exit_code(child_rc: int, run_dir: Optional[RunDir], before: Optional[float] = None,
@@ -306,32 +313,34 @@ def resolve_exit_code(child_rc: int, run_dir: Optional[RunDir], before: Optional
     # A failing script exits non-zero at every level (its rank's verdict, then the launcher's code),
     # so a clean run costs no look at the failure reports.
     after = child_rc != 0 and _failed_after_completion(verdicts, run_dir, since)
-    verdict = decide(child_rc, state, status.state is RunState.COMPLETED, bool(signals), interrupted,
-                     _reason(signals, "").strip(), failed_for_good=bool(verdicts), failed_after_completion=after)
+    decision = decide(AttemptOutcome(
+        child_rc, state, completed_before=status.state is RunState.COMPLETED, signalled=bool(signals),
+        interrupted=interrupted, signal_reason=_reason(signals, "").strip(), failed_for_good=bool(verdicts),
+        failed_after_completion=after))
     try:
-        if verdict.record is RunState.PREEMPTED:
-            _record_preempted(run_dir, verdict.reason)
-        elif verdict.exit_code not in (ExitCode.COMPLETED, ExitCode.PREEMPTED):
-            _record_root_cause(run_dir, verdict, since)
+        if decision.record is RunState.PREEMPTED:
+            _record_preempted(run_dir, decision.reason)
+        elif decision.exit_code not in (ExitCode.COMPLETED, ExitCode.PREEMPTED):
+            _record_root_cause(run_dir, decision, since)
     except Exception as e:
         print(f"batchproc: cannot record the failure in {run_dir.url}: {e}", file=sys.stderr)
-    return verdict.exit_code
+    return decision.exit_code
 
 
-def _record_root_cause(run_dir: RunDir, verdict: Verdict, since: Optional[float]) -> None:
+def _record_root_cause(run_dir: RunDir, decision: ExitDecision, since: Optional[float]) -> None:
     """FAILED with the root cause among the ranks' failure reports (a rank that failed first,
     rather than rank 0 seeing its collective break because of it)."""
     cause = lifecycle.root_cause(lifecycle.read_failures(run_dir, since))
-    if cause is not None and not (cause.secondary and verdict.reason):
-        lifecycle.record_failure(run_dir, cause, exit_code=verdict.exit_code)
-    elif verdict.record is RunState.FAILED:
+    if cause is not None and not (cause.secondary and decision.reason):
+        lifecycle.record_failure(run_dir, cause, exit_code=decision.exit_code)
+    elif decision.record is RunState.FAILED:
         # Only a consequence was reported (a rank's collective broke when its peer died): the
-        # verdict's account of the crash is the truer cause.
-        error = verdict.reason or None
+        # decision's account of the crash is the truer cause.
+        error = decision.reason or None
         if error and cause is not None:
             error += f"; rank {cause.rank} then saw {cause.error[:300]}"
-        lifecycle.transition(run_dir, RunState.FAILED, exit_code=verdict.exit_code, error=error,
-                             phase=verdict.phase, failed_rank=None, traceback=None)
+        lifecycle.transition(run_dir, RunState.FAILED, exit_code=decision.exit_code, error=error,
+                             phase=decision.phase, failed_rank=None, traceback=None)
 
 
 def _failed_after_completion(found: Sequence[Dict[str, Any]], run_dir: RunDir, since: Optional[float]) -> bool:
