@@ -38,7 +38,7 @@ POLICY = [
     (1, S.FAILED, False, True, True, ExitDecision(ExitCode.PREEMPTED, S.PREEMPTED, "signal SIGINT before the workers could checkpoint")),
     (1, S.FAILED, False, True, False, ExitDecision(1)),  # a real failure while stopping stays a failure
     (-9 + 256, S.RUNNING, False, False, False, ExitDecision(247, S.FAILED, DIED_RUNNING)),  # a crash no worker could record
-    (1, S.FINISHING, False, False, False, ExitDecision(1, S.FAILED, DIED_IN_FINISH, "in on_finish")),  # crash in on_finish
+    (1, S.FINISHING, False, False, False, ExitDecision(1, S.FAILED, DIED_IN_FINISH, lifecycle.IN_ON_FINISH)),  # crash in on_finish
     (1, S.FINISHING, False, True, False, ExitDecision(ExitCode.PREEMPTED, S.PREEMPTED, "signal SIGTERM during on_finish, after every batch was committed")),
     (1, None, False, True, False, ExitDecision(ExitCode.PREEMPTED, S.PREEMPTED, "signal SIGTERM during start-up")),
     (1, None, False, False, False, ExitDecision(1, S.FAILED)),  # died before any worker wrote
@@ -133,10 +133,10 @@ def test_a_recorded_consequence_gives_way_to_the_crash_it_followed(tmp_path: Pat
     lifecycle.transition(run_dir, S.FINISHING)
     before = status_stamp(run_dir)
     broken = RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:1234: Connection reset by peer")
-    lifecycle.record_failure(run_dir, lifecycle.report_failure(run_dir, broken, 0, "in on_finish"))
+    lifecycle.record_failure(run_dir, lifecycle.report_failure(run_dir, broken, 0, lifecycle.IN_ON_FINISH))
     assert resolve_exit_code(1, run_dir, before, since=0) == 1
     status = lifecycle.read_status(run_dir)
-    assert status.state is S.FAILED and status.phase == "in on_finish" and status.failed_rank is None, status
+    assert status.state is S.FAILED and status.phase == "in on_finish" and status.phase_kind == "on-finish" and status.failed_rank is None, status
     assert (status.error or "").startswith(DIED_IN_FINISH + "; rank 0 then saw RuntimeError: [gloo"), status
 
 

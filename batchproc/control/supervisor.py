@@ -25,9 +25,9 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from batchproc import settings as _settings
-from batchproc.engine import entry, verdict
+from batchproc.engine import verdict
 from batchproc.rundir import lifecycle
-from batchproc.rundir.lifecycle import ExitCode, RunState
+from batchproc.rundir.lifecycle import IN_ON_FINISH, ExitCode, Phase, RunState, Where
 from batchproc.settings import FORWARDED_SIGNALS, RunSettings
 
 if TYPE_CHECKING:
@@ -220,7 +220,7 @@ class ExitDecision:
     exit_code: int
     record: Optional[RunState] = None
     reason: str = ""
-    phase: Optional[str] = None
+    phase: Optional[Where] = None
 
 
 _UNSAID = (None, RunState.RUNNING, RunState.FINISHING)  # the child ended without saying how
@@ -274,7 +274,7 @@ def decide(outcome: AttemptOutcome) -> ExitDecision:
     if state in _UNSAID and not completed_before:
         # A crash (OOM kill, SIGKILL, segfault) no worker could record; the state says where.
         if state is RunState.FINISHING:
-            return ExitDecision(rc, RunState.FAILED, DIED_IN_FINISH, "in on_finish")
+            return ExitDecision(rc, RunState.FAILED, DIED_IN_FINISH, IN_ON_FINISH)
         return ExitDecision(rc, RunState.FAILED, DIED_RUNNING if state is RunState.RUNNING else "")
     return ExitDecision(rc)  # FAILED as recorded by a worker, or a completed run's rerun that failed early
 
@@ -340,16 +340,18 @@ def _record_root_cause(run_dir: RunDir, decision: ExitDecision, since: Optional[
         if error and cause is not None:
             error += f"; rank {cause.rank} then saw {cause.error[:300]}"
         lifecycle.transition(run_dir, RunState.FAILED, exit_code=decision.exit_code, error=error,
-                             phase=decision.phase, failed_rank=None, traceback=None)
+                             phase=decision.phase.text if decision.phase else None,
+                             phase_kind=decision.phase.kind.value if decision.phase else None,
+                             failed_rank=None, traceback=None)
 
 
 def _failed_after_completion(found: Sequence[Dict[str, Any]], run_dir: RunDir, since: Optional[float]) -> bool:
     """Whether a rank's script raised after torch_batch_process returned, in this attempt (seen in
     our verdicts, or in the run's failure reports when a nested launcher read the verdicts)."""
-    if any(v.get("phase") == entry.AFTER for v in found):
+    if any(v.get("phase_kind") == Phase.SCRIPT_AFTER.value for v in found):
         return True
     try:
-        return any(f.phase == entry.AFTER for f in lifecycle.read_failures(run_dir, since))
+        return any(f.phase_kind == Phase.SCRIPT_AFTER.value for f in lifecycle.read_failures(run_dir, since))
     except Exception:
         return False
 

@@ -25,18 +25,29 @@ from types import TracebackType
 from typing import List, Optional
 
 from batchproc import settings as _settings
+from batchproc.rundir.lifecycle import Phase, Where
 
 #: The attribute ``torch_batch_process`` sets on an exception it has reported and decided about.
 REPORTED = "_batchproc_reported"
-BEFORE = "in the script, before torch_batch_process"
-AFTER = "in the script, after torch_batch_process returned"
+BEFORE = Where(Phase.SCRIPT_BEFORE, "in the script, before torch_batch_process")
+AFTER = Where(Phase.SCRIPT_AFTER, "in the script, after torch_batch_process returned")
 USAGE = "usage: python -m batchproc.engine.entry SCRIPT [ARGS...] | -m MODULE [ARGS...]"
 
 
-def script_phase() -> str:
+class _Script:
+    """What this process's script has done so far; torch_batch_process tells it (:func:`returned`)."""
+
+    returned = False
+
+
+def returned() -> None:
+    """Called by ``torch_batch_process`` when it returns: errors from here on are the script's, after it."""
+    _Script.returned = True
+
+
+def script_phase() -> Where:
     """Where in the script an error outside ``torch_batch_process`` happened."""
-    run = sys.modules.get("batchproc.engine.run")
-    return AFTER if run is not None and int(getattr(run, "returned", 0)) > 0 else BEFORE
+    return AFTER if _Script.returned else BEFORE
 
 
 def restart_could_help(error: BaseException) -> bool:

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, default_collate
 from batchproc.engine import checkpoint, sharding
 from batchproc.distributed import WorkerEnv, init_worker
 from batchproc.engine import verdict
+from batchproc.engine import entry
 from batchproc.engine.entry import REPORTED
 from batchproc.engine.batch_faults import BAD_BATCH_POLICIES, BatchRunner, Watchdog
 from batchproc.errors import (BatchTimeoutError, PeerFailedError, TooManyBadBatchesError, TooManyBadSamplesError,
@@ -35,7 +36,7 @@ from batchproc.processor import (TensorBoardMirror, TorchBatchProcessor, TorchBa
                                  default_tensorboard_path)
 from batchproc.reducer import ReducerRegistry
 from batchproc.rundir import lifecycle
-from batchproc.rundir.lifecycle import RunState
+from batchproc.rundir.lifecycle import BEFORE_FIRST_BATCH, IN_ON_FINISH, Phase, RunState, Where
 from batchproc.rundir.layout import ERRORS_FILE, FINGERPRINT_FILE, FINISH_TAG, METRICS_FILE, STAGING
 from batchproc.rundir.report import write_metrics
 from batchproc.settings import PREEMPTION_SIGNALS, RunSettings
@@ -69,8 +70,6 @@ class BatchProcessResult:
     steps_this_attempt: int = 0  #: steps this rank ran in this call
 
 
-#: How many calls of torch_batch_process returned in this process (batchproc.engine.entry names the phase).
-returned = 0
 DEFAULT_BATCH_SIZE = 1  # Determined's, when neither batch_size nor dataloader_kwargs["batch_size"] is given
 
 
@@ -127,7 +126,6 @@ def torch_batch_process(
         batch_timeout_s: a rank whose batch runs longer dumps its threads' stacks and fails the
             job at once (off by default).
     """
-    global returned  # counted for batchproc.engine.entry's phase names
     loader_kwargs = check_dataloader_kwargs(dataloader_kwargs, batch_size is not None)
     if batch_size is None:
         batch_size = loader_kwargs.pop("batch_size", DEFAULT_BATCH_SIZE)
@@ -147,12 +145,12 @@ def torch_batch_process(
                    checkpoint_interval, max_batches, loader_kwargs, bad_samples, max_bad_samples,
                    _BatchPolicy(bad_batches, max_bad_batches, batch_timeout_s))
         result = job.run()
-        returned += 1
+        entry.returned()
         return result
     except BaseException as e:
         if isinstance(e, SystemExit) and e.code == 0:
             raise  # a clean exit after a verdict (batchproc.engine.verdict): recorded already
-        phase = job.phase if job is not None else "before the first batch"
+        phase = job.phase if job is not None else BEFORE_FIRST_BATCH
         _record_failure(run_dir, e, env, job)
         verdict.handle(e, env.rank, phase)  # leaves cleanly when a restart could not help
         try:
@@ -172,7 +170,7 @@ def _record_failure(run_dir: RunDir, error: BaseException, env: WorkerEnv, job: 
     The supervisor (``batchproc run`` / the launcher) later replaces rank 0's error by the root
     cause among all the reports: a rank whose peer failed first only sees its collective break.
     """
-    phase = job.phase if job is not None else "before the first batch"
+    phase = job.phase if job is not None else BEFORE_FIRST_BATCH
     attempt = job.attempt if job is not None else None
     try:
         failure = lifecycle.report_failure(run_dir, error, env.rank, phase, attempt)
@@ -263,7 +261,7 @@ class _Job:
         self.loader_kwargs, self.bad_samples, self.max_bad_samples = loader_kwargs, bad_samples, max_bad_samples
         self.batches = batches
         self.faults = Faults(env.rank)
-        self.phase = "before the first batch"  #: where a failure happened, for its report
+        self.phase: Where = BEFORE_FIRST_BATCH  #: where a failure happened, for its report
         self.attempt: Optional[str] = None
         self.tb_mirror: Optional[TensorBoardMirror] = None
 
@@ -431,13 +429,13 @@ class _Job:
                     if last or stop or over_budget is not None or done % self.interval == 0:
                         final = last and over_budget is None
                         state = RunState.FINISHING if final else RunState.PREEMPTED if stop else RunState.RUNNING
-                        self.phase = "in the final checkpoint" if final else f"in the checkpoint after step {done}"
+                        self.phase = Where(Phase.CHECKPOINT, "in the final checkpoint" if final else f"in the checkpoint after step {done}")
                         ckpt.commit(processor, sharding.watermark_after(G, total, W, done), new_errors, state)
                         new_errors = []
                         if self.tb_mirror is not None:
                             self.tb_mirror.sync()
                     if over_budget is not None:
-                        self.phase = f"after step {done}, past a bound on skipped work"
+                        self.phase = Where(Phase.OVER_BOUND, f"after step {done}, past a bound on skipped work")
                         raise over_budget
                     if stop:
                         return done, True, watcher.requested
@@ -453,13 +451,13 @@ class _Job:
         """Load global batch ``g`` and process it under the sample and batch policies; returns how
         many of its samples failed to load and whether it failed in ``process_batch`` (0 or 1: a
         batch split after running out of memory counts once, however many of its pieces failed)."""
-        self.phase = f"loading global batch {g}"
+        self.phase = Where(Phase.LOADING, f"loading global batch {g}")
         loaded, context._device_copies = next(items)
         records = loaded.bad_records() if loaded.bad else []
         new_errors.extend(records)
         failed_batch = 0
         if loaded.batch is not None:
-            self.phase = f"in global batch {g}"
+            self.phase = Where(Phase.BATCH, f"in global batch {g}")
             runner.run(loaded.batch, loaded.indices, g)
             pieces = runner.take_records()
             new_errors.extend(pieces)
@@ -486,7 +484,7 @@ class _Job:
         error = BatchTimeoutError(
             f"rank {self.env.rank}: global batch {g} ran longer than batch_timeout_s={timeout_s:g}; every "
             "thread's stack is in this rank's log. Committed work is kept.")
-        phase = f"stuck in global batch {g}"
+        phase = Where(Phase.STUCK, f"stuck in global batch {g}")
         try:
             failure = lifecycle.report_failure(self.run_dir, error, self.env.rank, phase, self.attempt)
             if self.env.is_chief:
@@ -509,7 +507,7 @@ class _Job:
         instead of adding copies.
         """
         env = self.env
-        self.phase = "after the final checkpoint"
+        self.phase = Where(Phase.FINAL, "after the final checkpoint")
         env.barrier()  # every rank has published: on_finish may read any rank's outputs
         if env.is_chief:
             self.run_dir.rm(STAGING, recursive=True)
@@ -519,7 +517,7 @@ class _Job:
         context.metrics = metrics
         finish_stager = Stager(self.run_dir, FINISH_TAG, env.rank)
         context._stager = finish_stager
-        self.phase = "in on_finish"
+        self.phase = IN_ON_FINISH
         try:
             self.faults.maybe_kill("kill-in-finish")
             _user_call(processor.on_finish, f"{type(processor).__name__}.on_finish")
@@ -527,7 +525,7 @@ class _Job:
                 self.run_dir.move(staged, final)
         finally:
             finish_stager.close()
-        self.phase = "after on_finish"
+        self.phase = Where(Phase.AFTER_ON_FINISH, "after on_finish")
         env.barrier()  # every rank's on_finish returned
         if env.is_chief:
             self.run_dir.rm(STAGING, recursive=True)

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 from batchproc.errors import (BadSampleError, BatchTimeoutError, FingerprintMismatchError, InputChangedError,
                               PeerFailedError, TooManyBadBatchesError, TooManyBadSamplesError, UserCodeError)
 from batchproc.rundir.layout import ANNOUNCED_RUN_DIR
+from batchproc.rundir.lifecycle import Where
 from batchproc.settings import ENV_VERDICT_DIR
 
 #: Errors that the same inputs and code would raise again on a restart.
@@ -76,14 +77,14 @@ def is_deterministic(error: BaseException) -> bool:
     return isinstance(error, DETERMINISTIC)
 
 
-def write(error: str, rank: int, phase: str, folder: Optional[str] = None) -> bool:
+def write(error: str, rank: int, where: Where, folder: Optional[str] = None) -> bool:
     """Leave this rank's verdict for the supervisor; False without one (nobody would read it)."""
     folder = folder or verdict_dir()
     if folder is None:
         return False
     os.makedirs(folder, exist_ok=True)
     _write_json(os.path.join(folder, f"r{rank}-p{os.getpid()}.json"),
-                {"error": error, "rank": rank, "phase": phase, "time": time.time()})
+                {"error": error, "rank": rank, "phase": where.text, "phase_kind": where.kind.value, "time": time.time()})
     return True
 
 
@@ -114,26 +115,26 @@ def peer_failed() -> bool:
     return bool(read(verdict_dir()))
 
 
-def exit_cleanly(error: BaseException, rank: int, phase: str) -> None:
+def exit_cleanly(error: BaseException, rank: int, where: Where) -> None:
     """Print the error as Python would, then leave with code 0 (see the module docstring)."""
     if isinstance(error, PeerFailedError):  # not this rank's failure: no traceback to blame it with
         print(f"batchproc: rank {rank}: {error}; this worker exits without asking torchrun for a restart",
               file=sys.stderr, flush=True)
         raise SystemExit(0)
     traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
-    print(f"batchproc: rank {rank} failed {phase}; a restart would fail the same way, so this worker "
+    print(f"batchproc: rank {rank} failed {where.text}; a restart would fail the same way, so this worker "
           "exits without asking torchrun for one", file=sys.stderr, flush=True)
     raise SystemExit(0)
 
 
-def handle(error: BaseException, rank: int, phase: str) -> None:
+def handle(error: BaseException, rank: int, where: Where) -> None:
     """In ``torch_batch_process``'s error path: leave cleanly if the failure is one a restart cannot
     fix (ours or a peer's) and a supervisor reads verdicts; otherwise return, and the caller raises."""
     if verdict_dir() is None or isinstance(error, SystemExit):
         return
     if is_deterministic(error):
-        if write(f"{type(error).__name__}: {error}"[:2000], rank, phase):
-            exit_cleanly(error, rank, phase)
+        if write(f"{type(error).__name__}: {error}"[:2000], rank, where):
+            exit_cleanly(error, rank, where)
     elif peer_failed():
         print(f"batchproc: rank {rank}: {type(error).__name__} after a peer failed for good; exiting cleanly",
               file=sys.stderr, flush=True)

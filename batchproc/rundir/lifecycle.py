@@ -68,7 +68,7 @@ TRANSITIONS: Mapping[Optional[RunState], FrozenSet[RunState]] = {
     RunState.COMPLETED: frozenset({RunState.COMPLETED}),
 }
 _STARTS = (RunState.RUNNING, RunState.FINISHING)
-_CAUSE_FIELDS = ("error", "reason", "failed_rank", "phase", "exit_code", "traceback")
+_CAUSE_FIELDS = ("error", "reason", "failed_rank", "phase", "phase_kind", "exit_code", "traceback")
 
 
 @dataclasses.dataclass
@@ -95,6 +95,7 @@ class RunStatus:
     traceback: Optional[str] = None  #: FAILED: the head of the root cause's traceback
     failed_rank: Optional[int] = None
     phase: Optional[str] = None  #: FAILED: "before the first batch", "in global batch 7", "in on_finish", ...
+    phase_kind: Optional[str] = None  #: FAILED: the :class:`Phase` of ``phase``
     exit_code: Optional[int] = None
 
     @classmethod
@@ -169,6 +170,38 @@ def exit_code_for(state: Optional[RunState], child_rc: int) -> int:
 
 # -- failure reports -------------------------------------------------------------------------
 
+
+class Phase(str, enum.Enum):
+    """Where in a job a failure happened, for programs (``phase_kind``); :class:`Where` carries the
+    human text beside it ("in global batch 7"), which is only ever shown, never compared."""
+
+    SCRIPT_BEFORE = "script-before"  #: in the script, before torch_batch_process
+    START = "start"  #: in torch_batch_process, before the first batch
+    LOADING = "loading"  #: loading a batch
+    BATCH = "batch"  #: in process_batch
+    STUCK = "stuck"  #: a batch past batch_timeout_s
+    CHECKPOINT = "checkpoint"  #: in a commit, the final one included
+    OVER_BOUND = "over-bound"  #: past max_bad_samples or max_bad_batches
+    FINAL = "final"  #: every batch committed, before on_finish
+    ON_FINISH = "on-finish"  #: in the user's on_finish
+    AFTER_ON_FINISH = "after-on-finish"
+    SCRIPT_AFTER = "script-after"  #: in the script, after torch_batch_process returned
+
+
+@dataclasses.dataclass(frozen=True)
+class Where:
+    """A phase and its human text."""
+
+    kind: Phase
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+BEFORE_FIRST_BATCH = Where(Phase.START, "before the first batch")
+IN_ON_FINISH = Where(Phase.ON_FINISH, "in on_finish")
+
 # Errors that are consequences, not causes: a rank whose peer died sees its collective fail.
 _SECONDARY = re.compile(r"PeerFailedError|DistBackendError|DistNetworkError|DistStoreError|Connection closed by peer|"
                         r"Connection reset by peer|gloo|NCCL|Broken pipe|KeyboardInterrupt|timed out",
@@ -181,10 +214,11 @@ class Failure:
 
     error: str
     rank: int
-    phase: str
+    phase: str  #: the human text of where it happened
     time: float
     traceback: str = ""
     attempt: Optional[str] = None
+    phase_kind: Optional[str] = None  #: a :class:`Phase` value (None in reports of older versions)
 
     @property
     def secondary(self) -> bool:
@@ -201,11 +235,11 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:2000]
 
 
-def report_failure(run_dir: RunDir, error: BaseException, rank: int, phase: str,
+def report_failure(run_dir: RunDir, error: BaseException, rank: int, where: Where,
                    attempt: Optional[str] = None) -> Failure:
     """Record this rank's failure as a file of its own (every rank may fail at once)."""
     tb = "".join(traceback.format_exception(type(error), error, error.__traceback__, limit=8))
-    failure = Failure(describe_error(error), rank, phase, time.time(), tb[-4000:], attempt)
+    failure = Failure(describe_error(error), rank, where.text, time.time(), tb[-4000:], attempt, where.kind.value)
     run_dir.write_json(f"{FAILURES}/r{rank}-p{os.getpid()}.json", dataclasses.asdict(failure))
     return failure
 
@@ -236,4 +270,5 @@ def clear_failures(run_dir: RunDir) -> None:
 def record_failure(run_dir: RunDir, failure: Failure, exit_code: Optional[int] = None) -> bool:
     """FAILED, with ``failure`` as the cause (unless the run had completed: it stays so)."""
     return transition(run_dir, RunState.FAILED, error=failure.error, failed_rank=failure.rank,
-                      phase=failure.phase, traceback=failure.traceback or None, exit_code=exit_code)
+                      phase=failure.phase, phase_kind=failure.phase_kind, traceback=failure.traceback or None,
+                      exit_code=exit_code)

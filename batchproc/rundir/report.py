@@ -43,6 +43,7 @@ def read_status(run_dir: RunDir) -> Dict[str, Any]:
         "error": s.error,
         "failed_rank": s.failed_rank,
         "phase": s.phase,
+        "phase_kind": s.phase_kind,
     }
 
 
