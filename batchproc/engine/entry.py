@@ -108,4 +108,8 @@ def _from_the_script(tb: Optional[TracebackType]) -> Optional[TracebackType]:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module's main, not this __main__ copy's: torch_batch_process tells
+    # batchproc.engine.entry that it returned, and script_phase must read that same module.
+    from batchproc.engine.entry import main as _main
+
+    _main()
