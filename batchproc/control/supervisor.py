@@ -104,6 +104,10 @@ class PreemptionSignals:
         except ProcessLookupError:  # it ended in between: resolve_exit_code reads how
             pass
 
+    def starting_child(self) -> None:
+        """A child is about to be started: a second Ctrl-C no longer interrupts us (see _on_signal)."""
+        self._started = True
+
     def attach(self, child: "subprocess.Popen[bytes]") -> None:
         """Forward to ``child`` from now on, starting with the signals that came before it."""
         self._child = child  # from here on the handler sends; what it queued before is sent below
@@ -142,7 +146,7 @@ def run_child(cmd: Sequence[str], env: Mapping[str, str], signals: Optional[Pree
     asked to stop (SIGTERM, which torchrun passes on) :data:`VERDICT_GRACE_S` after the first verdict.
     """
     with PreemptionSignals() if signals is None else contextlib.nullcontext(signals) as signals:
-        signals._started = True
+        signals.starting_child()
         child = subprocess.Popen(list(cmd), env=dict(env), process_group=0)
         signals.attach(child)
         try:
