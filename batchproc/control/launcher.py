@@ -18,6 +18,7 @@ import sys
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from batchproc.control.supervisor import PreemptionSignals, supervise
+from batchproc.lifeline import die_with_parent
 from batchproc.control.torchrun_args import (MODULE, nproc_override, create_launch_cmd, local_world_size, max_nodes,
                                              parse_args)
 from batchproc.rundir.lifecycle import ExitCode
@@ -39,6 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # overrides' check, the run lock): with Python's default actions a SIGTERM there would kill us
     # and the run would end as failed, although it only means "stop, run again to resume".
     with PreemptionSignals() as signals:
+        die_with_parent()  # a SIGTERM, recorded as a preemption and passed on to torchrun
         return _launch(argv, signals)
 
 

@@ -52,6 +52,9 @@ def install() -> None:
 
 
 def main() -> None:
+    from batchproc.lifeline import die_with_parent
+
+    die_with_parent()  # torchrun passes the SIGTERM on to the workers, as on any preemption
     install()
     from torch.distributed.run import main as torchrun_main
 

@@ -24,7 +24,7 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from batchproc import settings as _settings
+from batchproc import lifeline, settings as _settings
 from batchproc.engine import verdict
 from batchproc.rundir import lifecycle
 from batchproc.rundir.lifecycle import IN_ON_FINISH, ExitCode, Phase, RunState, Where
@@ -124,6 +124,9 @@ def _reason(signals: Sequence[int], when: str = "during start-up") -> str:
     return f"signal {signal.Signals(signals[0]).name} {when}" if signals else when
 
 
+#: Seconds a supervisor whose child ended waits for workers that outlived it (torchrun SIGKILLed:
+#: its workers got SIGTERM from the kernel and checkpoint) before it reads the run's state.
+WORKERS_WAIT_S = 60.0
 #: Seconds the other ranks get to leave on their own once one left a verdict (see run_child).
 VERDICT_GRACE_S = 5.0
 
@@ -147,7 +150,7 @@ def run_child(cmd: Sequence[str], env: Mapping[str, str], signals: Optional[Pree
     """
     with PreemptionSignals() if signals is None else contextlib.nullcontext(signals) as signals:
         signals.starting_child()
-        child = subprocess.Popen(list(cmd), env=dict(env), process_group=0)
+        child = subprocess.Popen(list(cmd), env=lifeline.child_env(dict(env)), process_group=0)
         signals.attach(child)
         try:
             rc = _wait(child, verdicts)
@@ -371,9 +374,18 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
     environment -> the exit code from the run's state (:func:`resolve_exit_code`).
     """
     from batchproc.errors import RunDirLockedError
+    from batchproc.rundir import job_lock
     from batchproc.rundir.storage import RunDir, acquire_run_lock
 
     lock = None
+    member: Optional[job_lock.JobMembership] = None
+    if run_dir is not None and run_dir.is_local and settings.lock_held and not take_lock:
+        # Under our parent's lock: hold the run directory as one more process of its job.
+        try:
+            member = job_lock.JobMembership(run_dir.root, worker=False).join()
+        except (RunDirLockedError, OSError) as e:
+            print(f"{name}: error: {e}", file=sys.stderr)
+            return ExitCode.LOCKED
     if run_dir is not None and take_lock:
         try:
             lock = acquire_run_lock(run_dir, holder=holder)
@@ -416,9 +428,14 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
             if found and run_dir is None:
                 first = found[0]
                 print(f"{name}: failed: {first['error']} (rank {first['rank']}, {first['phase']})", file=sys.stderr)
+            if run_dir is not None and run_dir.is_local and not job_lock.wait_for_workers(run_dir.root, WORKERS_WAIT_S):
+                print(f"{name}: warning: workers of this job still hold {run_dir.url} {WORKERS_WAIT_S:.0f} s after "
+                      "their launcher ended", file=sys.stderr, flush=True)
             return resolve_exit_code(child_rc, run_dir, before, signals.forwarded, since, found)
         finally:
             shutil.rmtree(verdicts, ignore_errors=True)
     finally:
         if lock is not None:
             lock.release()
+        if member is not None:
+            member.leave()

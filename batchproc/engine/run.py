@@ -40,6 +40,8 @@ from batchproc.rundir.lifecycle import BEFORE_FIRST_BATCH, IN_ON_FINISH, Phase, 
 from batchproc.rundir.layout import ERRORS_FILE, FINGERPRINT_FILE, FINISH_TAG, METRICS_FILE, STAGING
 from batchproc.rundir.report import write_metrics
 from batchproc.settings import PREEMPTION_SIGNALS, RunSettings
+from batchproc.lifeline import die_with_parent, under_torchrun
+from batchproc.rundir.job_lock import JobMembership
 from batchproc.rundir.storage import RunDir, RunLock, Stager, acquire_run_lock
 
 DETERMINISTIC = verdict.DETERMINISTIC
@@ -133,14 +135,18 @@ def torch_batch_process(
     _check_batch_policy(bad_batches, max_bad_batches, batch_timeout_s)
     _check_bound("max_bad_samples", max_bad_samples)
     settings = RunSettings.from_env()
+    if under_torchrun():
+        die_with_parent()  # torchrun's agent SIGKILLed: this worker checkpoints and stops
     env = init_worker(settings.pg_timeout_s)
     run_dir = RunDir(*_resolve_storage(storage, storage_options, settings))
     lock: Optional[RunLock] = None
+    member: Optional[JobMembership] = None
     job: Optional[_Job] = None
     try:
         _check_distributed_context(distributed_context, env)
         if env.is_chief and not settings.lock_held:
             lock = acquire_run_lock(run_dir, holder=f"{' '.join(sys.argv)}")
+        member = _join_job(run_dir, env, settings)
         job = _Job(env, run_dir, settings, dataset, batch_processor_cls, batch_size,
                    checkpoint_interval, max_batches, loader_kwargs, bad_samples, max_bad_samples,
                    _BatchPolicy(bad_batches, max_bad_batches, batch_timeout_s))
@@ -159,9 +165,22 @@ def torch_batch_process(
             pass
         raise
     finally:
+        if member is not None:
+            member.leave()
         if lock is not None:
             lock.release()
         env.shutdown()
+
+
+def _join_job(run_dir: RunDir, env: WorkerEnv, settings: RunSettings) -> Optional[JobMembership]:
+    """Hold a local run directory as a worker of this job (batchproc.rundir.job_lock), after the
+    lock is taken: with no supervisor rank 0 takes it, and the others join only once it has."""
+    if not run_dir.is_local:
+        return None
+    if not settings.lock_held:
+        env.barrier()
+    os.makedirs(run_dir.root, exist_ok=True)
+    return JobMembership(run_dir.root, worker=True).join()
 
 
 def _record_failure(run_dir: RunDir, error: BaseException, env: WorkerEnv, job: Optional["_Job"]) -> None:

@@ -15,6 +15,7 @@ A run directory (``<storage root>/<experiment name>/``, any fsspec URL) holds::
     tensorboard/                TensorBoard files and report_metrics' metrics.jsonl
     model_sources.jsonl         report_task_using_model_version's records
     .lock .lock.holder lock.json  the run's lock (filelock locally, a lease on object stores)
+    .lock.job .lock.workers     held by every process (every worker) of the running job
 
 No imports of batchproc's: every plane may ask this module, and it asks nobody.
 """
@@ -41,7 +42,9 @@ MODEL_SOURCES = "model_sources.jsonl"
 LOCAL_LOCK = ".lock"
 LOCAL_LOCK_HOLDER = ".lock.holder"
 LEASE = "lock.json"
-LOCK_FILES: Tuple[str, ...] = (LOCAL_LOCK, LOCAL_LOCK_HOLDER, LEASE)
+JOB_LOCK = ".lock.job"  #: shared by every process of the running job (batchproc.rundir.job_lock)
+WORKERS_LOCK = ".lock.workers"  #: shared by its workers
+LOCK_FILES: Tuple[str, ...] = (LOCAL_LOCK, LOCAL_LOCK_HOLDER, LEASE, JOB_LOCK, WORKERS_LOCK)
 #: The attempt tag of files written during on_finish: the same on every run of it.
 FINISH_TAG = "ffffffff"
 #: In the supervisor's verdict folder (not the run directory): which run directory a script opened.

@@ -338,6 +338,7 @@ class RunLock:
         self.info = {"holder": holder, "host": socket.gethostname(), "pid": os.getpid(),
                      "since": time.time(), "id": uuid.uuid4().hex, "pid_space": _pid_space()}
         self._file_lock: Any = None  # a filelock.FileLock (imported when needed)
+        self._member: Any = None  # a batchproc.rundir.job_lock.JobMembership
         self._stop = threading.Event()
         self._heartbeat: Optional[threading.Thread] = None
 
@@ -352,6 +353,13 @@ class RunLock:
                 lock.acquire(timeout=0)
             except filelock.Timeout:
                 raise RunDirLockedError(self._busy_message(rd.read_json_or_none(layout.LOCAL_LOCK_HOLDER))) from None
+            try:
+                from batchproc.rundir import job_lock
+
+                self._member = job_lock.take_over(rd.root)  # every process of an earlier job is gone
+            except BaseException:
+                lock.release()
+                raise
             self._file_lock = lock
             rd.write_json(layout.LOCAL_LOCK_HOLDER, self.info)
             return self
@@ -404,6 +412,9 @@ class RunLock:
         self._stop.set()
         if self._file_lock is not None:
             self.run_dir.rm(layout.LOCAL_LOCK_HOLDER)
+            if self._member is not None:
+                self._member.leave()
+                self._member = None
             self._file_lock.release()
             self._file_lock = None
         elif self._heartbeat is not None:

@@ -1,0 +1,57 @@
+"""A SIGKILLed supervisor leaves no orphans and no second writer (the OOM killer, ``kill -9``).
+
+``batchproc run`` -> launcher -> torchrun -> workers, each started in a group of its own: a
+SIGKILL of one level reaches none below it. Each level gets a SIGTERM from the kernel when its
+parent dies (batchproc.lifeline) and stops as on a preemption, and the run directory stays held
+by every process of the job (batchproc.rundir.job_lock), so a rerun started at once waits for
+them instead of committing beside them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import (PY, Procs, assert_exactly_once, children_map, descendants, shared_fs, sum_job_metrics,
+                           write_config)
+
+N, BS = 400, 2  # 100 steps of 0.15 s on 2 ranks: the first job has ~14 s left when its supervisor dies
+SLOW = {"SUM_JOB_SLEEP": "0.15"}
+
+
+def _victim(pid: int, level: str) -> int:
+    """The pid of ``level`` under the ``batchproc run`` process ``pid``."""
+    if level == "run":
+        return pid
+    launcher = children_map()[pid][0]
+    if level == "launcher":
+        return launcher
+    return children_map()[launcher][0]  # torchrun (our loopback wrapper around its main)
+
+
+@pytest.mark.parametrize("level", ["run", "launcher", "torchrun"])
+def test_a_sigkilled_supervisor_leaves_no_orphans_and_a_rerun_outputs_every_sample_once(
+        procs: Procs, tmp_path: Path, level: str) -> None:
+    config = write_config(tmp_path / "exp.yaml", (N, BS, 4), shared_fs(tmp_path / "runs"), name="orphans")
+    run_dir = tmp_path / "runs" / "orphans"
+    first = procs.start([PY, "-m", "batchproc", "run", str(config)], env=SLOW)
+    procs.wait_for(first, r"PROGRESS 8\b")
+    job = set(descendants(first.pid)) | {first.pid}
+    victim = _victim(first.pid, level)
+    assert victim in job
+    os.kill(victim, signal.SIGKILL)
+
+    # The rerun starts at once, while the first job's processes still run: it must wait for them.
+    second = procs.start([PY, "-m", "batchproc", "run", str(config)])
+    deadline = time.monotonic() + 10  # a checkpoint, not the rest of the job
+    while first.leftovers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not first.leftovers(), f"orphans of the first job after killing the {level}: {first.leftovers()}"
+    done = procs.finish(second, timeout=240)
+    assert done.rc == 0, done.out
+    assert done.result()["completed"] and done.result()["metrics"] == sum_job_metrics(N), done.out
+    assert_exactly_once(run_dir, N)
