@@ -268,3 +268,13 @@ def test_dataclasses_validate_when_built_directly():
         ExperimentConfig(name="n", entrypoint="x", max_restarts=-1)
     with pytest.raises(ConfigError, match="host_path"):
         SharedFSStorage(host_path="")
+
+
+def test_a_run_name_with_a_colon_is_refused_naming_it(write):
+    # fsspec reads "prod::x" as a URL chain: the run's lock and status would land elsewhere.
+    path = write("""
+        name: prod::x
+        entrypoint: python3 job.py
+    """)
+    with pytest.raises(ConfigError, match=r"name.*':'.*prod::x"):
+        load_config(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import errno
 import os
 import signal
 import subprocess
@@ -365,3 +366,17 @@ print(json.dumps({"completed": r.completed, "steps": r.steps_completed, "mean": 
                   "devices": [d for d, _, _ in SEEN], "moved_by_to": all(m for _, m, _ in SEEN),
                   "numpy_tensor": all(t for _, _, t in SEEN)}))
 '''
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_full_or_read_only_storage_fails_at_the_first_attempt(code: int) -> None:
+    """No restart replays a commit into a full or read-only run directory; wrapped errors too."""
+    from batchproc.engine.verdict import is_deterministic
+
+    error = OSError(code, os.strerror(code), "/runs/x/checkpoints/ckpt-00000003.json")
+    assert is_deterministic(error)
+    try:
+        raise RuntimeError("rank 0 could not write checkpoint 3") from error
+    except RuntimeError as wrapped:
+        assert is_deterministic(wrapped)
+    assert not is_deterministic(OSError(errno.ECONNRESET, "reset"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -66,3 +67,12 @@ def test_published_names_never_collide():
              for a in ("0a1b2c3d", "ffffffff") for r in range(3) for u in range(3)}
     assert len(names) == 3 * 2 * 3 * 3
     assert published_name("sub/preds.tar.gz", "0a1b2c3d", 1, 2) == "outputs/sub/preds.0a1b2c3d-r1-u2.tar.gz"
+
+
+def test_run_directory_files_are_created_with_the_umasks_mode(tmp_path) -> None:
+    run_dir = RunDir(str(tmp_path / "run"))
+    run_dir.write_json("status.json", {"state": "running"})
+    mode = os.stat(tmp_path / "run" / "status.json").st_mode & 0o777
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert mode == 0o666 & ~mask, oct(mode)

@@ -149,6 +149,9 @@ class ExperimentConfig:
         _check_str("name", self.name)
         if "/" in self.name or self.name in (".", ".."):
             raise _Invalid("name", f"expected a single path segment (it names the run directory), got {self.name!r}")
+        if ":" in self.name:
+            # fsspec reads "a::b" as a chain of filesystems: the run would land in another directory.
+            raise _Invalid("name", f"expected a name without ':' (fsspec reads it as a URL chain), got {self.name!r}")
         entry = self.entrypoint
         ok = (isinstance(entry, str) and entry.strip()) or (
             isinstance(entry, (list, tuple)) and entry and all(isinstance(w, str) for w in entry))

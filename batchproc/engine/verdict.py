@@ -12,6 +12,7 @@ exit code. Without a supervisor the error is raised as usual.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -73,8 +74,20 @@ def verdict_dir(environ: Optional[Dict[str, str]] = None) -> Optional[str]:
     return env.get(ENV_VERDICT_DIR) or None
 
 
+#: Storage that is full or read-only stays so across a restart: fail at once, naming the path.
+_DETERMINISTIC_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+
+
 def is_deterministic(error: BaseException) -> bool:
-    return isinstance(error, DETERMINISTIC)
+    if isinstance(error, DETERMINISTIC):
+        return True
+    seen = set()
+    while error is not None and id(error) not in seen:  # also when wrapped (raise ... from e)
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DETERMINISTIC_ERRNOS:
+            return True
+        error = error.__cause__  # type: ignore[assignment]
+    return False
 
 
 def write(error: str, rank: int, where: Where, folder: Optional[str] = None) -> bool:

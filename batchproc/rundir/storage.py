@@ -122,6 +122,7 @@ class RunDir:
             os.makedirs(directory, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(target))
             try:
+                os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the run from its group
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                     f.flush()
@@ -424,6 +425,18 @@ class RunLock:
             except Exception as e:  # the job's own outcome matters more; the lease expires
                 print(f"batchproc: warning: cannot release the lease {self.run_dir.path(layout.LEASE)} ({e}); "
                       f"it expires {self.LEASE_TTL_S:g} s after its last heartbeat", file=sys.stderr)
+
+
+_UMASK: Optional[int] = None
+
+
+def _umask() -> int:
+    """This process's umask, read once (reading it means setting it, which races other threads)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
 
 
 def _pid_space() -> Optional[str]:
