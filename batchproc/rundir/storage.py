@@ -129,6 +129,8 @@ class RunDir:
                     if durable:
                         os.fsync(f.fileno())
                 os.replace(tmp, target)
+                if durable:
+                    fsync_dir(directory)  # the rename itself survives a power loss
             except BaseException:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
@@ -152,6 +154,10 @@ class RunDir:
             if os.path.exists(src):
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 os.replace(src, dst)
+                # The file's data was made durable before the record that lists it (Stager.join);
+                # this makes its new name durable. A rename lost to a power loss is redone anyway:
+                # the record still lists it, and publication is replayed on resume.
+                fsync_dir(os.path.dirname(dst))
             return
         if self._io("checking", src_rel, lambda: self.fs.exists(src)):
             # Copy then delete: a crash in between leaves both, and the rerun copies again.
@@ -254,6 +260,21 @@ class Stager:
             self._errors.clear()
             raise RuntimeError(f"rank {self.rank}: uploading outputs to {self.run_dir.url} failed: {err}") from err
         pairs, self._pending = self._pending, []
+        if self.run_dir.is_local:
+            # Before the record that lists them (the commit point): after a power loss, a record
+            # must never name a file whose data never reached the disk (ext4's and XFS's delayed
+            # allocation leave such a file empty), or the resume would skip its batches without a
+            # word. The record is fsynced after this (write_atomic durable), then its folder.
+            folders = set()
+            for staged, _ in pairs:
+                path = self.run_dir.path(staged)
+                fsync_file(path)
+                folder = os.path.dirname(path)
+                while folder.startswith(self.run_dir.root + os.sep):  # new folders' own entries too
+                    folders.add(folder)
+                    folder = os.path.dirname(folder)
+            for folder in sorted(folders):
+                fsync_dir(folder)
         return pairs
 
     def close(self) -> None:
@@ -425,6 +446,29 @@ class RunLock:
             except Exception as e:  # the job's own outcome matters more; the lease expires
                 print(f"batchproc: warning: cannot release the lease {self.run_dir.path(layout.LEASE)} ({e}); "
                       f"it expires {self.LEASE_TTL_S:g} s after its last heartbeat", file=sys.stderr)
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make the entries of folder ``path`` (a rename into it, a new file) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems refuse fsync on a folder: nothing more can be done there
+        if e.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 _UMASK: Optional[int] = None
