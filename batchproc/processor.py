@@ -22,7 +22,8 @@ import torch
 
 from batchproc.distributed import DistributedContext
 from batchproc.distributed import WorkerEnv
-from batchproc.reducer import MetricReducer, ReducerRegistry, SimpleReducer, json_safe
+from batchproc.plain import to_plain
+from batchproc.reducer import MetricReducer, ReducerRegistry, SimpleReducer
 from batchproc.rundir.layout import MODEL_SOURCES, REPORTED_METRICS, TENSORBOARD_DIR
 from batchproc.rundir.storage import RunDir, Stager
 
@@ -172,7 +173,7 @@ class TorchBatchProcessorContext:
         self._tb_path.mkdir(parents=True, exist_ok=True)
         with open(self._tb_path / REPORTED_METRICS, "a") as f:
             f.write(json.dumps({"group": group, "steps_completed": steps_completed,
-                                "metrics": json_safe(metrics)}) + "\n")
+                                "metrics": to_plain(metrics, for_metrics=True)}) + "\n")
         writer = self._tensorboard_writer()
         if writer is not None:
             for k, v in metrics.items():

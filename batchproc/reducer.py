@@ -137,18 +137,3 @@ class ReducerRegistry:
                 raise UserCodeError(f"{type(r).__name__} was wrapped without a name, so its "
                                     f"cross_slot_reduce() must return a dict; it returned {type(value).__name__}")
         return metrics
-
-
-def json_safe(value: Any) -> Any:
-    """Metrics as plain JSON values (tensors become numbers or lists)."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if type(value).__module__ == "numpy":
-        return value.tolist()
-    if isinstance(value, (int, float, str, bool, type(None))):
-        return value
-    return repr(value)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from batchproc import TorchBatchProcessor, torch_batch_process
-from tests.support import Procs, index_and_y, job_cmd, output_indices, output_rows, sum_job_metrics, sum_job_rows
+from tests.support import Procs, assert_exactly_once, index_and_y, job_cmd, output_indices, output_rows, sum_job_metrics, sum_job_rows
 
 
 def read_calls(calls_dir: Path) -> Dict[str, Any]:
@@ -62,9 +62,12 @@ def test_exactly_once_and_exact_metrics(procs: Procs, tmp_path: Path, world: int
     assert not (run_dir / "staging").exists() or not any((run_dir / "staging").rglob("*"))
 
 
-# World-size changes (2 -> 3 -> 1) are tests/test_cli.py's preempt-twice case, through real signals.
-@pytest.mark.parametrize("first,second", [(2, 2)])
+# Stopped on `first` ranks, resumed on `second`: the same world size, then growing and shrinking
+# (with signals instead of an injected stop: tests/test_cli.py's preempt-twice case, 2 -> 3 -> 1).
+@pytest.mark.parametrize("first,second", [(2, 2), (1, 3), (3, 1)])
 def test_stop_then_resume_with_any_world_size(procs: Procs, tmp_path: Path, first: int, second: int) -> None:
+    """Whatever the world size before and after the stop, the resumed run ends with every sample's
+    output exactly once and the metrics of one uninterrupted run."""
     n, bs, run_dir, calls = 29, 2, tmp_path / "run", tmp_path / "calls"
     env = {"SUM_JOB_CALLS_DIR": str(calls)}
     stopped = procs.run(job_cmd(first, n, bs, 3, "-", run_dir), env=dict(env, BATCHPROC_FAULT="stop@step=3"))
@@ -78,8 +81,8 @@ def test_stop_then_resume_with_any_world_size(procs: Procs, tmp_path: Path, firs
     assert resumed.rc == 0, resumed.out
     r2 = resumed.result()
     assert r2["completed"]
-    assert index_and_y(output_rows(run_dir)) == sum_job_rows(n)
     assert r2["metrics"] == sum_job_metrics(n)
+    assert_exactly_once(run_dir, n)  # rows, metrics.json, nothing staged, status completed
 
     per_rank = read_calls(calls)
     finishes = {k: c["calls"]["on_finish"] for k, c in per_rank.items()}

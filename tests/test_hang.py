@@ -10,6 +10,7 @@ failed worker group."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -21,14 +22,17 @@ N, BS = 40, 2
 PG_TIMEOUT_S = 6
 
 
-def test_pg_timeout_flows_from_config_to_workers() -> None:
-    from batchproc.control.config import ExperimentConfig
-    from batchproc.control.supervisor import child_env
-    from batchproc.settings import RunSettings
-
-    config = ExperimentConfig(name="x", entrypoint="python3 x.py", process_group_timeout_s=12)
-    env = child_env(config.run_settings(lock_held=False), base={})
-    assert RunSettings.from_env(env).pg_timeout_s == 12.0
+def test_pg_timeout_flows_from_config_to_workers(procs: Procs, tmp_path: Path) -> None:
+    """The config's ``process_group_timeout_s`` is the timeout of the process group every worker
+    joins (not the 1800 s default), as the workers themselves read it from torch.distributed."""
+    n = 8
+    cfg = write_config(tmp_path / "exp.yaml", (n, BS, 2), shared_fs(tmp_path / "runs"),
+                       script="tests/scripts/pg_timeout_job.py", pg_timeout_s=12)
+    out = procs.run([PY, "-m", "batchproc", "run", cfg])
+    assert out.rc == 0, out.out
+    reported = dict(re.findall(r"PG_TIMEOUT rank=(\d+) seconds=(\S+)", out.out))
+    assert reported == {"0": "12.0", "1": "12.0"}, out.out
+    assert_exactly_once(tmp_path / "runs" / "sums", n)
 
 
 @pytest.mark.parametrize("fault", [

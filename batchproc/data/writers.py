@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
+from batchproc.plain import to_plain
 from batchproc.rundir.layout import OUTPUTS
 from batchproc.rundir.storage import RunDir
 
@@ -74,10 +75,10 @@ class RowWriter:
             target = folder / f"{self.name}{FORMATS[self.format]}"
             if self.format == "parquet":
                 pa, pq = _pyarrow()
-                pq.write_table(pa.Table.from_pylist([_plain(r) for r in rows]), str(target))
+                pq.write_table(pa.Table.from_pylist([to_plain(r) for r in rows]), str(target))
             else:
                 with open(target, "w", encoding="utf-8") as f:
-                    f.writelines(json.dumps(_plain(r), ensure_ascii=False) + "\n" for r in rows)
+                    f.writelines(json.dumps(to_plain(r), ensure_ascii=False) + "\n" for r in rows)
         return len(rows)
 
 
@@ -115,17 +116,6 @@ def read_rows(run_dir_url: str, storage_options: Optional[Dict[str, Any]] = None
             text = run_dir.fs.cat_file(url).decode("utf-8")
             rows.extend(json.loads(line) for line in text.splitlines() if line.strip())
     return rows
-
-
-def _plain(value: Any) -> Any:
-    """Tensors and numpy values -> Python values, so JSON and Arrow can take them."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # torch.Tensor, numpy
-        return value.tolist()
-    return value
 
 
 def _pyarrow() -> Any:

@@ -32,7 +32,8 @@ from batchproc.distributed import WorkerEnv
 from batchproc.errors import CorruptCheckpointError, FingerprintMismatchError, UserCodeError
 from batchproc.engine.fault_injection import Faults
 from batchproc.data.inputs import check_inputs_fingerprint
-from batchproc.reducer import ReducerRegistry, json_safe
+from batchproc.plain import to_plain
+from batchproc.reducer import ReducerRegistry
 from batchproc.rundir import lifecycle
 from batchproc.rundir.lifecycle import RunState
 from batchproc.rundir import layout
@@ -332,7 +333,7 @@ class Checkpointer:
         total = self.resumed.total_batches
         n, bs = self.fingerprint.dataset_len, self.fingerprint.batch_size
         committed_samples = min(n, watermark * bs)
-        self.metrics_so_far = json_safe(self.reducers.reduce(slots))
+        self.metrics_so_far = to_plain(self.reducers.reduce(slots), for_metrics=True)
         record = CheckpointRecord(
             seq=seq, attempt=self.attempt, attempts=self.resumed.attempts, restarts=self.resumed.restarts,
             time=time.time(), watermark=watermark, total_batches=total, world_size=self.env.world_size,
