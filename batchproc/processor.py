@@ -213,17 +213,39 @@ class TorchBatchProcessorContext:
         (``_batch_started``) and when its work is dropped (``_batch_dropped``: it raised)."""
         self._batch_buffers.append(buffer)
 
-    def _begin_batch(self) -> None:
-        for buffer in self._batch_buffers:
+
+
+class EngineHandle:
+    """The engine's side of a :class:`TorchBatchProcessorContext` (not for processors): what the
+    loop sets on it between batches, so that no engine module reaches into its private state."""
+
+    def __init__(self, context: TorchBatchProcessorContext) -> None:
+        self.context = context
+
+    def begin_batch(self, global_batch_idx: int, indices: List[int]) -> None:
+        """A batch (or a piece of one, after an out-of-memory split) starts: its position, and the
+        buffers watching batch boundaries hear of it."""
+        context = self.context
+        context.global_batch_idx, context.batch_indices = global_batch_idx, indices
+        for buffer in context._batch_buffers:
             buffer._batch_started()
 
-    def _drop_batch(self) -> None:
-        for buffer in self._batch_buffers:
+    def drop_batch(self) -> None:
+        """The batch begun last raised: the buffers forget its work."""
+        for buffer in self.context._batch_buffers:
             buffer._batch_dropped()
 
-    def _close(self) -> None:
-        if self._tb_writer:
-            self._tb_writer.close()
+    def set_device_copies(self, copies: Dict[int, Any]) -> None:
+        """Device copies of the next batch's tensors, made ahead (batchproc.engine.prefetch)."""
+        self.context._device_copies = copies
+
+    def swap_stager(self, stager: Stager) -> None:
+        """``upload_path()`` stages into ``stager`` from now on (on_finish's own)."""
+        self.context._stager = stager
+
+    def close(self) -> None:
+        if self.context._tb_writer:
+            self.context._tb_writer.close()
 
 
 _PLAIN = (str, bytes, int, float, bool, type(None))

@@ -376,11 +376,12 @@ class Recording(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 def test_a_batch_loads_at_once_with_per_sample_failures_and_hints_the_next_batches() -> None:
     from batchproc.engine.loader import _Bad, _IndexedDataset
+    from batchproc.engine.policy import SkipPolicy
     from batchproc.engine.sharding import RankBatchSampler
 
     ds = Recording()
     sampler = RankBatchSampler(100, 10, 10, 0, 2, 1)  # rank 1 of 2: global batches 1, 3, 5, 7, 9
-    wrapped = _IndexedDataset(ds, True, sampler)
+    wrapped = _IndexedDataset(ds, SkipPolicy("skip"), sampler)
     out = wrapped.__getitems__(list(range(10, 20)))  # batch 1, in the main process (no workers)
     assert [i for i, _ in out] == list(range(10, 20))
     assert isinstance(out[3][1], _Bad) and "thirteen" in out[3][1].error and not out[3][1].trace
@@ -389,5 +390,5 @@ def test_a_batch_loads_at_once_with_per_sample_failures_and_hints_the_next_batch
     assert ds.hints == [list(range(10, 20)) + list(range(30, 40)) + list(range(50, 60))]
     wrapped.__getitems__(list(range(90, 100)))  # the last batch: nothing after it
     assert ds.hints[-1] == list(range(90, 100))
-    raising = _IndexedDataset(ds, False, sampler)
+    raising = _IndexedDataset(ds, SkipPolicy("raise"), sampler)
     assert raising.__getitems__([13])[0][1].trace.count("ValueError: thirteen") == 1  # kept for "raise"

@@ -29,10 +29,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from batchproc.processor import EngineHandle
 from batchproc.errors import UserCodeError
+from batchproc.engine.policy import ErrorRecord, SkipPolicy
 from batchproc.engine.verdict import is_collective_failure
 
-BAD_BATCH_POLICIES = ("raise", "skip")
 TRACEBACK_HEAD = 1500  # characters of a skipped batch's traceback kept in errors.jsonl
 
 
@@ -69,37 +70,36 @@ class BatchRunner:
     """Runs ``process_batch`` under the batch policy; see the module docstring."""
 
     processor: Any
-    context: Any
+    engine: EngineHandle  #: the processor's context, as the engine drives it
     rank: int
     world_size: int
-    policy: str = "raise"
+    policy: SkipPolicy = SkipPolicy()
     splittable: bool = True  #: False after a custom collate_fn: its batches' layout is unknown
     watchdog: Optional["Watchdog"] = None
-    skipped: List[Dict[str, Any]] = dataclasses.field(default_factory=list)  #: records since the last take
+    skipped: List[ErrorRecord] = dataclasses.field(default_factory=list)  #: records since the last take
 
     def run(self, batch: Any, indices: List[int], g: int) -> None:
         self._run(batch, list(indices), g)
 
-    def take_records(self) -> List[Dict[str, Any]]:
+    def take_records(self) -> List[ErrorRecord]:
         records, self.skipped = self.skipped, []
         return records
 
     def _run(self, batch: Any, indices: List[int], g: int) -> None:
-        context = self.context
-        context.global_batch_idx, context.batch_indices = g, indices
-        context._begin_batch()
+        engine = self.engine
+        engine.begin_batch(g, indices)
         if self.watchdog is not None:
             self.watchdog.arm(g)
         try:
             self.processor.process_batch(batch, g // self.world_size)
         except torch.OutOfMemoryError as e:
-            context._drop_batch()
+            engine.drop_batch()
             if self.splittable and len(indices) > 1 and batch_size_of(batch) == len(indices):
                 self._split(batch, indices, g, e)
             else:
                 self._failed(e, indices, g)
         except Exception as e:
-            context._drop_batch()
+            engine.drop_batch()
             if is_collective_failure(e):  # a peer died under a collective in process_batch: restartable
                 raise
             self._failed(e, indices, g)
@@ -120,15 +120,15 @@ class BatchRunner:
 
     def _failed(self, error: Exception, indices: List[int], g: int) -> None:
         name = type(self.processor).__name__
-        if self.policy != "skip":
+        if not self.policy.skips:
             raise UserCodeError(
                 f"{name}.process_batch() raised {type(error).__name__}: {error} (rank {self.rank}, global batch "
                 f"{g}, dataset indices {_describe(indices)}). Work committed before this batch is kept; fix "
                 "the error and run again to resume, or pass bad_batches='skip' to record such batches in "
                 "errors.jsonl and go on.") from error
         tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-        self.skipped.append({"kind": "batch", "global_batch": g, "indices": list(indices),
-                             "error": f"{type(error).__name__}: {error}"[:1000], "traceback": tb[:TRACEBACK_HEAD]})
+        self.skipped.append(ErrorRecord.for_batch(g, indices, f"{type(error).__name__}: {error}"[:1000],
+                                                  tb[:TRACEBACK_HEAD]))
         print(f"batchproc: rank {self.rank}: skipped global batch {g} (dataset indices {_describe(indices)}): "
               f"{type(error).__name__}: {str(error)[:300]}", file=sys.stderr, flush=True)
 

@@ -30,7 +30,8 @@ import torch
 
 from batchproc.distributed import WorkerEnv
 from batchproc.errors import CorruptCheckpointError, FingerprintMismatchError, UserCodeError
-from batchproc.engine.fault_injection import Faults
+from batchproc.engine.fault_injection import FaultHooks, NoFaults
+from batchproc.engine.policy import ErrorRecord, Skipped
 from batchproc.data.inputs import check_inputs_fingerprint
 from batchproc.plain import to_plain
 from batchproc.reducer import ReducerRegistry
@@ -262,7 +263,8 @@ class Checkpointer:
     """Runs the four commit steps for one attempt; see the module docstring."""
 
     def __init__(self, run_dir: RunDir, env: WorkerEnv, stager: Stager, reducers: ReducerRegistry,
-                 resumed: Resumed, fingerprint: Fingerprint, attempt: str, faults: Faults) -> None:
+                 resumed: Resumed, fingerprint: Fingerprint, attempt: str,
+                 hooks: FaultHooks = NoFaults()) -> None:
         self.run_dir = run_dir
         self.env = env
         self.stager = stager
@@ -270,17 +272,29 @@ class Checkpointer:
         self.resumed = resumed
         self.fingerprint = fingerprint
         self.attempt = attempt
-        self.faults = faults
+        self.hooks = hooks
         self.seq = resumed.seq
         self.errors = list(resumed.errors)
-        self.skipped = resumed.skipped_samples
+        #: Samples and batches the whole job skipped so far: the counts the records carry.
+        self.skipped_samples = resumed.skipped_samples
         self.skipped_batches = resumed.skipped_batches
         self.counters = {a: dict(c) for a, c in resumed.upload_counters.items()}
         self.started = time.time()
         self.start_samples = resumed.samples_done_before
         self.metrics_so_far: Dict[str, Any] = {}
 
-    def commit(self, processor: Any, watermark: int, new_errors: List[Dict[str, Any]],
+    @property
+    def skipped(self) -> Skipped:
+        return Skipped(self.skipped_samples, self.skipped_batches)
+
+    def add_skipped(self, samples: int, batches: int) -> Skipped:
+        """Count a step's skips, summed over every rank (a batch split after running out of memory
+        counts once, however many of its pieces failed); returns the job's counts."""
+        self.skipped_samples += samples
+        self.skipped_batches += batches
+        return self.skipped
+
+    def commit(self, processor: Any, watermark: int, new_errors: List[ErrorRecord],
                state: RunState) -> None:
         # 1) the user flushes buffered outputs
         try:
@@ -291,10 +305,10 @@ class Checkpointer:
                                 "checkpoint is kept; fix the error and run again to resume.") from e
         # 2) pending uploads finish; rank 0 gathers what every rank staged and its reducer states
         pairs = self.stager.join()
-        payload = {"files": pairs, "slots": self.reducers.slot_states(), "errors": new_errors,
+        payload = {"files": pairs, "slots": self.reducers.slot_states(), "errors": [e.to_json() for e in new_errors],
                    "uploads": self.stager.uploads_opened}
         gathered = self.env.gather(payload)
-        self.faults.maybe_kill("kill-after-stage")
+        self.hooks.at("kill-after-stage")
         # 3) rank 0 writes the record (the commit point); a failure there stops every rank
         outcome: Any = None
         if self.env.is_chief:
@@ -306,7 +320,7 @@ class Checkpointer:
         if outcome is not None:
             raise RuntimeError(outcome + ". Nothing committed before this checkpoint was lost; run again to resume.")
         self.seq += 1
-        self.faults.maybe_kill("kill-after-record")
+        self.hooks.at("kill-after-record")
         # 4) every rank publishes its own staged files
         for staged, final in pairs:
             self.run_dir.move(staged, final)
@@ -321,9 +335,6 @@ class Checkpointer:
         torch.save({"slots": slots}, buf)
         blob = buf.getvalue()
         new_errors = [e for p in gathered for e in p["errors"]]
-        # A batch split after running out of memory may leave a record per failed piece: it counts once.
-        self.skipped_batches += len({e["global_batch"] for e in new_errors if e.get("kind") == "batch"})
-        self.skipped += sum(1 for e in new_errors if e.get("kind") != "batch")
         room = max(0, MAX_ERRORS_KEPT - len(self.errors))
         if len(new_errors) > room and self.env.is_chief:
             print(f"batchproc: warning: errors.jsonl keeps the first {MAX_ERRORS_KEPT} records; later skips are "
@@ -340,7 +351,7 @@ class Checkpointer:
             fingerprint=self.fingerprint.to_json(), states_file=states_name(seq),
             states_sha256=hashlib.sha256(blob).hexdigest(),
             publish=[list(f) for p in gathered for f in p["files"]], upload_counters=self.counters,
-            skipped_samples=self.skipped, skipped_batches=self.skipped_batches, errors=self.errors,
+            skipped_samples=self.skipped_samples, skipped_batches=self.skipped_batches, errors=self.errors,
             committed_samples=committed_samples, metrics=self.metrics_so_far)
         self.run_dir.write_atomic(states_name(seq), blob, durable=True)
         self.run_dir.write_json(record_name(seq), record.sealed(), durable=True)
@@ -349,7 +360,7 @@ class Checkpointer:
         for old in (record_name(seq - KEEP_RECORDS), states_name(seq - KEEP_RECORDS)):
             self.run_dir.rm(old)
         if new_errors:
-            self.faults.maybe_kill("kill-before-errors")
+            self.hooks.at("kill-before-errors")
             write_errors(self.run_dir, self.errors)
         elapsed = max(1e-9, time.time() - self.started)
         total_samples = min(n, total * bs)
@@ -357,5 +368,5 @@ class Checkpointer:
             self.run_dir, state, committed_batches=watermark, total_batches=total,
             committed_samples=committed_samples, total_samples=total_samples,
             samples_per_s=(committed_samples - self.start_samples) / elapsed, metrics=self.metrics_so_far,
-            restarts=self.resumed.restarts, attempts=self.resumed.attempts, skipped_samples=self.skipped, skipped_batches=self.skipped_batches,
+            restarts=self.resumed.restarts, attempts=self.resumed.attempts, skipped_samples=self.skipped_samples, skipped_batches=self.skipped_batches,
             world_size=self.env.world_size, attempt=self.attempt, checkpoint_seq=seq)

@@ -9,6 +9,9 @@ where the process stops responding instead, as a rank stuck in a driver call wou
 forever, signals included, so only the process group's timeout frees the other ranks (and
 torchrun SIGKILLs it after its 30 s grace); with ``@sigterm=exit`` SIGTERM still ends it.
 Only points named here fire; each fires at most once per process.
+
+The engine calls one hook, :meth:`FaultHooks.at`, at each point; :func:`fault_hooks` gives it a
+no-op one unless ``BATCHPROC_FAULT`` is set.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from typing import Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Protocol, Set
 
 from batchproc.settings import ENV_FAULT, restart_count
 
@@ -34,13 +37,46 @@ def _parse(spec: str) -> List[Dict[str, str]]:
     return out
 
 
+class FaultHooks(Protocol):
+    """An observer of the engine's fault points (tests only)."""
+
+    def at(self, point: str, step: Optional[int] = None) -> None:
+        """The engine is at ``point`` (``stop`` and ``kill`` after each step, ``kill-after-stage``,
+        ...), in loop step ``step`` where there is one."""
+
+
+class NoFaults:
+    """Production: nothing happens at any point."""
+
+    def at(self, point: str, step: Optional[int] = None) -> None:
+        pass
+
+
+def fault_hooks(rank: int, request_stop: Callable[[str], None]) -> FaultHooks:
+    """The hooks for this process: :class:`Faults` when ``BATCHPROC_FAULT`` is set, else a no-op.
+    ``request_stop(reason)`` asks the loop to checkpoint and stop (the ``stop`` point)."""
+    spec = os.environ.get(ENV_FAULT, "")
+    return Faults(rank, spec, request_stop) if spec.strip() else NoFaults()
+
+
 class Faults:
-    def __init__(self, rank: int, spec: Optional[str] = None) -> None:
+    def __init__(self, rank: int, spec: Optional[str] = None,
+                 request_stop: Optional[Callable[[str], None]] = None) -> None:
         self.rank = rank
+        self.request_stop = request_stop
         self.faults = _parse(spec if spec is not None else os.environ.get(ENV_FAULT, ""))
         self.fired: Set[int] = set()
         # Restarted workers must not fire the same fault again, or the job never ends.
         self.restart = restart_count()
+
+    def at(self, point: str, step: Optional[int] = None) -> None:
+        """``stop`` requests a stop (a checkpoint, then the run is preempted); the ``kill`` points
+        kill or hang this process."""
+        if point == "stop":
+            if self.fires(point, step) and self.request_stop is not None:
+                self.request_stop("fault hook")
+            return
+        self.maybe_kill(point, step)
 
     def fires(self, point: str, step: Optional[int] = None) -> bool:
         return self.firing(point, step) is not None

@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
 from batchproc.errors import BadSampleError
+from batchproc.engine.policy import ErrorRecord, SkipPolicy
 from batchproc.settings import PREEMPTION_SIGNALS, cpu_count
 from batchproc.engine.sharding import RankBatchSampler, batch_indices
 
-BAD_SAMPLE_POLICIES = ("raise", "skip")
 #: Batches a loader process fetches ahead of the one it decodes (datasets with ``prefetch``).
 READAHEAD_BATCHES = 2
 _REJECTED = {
@@ -76,10 +76,10 @@ class _IndexedDataset(Dataset[Any]):
     their files are fetched while this one decodes (``ImageFiles`` on object stores has both).
     """
 
-    def __init__(self, dataset: Dataset[Any], skip_bad: bool, sampler: Optional[RankBatchSampler] = None,
+    def __init__(self, dataset: Dataset[Any], policy: SkipPolicy, sampler: Optional[RankBatchSampler] = None,
                  readahead: int = READAHEAD_BATCHES) -> None:
         self.dataset = dataset
-        self.skip_bad = skip_bad
+        self.policy = policy
         self.sampler = sampler
         self.readahead = readahead
 
@@ -108,7 +108,7 @@ class _IndexedDataset(Dataset[Any]):
     def _bad(self, index: int, e: BaseException) -> _Bad:
         # Returned, not raised, under either policy: raised in a loader worker, the message
         # would reach the user buried under "Caught ... in DataLoader worker process 0".
-        trace = "" if self.skip_bad else "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        trace = "" if self.policy.skips else "".join(traceback.format_exception(type(e), e, e.__traceback__))
         return _Bad(index, f"{type(e).__name__}: {e}", describe_sample(self.dataset, index), trace)
 
     def _prefetch_next(self, indices: List[int]) -> None:
@@ -138,15 +138,16 @@ class LoadedBatch(NamedTuple):
     indices: List[int]
     bad: List[_Bad]
 
-    def bad_records(self) -> List[Dict[str, Any]]:
-        """The skipped samples as ``errors.jsonl`` rows; raises (in the main process) under "raise"."""
+    def sample_errors(self, policy: SkipPolicy) -> List[ErrorRecord]:
+        """The samples that failed to load, as records to skip; raises (in the main process) under
+        "raise"."""
         for b in self.bad:
-            if b.trace:
+            if not policy.skips:
                 raise BadSampleError(
                     f"loading {b.description} failed with {b.error}. Fix or remove it, or pass "
                     f"bad_samples='skip' to drop bad samples and record them in errors.jsonl.\n"
                     f"Traceback of the load:\n{b.trace}")
-        return [{"index": b.index, "sample": b.description, "error": b.error} for b in self.bad]
+        return [ErrorRecord.for_sample(b.index, b.description, b.error) for b in self.bad]
 
 
 class _Collate:
@@ -207,10 +208,8 @@ def _die_with_parent() -> None:
 
 
 def build_loader(dataset: Dataset[Any], sampler: RankBatchSampler, dataloader_kwargs: Dict[str, Any],
-                 bad_samples: str, device: torch.device, local_world_size: int = 1) -> DataLoader[Any]:
+                 samples: SkipPolicy, device: torch.device, local_world_size: int = 1) -> DataLoader[Any]:
     """A DataLoader over this rank's remaining batches: prefetching workers, pinned memory for GPUs."""
-    if bad_samples not in BAD_SAMPLE_POLICIES:
-        raise ValueError(f"bad_samples must be one of {BAD_SAMPLE_POLICIES}, got {bad_samples!r}")
     kwargs = dict(dataloader_kwargs)
     kwargs.pop("drop_last", None)  # applied to the dataset's length (see run._Job._open); the sampler is ours
     collate_fn = kwargs.pop("collate_fn", None) or default_collate
@@ -218,5 +217,5 @@ def build_loader(dataset: Dataset[Any], sampler: RankBatchSampler, dataloader_kw
     kwargs.setdefault("num_workers", default_num_workers(local_world_size) if len(sampler) > 1 else 0)
     if kwargs["num_workers"] > 0:
         kwargs["worker_init_fn"] = _WorkerInit(kwargs.get("worker_init_fn"))
-    return DataLoader(_IndexedDataset(dataset, bad_samples == "skip", sampler), batch_sampler=sampler,
+    return DataLoader(_IndexedDataset(dataset, samples, sampler), batch_sampler=sampler,
                       collate_fn=_Collate(collate_fn), **kwargs)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import math
 import os
 import signal
 import sys
@@ -23,16 +22,17 @@ from batchproc.distributed import WorkerEnv, init_worker
 from batchproc.engine import verdict
 from batchproc.engine import entry
 from batchproc.engine.entry import REPORTED
-from batchproc.engine.batch_faults import BAD_BATCH_POLICIES, BatchRunner, Watchdog
+from batchproc.engine.batch_faults import BatchRunner, Watchdog
 from batchproc.errors import (BatchTimeoutError, PeerFailedError, TooManyBadBatchesError, TooManyBadSamplesError,
                               UserCodeError)
-from batchproc.engine.fault_injection import Faults
+from batchproc.engine.fault_injection import fault_hooks
+from batchproc.engine.policy import BadWorkPolicy, ErrorRecord, Skipped
 from batchproc.data.inputs import freeze_inputs
 from batchproc.engine.loader import build_loader, check_dataloader_kwargs
 from batchproc.engine.prefetch import DevicePrefetcher, device_prefetch_enabled
 from batchproc.engine.progress import Progress
 from batchproc.engine.preempt import PreemptionWatcher, clear_stop_request
-from batchproc.processor import (TensorBoardMirror, TorchBatchProcessor, TorchBatchProcessorContext,
+from batchproc.processor import (EngineHandle, TensorBoardMirror, TorchBatchProcessor, TorchBatchProcessorContext,
                                  default_tensorboard_path)
 from batchproc.reducer import ReducerRegistry
 from batchproc.rundir import lifecycle
@@ -131,9 +131,8 @@ def torch_batch_process(
     loader_kwargs = check_dataloader_kwargs(dataloader_kwargs, batch_size is not None)
     if batch_size is None:
         batch_size = loader_kwargs.pop("batch_size", DEFAULT_BATCH_SIZE)
-    max_batches = _check_arguments(dataset, batch_size, checkpoint_interval, max_batches, bad_samples)
-    _check_batch_policy(bad_batches, max_bad_batches, batch_timeout_s)
-    _check_bound("max_bad_samples", max_bad_samples)
+    max_batches = _check_arguments(dataset, batch_size, checkpoint_interval, max_batches)
+    policy = BadWorkPolicy.from_arguments(bad_samples, max_bad_samples, bad_batches, max_bad_batches, batch_timeout_s)
     settings = RunSettings.from_env()
     if under_torchrun():
         die_with_parent()  # torchrun's agent SIGKILLed: this worker checkpoints and stops
@@ -148,8 +147,7 @@ def torch_batch_process(
             lock = acquire_run_lock(run_dir, holder=f"{' '.join(sys.argv)}")
         member = _join_job(run_dir, env, settings)
         job = _Job(env, run_dir, settings, dataset, batch_processor_cls, batch_size,
-                   checkpoint_interval, max_batches, loader_kwargs, bad_samples, max_bad_samples,
-                   _BatchPolicy(bad_batches, max_bad_batches, batch_timeout_s))
+                   checkpoint_interval, max_batches, loader_kwargs, policy)
         result = job.run()
         entry.returned()
         return result
@@ -199,8 +197,7 @@ def _record_failure(run_dir: RunDir, error: BaseException, env: WorkerEnv, job: 
         pass
 
 
-def _check_arguments(dataset: Any, batch_size: Any, interval: Any, max_batches: Optional[int],
-                     bad_samples: str) -> Optional[int]:
+def _check_arguments(dataset: Any, batch_size: Any, interval: Any, max_batches: Optional[int]) -> Optional[int]:
     """Validate the arguments; returns ``max_batches`` as it will be used."""
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise ValueError(f"torch_batch_process needs a map-style dataset with __len__ and __getitem__; "
@@ -216,30 +213,7 @@ def _check_arguments(dataset: Any, batch_size: Any, interval: Any, max_batches: 
             warnings.warn(f"max_batches={max_batches} is not positive; processing the whole dataset",
                           stacklevel=3)
             max_batches = None
-    if bad_samples not in ("raise", "skip"):
-        raise ValueError(f"bad_samples must be 'raise' or 'skip', got {bad_samples!r}")
     return max_batches
-
-
-def _check_bound(name: str, value: Optional[int]) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
-
-
-def _check_batch_policy(bad_batches: str, max_bad_batches: Optional[int], timeout_s: Optional[float]) -> None:
-    if bad_batches not in BAD_BATCH_POLICIES:
-        raise ValueError(f"bad_batches must be 'raise' or 'skip', got {bad_batches!r}")
-    _check_bound("max_bad_batches", max_bad_batches)
-    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
-                                  or not math.isfinite(timeout_s) or timeout_s <= 0):
-        raise ValueError(f"batch_timeout_s must be a positive number of seconds or None, got {timeout_s!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class _BatchPolicy:
-    on_error: str = "raise"
-    max_bad: Optional[int] = None
-    timeout_s: Optional[float] = None
 
 
 def _check_distributed_context(context: Any, env: WorkerEnv) -> None:
@@ -272,14 +246,14 @@ class _Job:
 
     def __init__(self, env: WorkerEnv, run_dir: RunDir, settings: RunSettings, dataset: "Dataset[Any]",
                  processor_cls: Type[TorchBatchProcessor], batch_size: int, interval: int,
-                 max_batches: Optional[int], loader_kwargs: Dict[str, Any], bad_samples: str,
-                 max_bad_samples: Optional[int], batches: _BatchPolicy = _BatchPolicy()) -> None:
+                 max_batches: Optional[int], loader_kwargs: Dict[str, Any],
+                 policy: BadWorkPolicy = BadWorkPolicy()) -> None:
         self.env, self.run_dir, self.settings = env, run_dir, settings
         self.dataset, self.processor_cls = dataset, processor_cls
         self.batch_size, self.interval, self.max_batches = batch_size, interval, max_batches
-        self.loader_kwargs, self.bad_samples, self.max_bad_samples = loader_kwargs, bad_samples, max_bad_samples
-        self.batches = batches
-        self.faults = Faults(env.rank)
+        self.loader_kwargs, self.policy = loader_kwargs, policy
+        self._watcher: Optional[PreemptionWatcher] = None
+        self.hooks = fault_hooks(env.rank, self._stop_requested)  # test fault injection; a no-op otherwise
         self.phase: Where = BEFORE_FIRST_BATCH  #: where a failure happened, for its report
         self.attempt: Optional[str] = None
         self.tb_mirror: Optional[TensorBoardMirror] = None
@@ -328,7 +302,7 @@ class _Job:
             metrics = self._completed_metrics(resumed)
             return self._result(resumed.watermark, resumed.total_batches, metrics, completed=True)
 
-        over_budget = self._over_budget({"samples": resumed.skipped_samples, "batches": resumed.skipped_batches})
+        over_budget = self._over_budget(Skipped(resumed.skipped_samples, resumed.skipped_batches))
         if over_budget is not None:  # it failed past a bound that this start did not raise
             raise over_budget
         env = self.env
@@ -337,6 +311,7 @@ class _Job:
         tb_path = self._tensorboard_path()
         tb_mirror = None if self.run_dir.is_local else TensorBoardMirror(self.run_dir, tb_path, env.is_chief)
         context = TorchBatchProcessorContext(env, stager, reducers, self.settings.hparams, tb_path, self.run_dir.url)
+        engine = EngineHandle(context)
         self.context, self.tb_mirror = context, tb_mirror
         batches: Any = None
         try:
@@ -348,17 +323,17 @@ class _Job:
             if resumed.all_committed:
                 # Every batch was committed and on_finish did not complete: run only on_finish.
                 metrics = env.broadcast(resumed.metrics if env.is_chief else None)
-                return self._finish(processor, context, resumed.total_batches, metrics, steps=0)
+                return self._finish(processor, engine, resumed.total_batches, metrics, steps=0)
             ckpt = checkpoint.Checkpointer(self.run_dir, env, stager, reducers, resumed, fingerprint, attempt,
-                                           self.faults)
+                                           self.hooks)
             try:
-                steps, preempted, reason = self._process(processor, context, ckpt, resumed, fingerprint, batches)
+                steps, preempted, reason = self._process(processor, engine, ckpt, resumed, fingerprint, batches)
             finally:
                 stager.close()
             G, total, W = resumed.watermark, resumed.total_batches, env.world_size
             metrics = env.broadcast(ckpt.metrics_so_far)
             if not preempted:
-                return self._finish(processor, context, total, metrics, steps=steps)
+                return self._finish(processor, engine, total, metrics, steps=steps)
             env.barrier()  # every rank has published before the run is called preempted
             if env.is_chief:
                 self.run_dir.rm(STAGING, recursive=True)  # only empty folders are left
@@ -368,7 +343,7 @@ class _Job:
         finally:
             # Shut loader workers down now: left to the garbage collector, each waits 5 s.
             getattr(batches, "_shutdown_workers", lambda: None)()
-            context._close()
+            engine.close()
             if tb_mirror is not None:
                 tb_mirror.close()
 
@@ -377,7 +352,7 @@ class _Job:
         env = self.env
         sampler = sharding.RankBatchSampler(fingerprint.dataset_len, self.batch_size, resumed.total_batches,
                                             resumed.watermark, env.world_size, env.rank)
-        loader = build_loader(self.dataset, sampler, self.loader_kwargs, self.bad_samples, env.device,
+        loader = build_loader(self.dataset, sampler, self.loader_kwargs, self.policy.samples, env.device,
                               env.local_world_size)
         # Loader workers are forked with the preemption signals blocked: one arriving before a
         # worker has set them to SIG_IGN (loader._WorkerInit) would kill it. The main process gets
@@ -394,7 +369,12 @@ class _Job:
             gc.unfreeze()
             signal.pthread_sigmask(signal.SIG_SETMASK, masked)
 
-    def _process(self, processor: TorchBatchProcessor, context: TorchBatchProcessorContext,
+    def _stop_requested(self, reason: str) -> None:
+        """A stop asked for by a fault hook: the loop checkpoints and stops as on a preemption."""
+        if self._watcher is not None:
+            self._watcher.request(reason)
+
+    def _process(self, processor: TorchBatchProcessor, engine: EngineHandle,
                  ckpt: checkpoint.Checkpointer, resumed: checkpoint.Resumed,
                  fingerprint: checkpoint.Fingerprint, batches: Any) -> "tuple[int, bool, Optional[str]]":
         """The batches, checkpointed; ends with the final commit unless stopped. Returns
@@ -408,16 +388,17 @@ class _Job:
         env = self.env
         G, total, W = resumed.watermark, resumed.total_batches, env.world_size
         steps = sharding.steps_per_rank(G, total, W)
-        watchdog = Watchdog(self.batches.timeout_s, self._batch_timed_out) if self.batches.timeout_s else None
+        timeout_s = self.policy.batch_timeout_s
+        watchdog = Watchdog(timeout_s, self._batch_timed_out) if timeout_s else None
         collate = self.loader_kwargs.get("collate_fn")
-        runner = BatchRunner(processor, context, env.rank, W, self.batches.on_error,
+        runner = BatchRunner(processor, engine, env.rank, W, self.policy.batches,
                              splittable=collate is None or collate is default_collate, watchdog=watchdog)
-        new_errors: List[Dict[str, Any]] = []
-        skipped = {"samples": resumed.skipped_samples, "batches": resumed.skipped_batches}
+        new_errors: List[ErrorRecord] = []
         step = 0
         progress = Progress(env.is_chief, G, total, self.batch_size, fingerprint.dataset_len)
         try:
             with PreemptionWatcher(env, self.run_dir) as watcher:
+                self._watcher = watcher
                 items = self._with_device_copies(batches)
                 for step in range(steps):
                     g = sharding.global_batch(G, W, env.rank, step)
@@ -425,12 +406,11 @@ class _Job:
                     bad = (0, 0)
                     try:
                         if g < total:
-                            bad = self._step(items, context, runner, g, new_errors)
+                            bad = self._step(items, engine, runner, g, new_errors)
                     except DETERMINISTIC as e:
                         failure = e
-                    if self.faults.fires("stop", step):
-                        watcher.request("fault hook")
-                    self.faults.maybe_kill("kill", step)
+                    self.hooks.at("stop", step)
+                    self.hooks.at("kill", step)
                     progress.advance(G + step * W, G + (step + 1) * W)
                     done = step + 1
                     last = done == steps
@@ -439,11 +419,9 @@ class _Job:
                     if failed:
                         raise failure or PeerFailedError(
                             f"rank {env.rank} stops: another rank failed in step {step} (its error is the cause)")
-                    skipped["samples"] += bad_samples
-                    skipped["batches"] += bad_batches
                     # Past a bound, every rank commits what the job did so far (errors.jsonl then names
                     # every skip) and fails with the same error.
-                    over_budget = self._over_budget(skipped)
+                    over_budget = self._over_budget(ckpt.add_skipped(bad_samples, bad_batches))
                     stop = stopping > 0 and over_budget is None
                     if last or stop or over_budget is not None or done % self.interval == 0:
                         final = last and over_budget is None
@@ -460,19 +438,21 @@ class _Job:
                         return done, True, watcher.requested
                 return steps, False, None
         finally:
+            self._watcher = None
             getattr(batches, "_shutdown_workers", lambda: None)()  # before on_finish, not after it
             progress.close()
             if watchdog is not None:
                 watchdog.close()
 
-    def _step(self, items: Any, context: TorchBatchProcessorContext, runner: BatchRunner, g: int,
-              new_errors: List[Dict[str, Any]]) -> "tuple[int, int]":
+    def _step(self, items: Any, engine: EngineHandle, runner: BatchRunner, g: int,
+              new_errors: List[ErrorRecord]) -> "tuple[int, int]":
         """Load global batch ``g`` and process it under the sample and batch policies; returns how
         many of its samples failed to load and whether it failed in ``process_batch`` (0 or 1: a
         batch split after running out of memory counts once, however many of its pieces failed)."""
         self.phase = Where(Phase.LOADING, f"loading global batch {g}")
-        loaded, context._device_copies = next(items)
-        records = loaded.bad_records() if loaded.bad else []
+        loaded, copies = next(items)
+        engine.set_device_copies(copies)
+        records = loaded.sample_errors(self.policy.samples) if loaded.bad else []
         new_errors.extend(records)
         failed_batch = 0
         if loaded.batch is not None:
@@ -483,18 +463,19 @@ class _Job:
             failed_batch = 1 if pieces else 0
         return len(records), failed_batch
 
-    def _over_budget(self, skipped: Dict[str, int]) -> Optional[Exception]:
+    def _over_budget(self, skipped: Skipped) -> Optional[Exception]:
         """The error for a job past ``max_bad_samples`` or ``max_bad_batches``, else None."""
         where = f"{self.run_dir.url}/{ERRORS_FILE}"
-        if self.max_bad_samples is not None and skipped["samples"] > self.max_bad_samples:
+        samples, batches = self.policy.samples, self.policy.batches
+        if samples.over(skipped.samples):
             return TooManyBadSamplesError(
-                f"{skipped['samples']} samples failed to load, more than max_bad_samples={self.max_bad_samples}; "
+                f"{skipped.samples} samples failed to load, more than max_bad_samples={samples.max_bad}; "
                 f"each is named in {where}. Work committed so far is kept: fix the data or raise the bound, "
                 "then run again to resume.")
-        if self.batches.max_bad is not None and skipped["batches"] > self.batches.max_bad:
+        if batches.over(skipped.batches):
             return TooManyBadBatchesError(
-                f"{skipped['batches']} batches failed in process_batch, more than "
-                f"max_bad_batches={self.batches.max_bad}; each is named in {where}. Work committed so far is "
+                f"{skipped.batches} batches failed in process_batch, more than "
+                f"max_bad_batches={batches.max_bad}; each is named in {where}. Work committed so far is "
                 "kept: fix the cause or raise the bound, then run again to resume.")
         return None
 
@@ -515,7 +496,7 @@ class _Job:
         # batch), else 1. os._exit: the main thread is stuck, and no cleanup may wait for it.
         os._exit(0 if verdict.write(f"BatchTimeoutError: {error}", self.env.rank, phase) else 1)
 
-    def _finish(self, processor: TorchBatchProcessor, context: TorchBatchProcessorContext, total: int,
+    def _finish(self, processor: TorchBatchProcessor, engine: EngineHandle, total: int,
                 metrics: Dict[str, Any], steps: int) -> BatchProcessResult:
         """Determined's end: after the final commit of every rank, ``on_finish`` on every rank.
 
@@ -533,12 +514,12 @@ class _Job:
             write_metrics(self.run_dir, metrics)
             lifecycle.transition(self.run_dir, RunState.FINISHING, metrics=metrics)
         env.barrier()  # staging is cleared before any rank's on_finish stages files in it
-        context.metrics = metrics
+        engine.context.metrics = metrics
         finish_stager = Stager(self.run_dir, FINISH_TAG, env.rank)
-        context._stager = finish_stager
+        engine.swap_stager(finish_stager)
         self.phase = IN_ON_FINISH
         try:
-            self.faults.maybe_kill("kill-in-finish")
+            self.hooks.at("kill-in-finish")
             _user_call(processor.on_finish, f"{type(processor).__name__}.on_finish")
             for staged, final in finish_stager.join():
                 self.run_dir.move(staged, final)
