@@ -388,7 +388,7 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
             return ExitCode.LOCKED
     if run_dir is not None and take_lock:
         try:
-            lock = acquire_run_lock(run_dir, holder=holder)
+            lock = acquire_run_lock(run_dir, holder=holder, wait_for_earlier_job=True)
         except RunDirLockedError as e:
             print(f"{name}: error: {e}", file=sys.stderr)
             return ExitCode.LOCKED

@@ -145,7 +145,7 @@ def torch_batch_process(
         _check_distributed_context(distributed_context, env)
         if env.is_chief and not settings.lock_held:
             lock = acquire_run_lock(run_dir, holder=f"{' '.join(sys.argv)}")
-        member = _join_job(run_dir, env, settings)
+        member = _join_job(run_dir)
         job = _Job(env, run_dir, settings, dataset, batch_processor_cls, batch_size,
                    checkpoint_interval, max_batches, loader_kwargs, policy)
         result = job.run()
@@ -170,13 +170,11 @@ def torch_batch_process(
         env.shutdown()
 
 
-def _join_job(run_dir: RunDir, env: WorkerEnv, settings: RunSettings) -> Optional[JobMembership]:
-    """Hold a local run directory as a worker of this job (batchproc.rundir.job_lock), after the
-    lock is taken: with no supervisor rank 0 takes it, and the others join only once it has."""
+def _join_job(run_dir: RunDir) -> Optional[JobMembership]:
+    """Hold a local run directory as a worker of this job (batchproc.rundir.job_lock), so that a
+    supervisor starting the next job waits for this process to be gone."""
     if not run_dir.is_local:
         return None
-    if not settings.lock_held:
-        env.barrier()
     os.makedirs(run_dir.root, exist_ok=True)
     return JobMembership(run_dir.root, worker=True).join()
 

@@ -364,7 +364,7 @@ class RunLock:
         self._stop = threading.Event()
         self._heartbeat: Optional[threading.Thread] = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self, wait_for_earlier_job: bool = False) -> "RunLock":
         rd = self.run_dir
         if rd.is_local:
             import filelock
@@ -375,13 +375,14 @@ class RunLock:
                 lock.acquire(timeout=0)
             except filelock.Timeout:
                 raise RunDirLockedError(self._busy_message(rd.read_json_or_none(layout.LOCAL_LOCK_HOLDER))) from None
-            try:
-                from batchproc.rundir import job_lock
+            if wait_for_earlier_job:
+                try:
+                    from batchproc.rundir import job_lock
 
-                self._member = job_lock.take_over(rd.root)  # every process of an earlier job is gone
-            except BaseException:
-                lock.release()
-                raise
+                    self._member = job_lock.take_over(rd.root)  # every process of an earlier job is gone
+                except BaseException:
+                    lock.release()
+                    raise
             self._file_lock = lock
             rd.write_json(layout.LOCAL_LOCK_HOLDER, self.info)
             return self
@@ -493,6 +494,12 @@ def _pid_space() -> Optional[str]:
         return None
 
 
-def acquire_run_lock(run_dir: RunDir, holder: str) -> RunLock:
-    """Take the run directory for this job, or raise :class:`RunDirLockedError` naming the holder."""
-    return RunLock(run_dir, holder).acquire()
+def acquire_run_lock(run_dir: RunDir, holder: str, wait_for_earlier_job: bool = False) -> RunLock:
+    """Take the run directory for this job, or raise :class:`RunDirLockedError` naming the holder.
+
+    ``wait_for_earlier_job``: a supervisor starting a job also waits until no process of an
+    earlier job holds a local run directory (:mod:`batchproc.rundir.job_lock`). Not for rank 0 of
+    a job without a supervisor: there the other processes holding it may be its own job's (the
+    surviving node of an elastic restart).
+    """
+    return RunLock(run_dir, holder).acquire(wait_for_earlier_job)
