@@ -76,3 +76,12 @@ def test_run_directory_files_are_created_with_the_umasks_mode(tmp_path) -> None:
     mask = os.umask(0o022)
     os.umask(mask)
     assert mode == 0o666 & ~mask, oct(mode)
+
+
+def test_a_committed_output_found_under_neither_name_is_an_error_naming_both(tmp_path) -> None:
+    run_dir = RunDir(str(tmp_path / "run"))
+    run_dir.write_atomic("staging/a/r0/u0/rows.jsonl", b"{}\n")
+    run_dir.publish("staging/a/r0/u0/rows.jsonl", "outputs/rows.a-r0-u0.jsonl")
+    run_dir.publish("staging/a/r0/u0/rows.jsonl", "outputs/rows.a-r0-u0.jsonl")  # idempotent: done already
+    with pytest.raises(FileNotFoundError, match=r"staging/a/r0/u1/rows.jsonl.*outputs/rows.a-r0-u1.jsonl"):
+        run_dir.publish("staging/a/r0/u1/rows.jsonl", "outputs/rows.a-r0-u1.jsonl")

@@ -242,7 +242,7 @@ def open_run(run_dir: RunDir, fingerprint: Fingerprint, restart_count: int) -> R
     # Even for a finished run: a crash between the final record and the end of its publication
     # must not leave that record's files in staging (idempotent; a no-op when nothing is left).
     for staged, final in record.publish:
-        run_dir.move(staged, final)
+        run_dir.publish(staged, final)
     run_dir.rm(STAGING, recursive=True)
     # errors.jsonl is rewritten after each record: a crash in between, or a fallback to the record
     # before a damaged one, leaves it behind the record, which is what it must say.
@@ -315,15 +315,21 @@ class Checkpointer:
             try:
                 self._write_record(watermark, gathered or [], state)
             except BaseException as e:
-                outcome = f"rank 0 could not write checkpoint {self.seq + 1} to {self.run_dir.url}: {type(e).__name__}: {e}"
+                code = e.errno if isinstance(e, OSError) else None
+                outcome = (f"rank 0 could not write checkpoint {self.seq + 1} to {self.run_dir.url}: "
+                           f"{type(e).__name__}: {e}", code)
         outcome = self.env.broadcast(outcome)
         if outcome is not None:
-            raise RuntimeError(outcome + ". Nothing committed before this checkpoint was lost; run again to resume.")
+            message, code = outcome
+            # The errno travels too: a full or read-only disk fails the job at once (verdict).
+            cause = OSError(code, message) if code is not None else None
+            raise RuntimeError(message + ". Nothing committed before this checkpoint was lost; run again to "
+                               "resume.") from cause
         self.seq += 1
         self.hooks.at("kill-after-record")
         # 4) every rank publishes its own staged files
         for staged, final in pairs:
-            self.run_dir.move(staged, final)
+            self.run_dir.publish(staged, final)
 
     def _write_record(self, watermark: int, gathered: List[Dict[str, Any]], state: RunState) -> None:
         seq = self.seq + 1

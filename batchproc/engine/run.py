@@ -520,7 +520,7 @@ class _Job:
             self.hooks.at("kill-in-finish")
             _user_call(processor.on_finish, f"{type(processor).__name__}.on_finish")
             for staged, final in finish_stager.join():
-                self.run_dir.move(staged, final)
+                self.run_dir.publish(staged, final)
         finally:
             finish_stager.close()
         self.phase = Where(Phase.AFTER_ON_FINISH, "after on_finish")

@@ -147,8 +147,9 @@ class RunDir:
         except FileNotFoundError:
             pass
 
-    def move(self, src_rel: str, dst_rel: str) -> None:
-        """Move a file; idempotent, so an interrupted publication can simply be run again."""
+    def move(self, src_rel: str, dst_rel: str) -> bool:
+        """Move a file; idempotent, so an interrupted publication can simply be run again.
+        False if there was nothing to move."""
         src, dst = self.path(src_rel), self.path(dst_rel)
         if self.is_local:
             if os.path.exists(src):
@@ -158,7 +159,8 @@ class RunDir:
                 # this makes its new name durable. A rename lost to a power loss is redone anyway:
                 # the record still lists it, and publication is replayed on resume.
                 fsync_dir(os.path.dirname(dst))
-            return
+                return True
+            return False
         if self._io("checking", src_rel, lambda: self.fs.exists(src)):
             # Copy then delete: a crash in between leaves both, and the rerun copies again.
             self._io("copying to " + dst, src_rel, lambda: self.fs.copy(src, dst))
@@ -166,6 +168,17 @@ class RunDir:
                 self._io("deleting", src_rel, lambda: self.fs.rm(src))
             except FileNotFoundError:  # a retried delete whose first try went through
                 pass
+            return True
+        return False
+
+    def publish(self, staged_rel: str, published_rel: str) -> None:
+        """Publish a committed file (:meth:`move`, idempotent); one found under neither name was
+        lost after its record committed it, which no resume can redo: an error naming both."""
+        if not self.move(staged_rel, published_rel) and not self.exists(published_rel):
+            raise FileNotFoundError(
+                f"{self.path(staged_rel)} is committed by a checkpoint record, but neither it nor its published "
+                f"name {self.path(published_rel)} exists: the output was deleted or moved by hand. Restore it, "
+                "or start over with `batchproc run ... --fresh`.")
 
     def put_file(self, local_path: str, rel: str) -> None:
         self._io(f"uploading {local_path} to", rel, lambda: self.fs.put_file(local_path, self.path(rel)))
