@@ -27,11 +27,18 @@ def child_env(env: Dict[str, str]) -> Dict[str, str]:
     return dict(env, **{ENV_PARENT_PID: str(os.getpid())})
 
 
-def die_with_parent(sig: int = signal.SIGTERM, environ: Optional[MutableMapping[str, str]] = None) -> bool:
+def die_with_parent(sig: int = signal.SIGTERM, environ: Optional[MutableMapping[str, str]] = None,
+                    started_by_supervisor: bool = True) -> bool:
     """Get ``sig`` when the parent dies; if it died already, get it now. False where Linux's
-    ``prctl`` is unavailable (nothing is done there)."""
+    ``prctl`` is unavailable (nothing is done there).
+
+    ``started_by_supervisor``: this process is the child that ``run_child`` started, so the pid it
+    left in the environment is our parent's. A torchrun worker passes False: the variable it may
+    see is its grandparent's (torchrun itself passes the environment on unread).
+    """
     env = os.environ if environ is None else environ
-    expected = env.pop(ENV_PARENT_PID, None)
+    expected = env.pop(ENV_PARENT_PID, None) if started_by_supervisor else None
+    env.pop(ENV_PARENT_PID, None)
     if not sys.platform.startswith("linux"):
         return False
     try:

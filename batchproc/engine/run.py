@@ -135,7 +135,7 @@ def torch_batch_process(
     policy = BadWorkPolicy.from_arguments(bad_samples, max_bad_samples, bad_batches, max_bad_batches, batch_timeout_s)
     settings = RunSettings.from_env()
     if under_torchrun():
-        die_with_parent()  # torchrun's agent SIGKILLed: this worker checkpoints and stops
+        die_with_parent(started_by_supervisor=False)  # torchrun SIGKILLed: this worker checkpoints and stops
     env = init_worker(settings.pg_timeout_s)
     run_dir = RunDir(*_resolve_storage(storage, storage_options, settings))
     lock: Optional[RunLock] = None
