@@ -53,3 +53,7 @@ class BatchTimeoutError(BatchProcError):
 
 class PeerFailedError(BatchProcError):
     """Another rank failed for good; this one stops with it (the other rank's error is the cause)."""
+
+
+class ImageTooLargeError(BatchProcError, ValueError):
+    """An image's header claims more pixels than the limit (``max_pixels``); it is not decoded."""

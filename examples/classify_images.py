@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from batchproc import MetricReducer, TorchBatchProcessor, TorchBatchProcessorContext, get_hparams, torch_batch_process
-from batchproc.images import UNKNOWN_LABEL, ImageFiles, preprocess_from_weights
+from batchproc.images import DEFAULT_MAX_PIXELS, UNKNOWN_LABEL, ImageFiles, preprocess_from_weights
 from batchproc.writers import RowWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling example modules
@@ -68,6 +68,8 @@ OPTIONS: Dict[str, tuple] = {
     "max_batches": (_opt_int, None, "cap on the batches each rank processes"),
     "num_workers": (_opt_int, None, "DataLoader worker processes per rank (default: batchproc's, from the cores)"),
     "format": (str, "parquet", "parquet or jsonl"),
+    "max_pixels": (_opt_int, DEFAULT_MAX_PIXELS, "images whose header claims more pixels are bad samples, not "
+                   "decoded; 'none' for no limit"),
     "bad_samples": (str, "raise", "raise, or skip (undecodable images are recorded in errors.jsonl)"),
     "max_bad_samples": (_opt_int, None, "with skip: fail once more images than this were skipped"),
     "bad_batches": (str, "raise", "raise, or skip (a batch the model fails on is recorded in errors.jsonl)"),
@@ -280,7 +282,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     model = make_model(opts["model"], opts["weights"], log)
     data = opts["data"] or ensure_digits_folder("data")  # every rank may call it: it locks
     dataset = ImageFiles(data, transform=model.preprocess, storage_options=opts["data_storage_options"],
-                          labels=opts["labels"])
+                          labels=opts["labels"], max_pixels=opts["max_pixels"])
     setup = Setup(model, dataset, opts["format"])
     # No len(dataset) here: the files are listed once per run, inside torch_batch_process (batchproc.inputs).
     log(f"classifying the images of {data} with {model.description}")

@@ -11,6 +11,10 @@ the first attempt, and every rank of every attempt serves that frozen list (see
 since (size, or ETag on S3, or modification time on local disk) fails as a bad sample naming it.
 Alone, the first ``len()`` or item lists the source.
 
+Decoding is bounded: an image whose header claims more than ``max_pixels`` pixels (default
+:data:`DEFAULT_MAX_PIXELS`, PIL's limit) is not decoded but fails as a bad sample naming the file
+and its claimed size (a 633-byte JPEG may claim 65500x65500 pixels, 12 GiB decoded).
+
 On object stores the files of a batch are fetched concurrently (and, under batchproc's loader,
 those of the next batches while this one decodes), one request per file: :meth:`ImageFiles.prefetch`
 and :meth:`ImageFiles.load_samples`.
@@ -27,6 +31,7 @@ import operator
 import os
 import re
 import stat
+import struct
 import sys
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, overload
@@ -39,7 +44,7 @@ from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
-from batchproc.errors import InputChangedError
+from batchproc.errors import ImageTooLargeError, InputChangedError
 from batchproc.data.inputs import IntColumn, Manifest, StringColumn, etag_version, mtime_version
 
 #: File name endings a folder listing keeps (a glob keeps whatever it matches).
@@ -57,6 +62,9 @@ S3_POOL_CONNECTIONS = 64
 #: read ahead (at start-up all three batches are asked for at once, and a server answers the
 #: requests it holds together, not first come first served).
 MAX_IN_FLIGHT = 32
+#: Pixels an image's header may claim before it is refused undecoded (PIL's default error threshold,
+#: ``2 * PIL.Image.MAX_IMAGE_PIXELS``: a 13,377 x 13,377 image, 537 MB as RGB).
+DEFAULT_MAX_PIXELS = 178_956_970
 
 # torchvision 0.29 warns on every decode that its decoders are deprecated in favour of TorchCodec;
 # they are what this module deliberately uses (pinned torchvision), so that one warning is silenced.
@@ -87,15 +95,23 @@ class ImageFiles(Dataset[Dict[str, Any]]):
     ``transform`` that makes every image the same size, batches of more than one image cannot be
     stacked by the default collate function.
 
+    ``max_pixels``: an image whose header claims more pixels (width x height, times the frames of
+    a GIF) is not decoded; loading it raises :class:`~batchproc.errors.ImageTooLargeError` naming
+    the file, a bad sample like any other. ``None`` decodes whatever the header claims (PIL's own
+    ``Image.MAX_IMAGE_PIXELS`` still applies to the formats only PIL reads).
+
     ``files``, ``paths`` and ``labels`` are read-only sequences over the columnar manifest (they
     compare equal to lists); ``classes`` is a list.
     """
 
     def __init__(self, source: "str | os.PathLike[str]", transform: Optional[Transform] = None, *,
                  storage_options: Optional[Dict[str, Any]] = None, labels: str = "auto",
-                 extensions: Sequence[str] = IMG_EXTENSIONS) -> None:
+                 extensions: Sequence[str] = IMG_EXTENSIONS,
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> None:
         if labels not in LABEL_MODES:
             raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+        _check_max_pixels(max_pixels)
+        self.max_pixels = max_pixels
         self.source = os.fspath(source)
         self.transform = transform
         self.storage_options = dict(storage_options or {})
@@ -258,7 +274,7 @@ class ImageFiles(Dataset[Dict[str, Any]]):
             try:
                 i = self._index(i)
                 path = reader.url(i)
-                image = decode_image_bytes(reader.read(i), path)
+                image = decode_image_bytes(reader.read(i), path, max_pixels=self.max_pixels)
                 if self.transform is not None:
                     image = self.transform(image)
                 out.append({"image": image, "label": int(self.manifest.labels[i]), "path": path})
@@ -619,19 +635,26 @@ def _parent_name(path: str) -> str:
     return parts[-2] if len(parts) > 1 else ""
 
 
-def decode_image_bytes(data: bytes, path: str = "<bytes>") -> torch.Tensor:
+def decode_image_bytes(data: bytes, path: str = "<bytes>",
+                       max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Encoded image bytes -> ``uint8`` RGB tensor (3, H, W), whatever the file's mode.
 
     torchvision converts grayscale, alpha, palette and CMYK (JPEG) images to RGB natively, and
     16-bit PNGs are scaled to 8 bits. Formats it cannot read go through PIL. A file neither can
-    decode raises ``ValueError`` naming ``path``.
+    decode raises ``ValueError`` naming ``path``. An image whose header claims more than
+    ``max_pixels`` pixels (``None``: no limit) raises :class:`~batchproc.errors.ImageTooLargeError`
+    naming ``path`` and the claimed size, before anything is decoded.
     """
     if not data:
         raise ValueError(f"cannot decode {path}: the file is empty")
+    if max_pixels is not None:
+        claimed = claimed_size(data)
+        if claimed is not None:
+            _check_pixels(path, claimed, max_pixels)
     try:
         image: torch.Tensor = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as e:
-        image = _decode_with_pil(data, path, _CPP_LOCATION.sub("", str(e).strip()))
+        image = _decode_with_pil(data, path, _CPP_LOCATION.sub("", str(e).strip()), max_pixels)
     if image.dtype != torch.uint8:  # 16-bit PNG
         from torchvision.transforms.v2.functional import to_dtype
 
@@ -639,16 +662,127 @@ def decode_image_bytes(data: bytes, path: str = "<bytes>") -> torch.Tensor:
     return image
 
 
-def _decode_with_pil(data: bytes, path: str, tv_error: str) -> torch.Tensor:
+def _decode_with_pil(data: bytes, path: str, tv_error: str, max_pixels: Optional[int]) -> torch.Tensor:
     try:
         import numpy as np
         from PIL import Image
 
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # the header only: pixels are read by convert()
+            if max_pixels is not None:
+                _check_pixels(path, (im.size[0], im.size[1], 1), max_pixels)
             rgb = np.asarray(im.convert("RGB"))
+    except ImageTooLargeError:
+        raise
     except Exception as e:
         raise ValueError(f"cannot decode {path}: {tv_error} (PIL: {type(e).__name__}: {e})") from None
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+
+
+def _check_max_pixels(max_pixels: Optional[int]) -> None:
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
+        raise ValueError(f"max_pixels must be a positive int, or None for no limit; got {max_pixels!r}")
+
+
+def _check_pixels(path: str, claimed: Tuple[int, int, int], max_pixels: int) -> None:
+    width, height, frames = claimed
+    pixels = width * height * frames
+    if pixels > max_pixels:
+        size = f"{width}x{height}" + (f" in {frames} frames" if frames > 1 else "")
+        raise ImageTooLargeError(
+            f"{path} claims {size} pixels ({pixels:,}), more than max_pixels={max_pixels:,}; it was not decoded "
+            f"(a decompression bomb, or a truly huge image). To read it, raise the limit: "
+            f"ImageFiles(..., max_pixels=N), or max_pixels=None for no limit")
+
+
+# -- image headers: the size an image claims, read without decoding it -------------------------
+
+_JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+_JPEG_NO_LENGTH = frozenset((0x01, *range(0xD0, 0xDA)))  # TEM, RSTn, SOI, EOI
+
+
+def claimed_size(data: bytes) -> Optional[Tuple[int, int, int]]:
+    """``(width, height, frames)`` as the header of a JPEG, PNG, GIF or WebP file claims them (the
+    formats torchvision decodes), read from the first bytes without decoding; ``None`` for other
+    formats or a header too damaged to say (the decoder then reports it)."""
+    try:
+        if data[:3] == b"\xff\xd8\xff":
+            return _jpeg_size(data)
+        if data[:8] == b"\x89PNG\r\n\x1a\n":
+            if data[12:16] != b"IHDR":
+                return None
+            width, height = struct.unpack(">II", data[16:24])
+            return width, height, 1
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            return _gif_size(data)
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            return _webp_size(data)
+    except (struct.error, IndexError):
+        return None
+    return None
+
+
+def _jpeg_size(data: bytes) -> Optional[Tuple[int, int, int]]:
+    """The first frame header (SOFn) after SOI, skipping the segments before it by their lengths."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_NO_LENGTH:
+            pos += 2
+            continue
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        if marker in _JPEG_SOF:
+            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
+            return width, height, 1
+        pos += 2 + length
+    return None
+
+
+def _gif_size(data: bytes) -> Tuple[int, int, int]:
+    """The logical screen, times the frames (torchvision decodes each one at the screen's size)."""
+    width, height = struct.unpack("<HH", data[6:10])
+    flags, pos, frames, n = data[10], 13, 0, len(data)
+    if flags & 0x80:
+        pos += 3 << ((flags & 0x07) + 1)  # global color table
+    while pos < n:
+        block = data[pos]
+        if block == 0x3B:  # trailer
+            break
+        if block == 0x21:  # extension: label, then sub-blocks
+            pos += 2
+        elif block == 0x2C:  # image descriptor, local color table, LZW code size, then sub-blocks
+            frames += 1
+            local = data[pos + 9]
+            pos += 10 + ((3 << ((local & 0x07) + 1)) if local & 0x80 else 0) + 1
+        else:
+            break
+        while pos < n and data[pos]:
+            pos += data[pos] + 1
+        pos += 1
+    return width, height, max(frames, 1)
+
+
+def _webp_size(data: bytes) -> Optional[Tuple[int, int, int]]:
+    chunk = data[12:16]
+    if chunk == b"VP8X":  # extended: the canvas, 24 bits each, minus one
+        return (int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1, 1)
+    if chunk == b"VP8 ":  # lossy: a key frame's 14-bit width and height after its start code
+        if data[23:26] != b"\x9d\x01\x2a":
+            return None
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF, 1
+    if chunk == b"VP8L":  # lossless: signature 0x2f, then 14 bits each, minus one
+        if data[20] != 0x2F:
+            return None
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, 1
+    return None
 
 
 # -- preprocessing ---------------------------------------------------------------------------
@@ -679,5 +813,5 @@ def preprocess_from_weights(weights: Any) -> Transform:
     return transform
 
 
-__all__ = ["ImageFiles", "PrefixedColumn", "decode_image_bytes", "standard_preprocess", "preprocess_from_weights",
-           "IMG_EXTENSIONS", "UNKNOWN_LABEL"]
+__all__ = ["ImageFiles", "PrefixedColumn", "decode_image_bytes", "claimed_size", "standard_preprocess",
+           "preprocess_from_weights", "IMG_EXTENSIONS", "UNKNOWN_LABEL", "DEFAULT_MAX_PIXELS"]
