@@ -9,15 +9,17 @@ them instead of committing beside them.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 from pathlib import Path
+from typing import Any, Dict
 
 import pytest
 
-from tests.support import (PY, Procs, assert_exactly_once, children_map, descendants, shared_fs, sum_job_metrics,
-                           write_config)
+from tests.support import (PY, Procs, assert_exactly_once, children_map, descendants, index_and_y, s3_storage,
+                           shared_fs, sum_job_metrics, sum_job_rows, write_config)
 
 N, BS = 400, 2  # 100 steps of 0.15 s on 2 ranks: the first job has ~14 s left when its supervisor dies
 SLOW = {"SUM_JOB_SLEEP": "0.15"}
@@ -60,3 +62,33 @@ def test_a_sigkilled_supervisor_leaves_no_orphans_and_a_rerun_outputs_every_samp
     assert done.rc == 0, done.out
     assert done.result()["completed"] and done.result()["metrics"] == sum_job_metrics(N), done.out
     assert_exactly_once(run_dir, N)
+
+
+def test_a_sigkilled_supervisor_on_s3_leaves_no_orphans_and_a_rerun_outputs_every_sample_once(
+        procs: Procs, tmp_path: Path, s3_server: Dict[str, Any], s3_bucket: str) -> None:
+    """On S3 the lease of the killed ``batchproc run`` is taken over at once (its pid is gone), so
+    the rerun must still wait for the workers it left on this machine (batchproc.rundir.job_lock)."""
+    bucket = s3_bucket[len("s3://"):]
+    config = write_config(tmp_path / "exp.yaml", (N, BS, 4), s3_storage(bucket, "runs", s3_server["endpoint"]),
+                          name="orphans")
+    env = dict(s3_server["env"], BATCHPROC_LOCK_DIR=str(tmp_path / "locks"))
+    # Its workers, SIGTERMed when it dies, take 20 s to flush (torchrun grants 30): the rerun's
+    # workers would start long before.
+    first = procs.start([PY, "-m", "batchproc", "run", str(config)], env=dict(env, SUM_JOB_FLUSH_SLEEP="20", **SLOW))
+    procs.wait_for(first, r"PROGRESS 8\b")
+    os.kill(first.pid, signal.SIGKILL)
+    second = procs.start([PY, "-m", "batchproc", "run", str(config)], env=env)
+    deadline = time.monotonic() + 35
+    while first.leftovers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not first.leftovers(), f"orphans of the first job: {first.leftovers()}"
+    done = procs.finish(second, timeout=240)
+    assert done.rc == 0, done.out
+    assert done.result()["metrics"] == sum_job_metrics(N), done.out
+    fs = s3_server["server"].fs()
+    fs.invalidate_cache()
+    run = f"{bucket}/runs/orphans"
+    rows = [json.loads(line) for f in fs.find(f"{run}/outputs") if f.endswith(".jsonl")
+            for line in fs.cat_file(f).decode().splitlines() if line.strip()]
+    assert index_and_y(rows) == sum_job_rows(N)
+    assert not fs.find(f"{run}/staging")

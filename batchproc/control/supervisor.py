@@ -379,17 +379,24 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
 
     lock = None
     member: Optional[job_lock.JobMembership] = None
-    if run_dir is not None and run_dir.is_local and settings.lock_held and not take_lock:
+    if run_dir is not None and settings.lock_held and not take_lock:
         # Under our parent's lock: hold the run directory as one more process of its job.
         try:
-            member = job_lock.JobMembership(run_dir.root, worker=False).join()
+            member = job_lock.JobMembership(job_lock.lock_root(run_dir), worker=False).join()
         except (RunDirLockedError, OSError) as e:
             print(f"{name}: error: {e}", file=sys.stderr)
             return ExitCode.LOCKED
     if run_dir is not None and take_lock:
         try:
             lock = acquire_run_lock(run_dir, holder=holder, wait_for_earlier_job=True)
+            if not run_dir.is_local:
+                # The lease of a supervisor SIGKILLed on this machine is taken over at once (its
+                # pid is gone); the workers it left here must be gone too before anything starts.
+                member = job_lock.take_over(job_lock.lock_root(run_dir))
         except RunDirLockedError as e:
+            if lock is not None:
+                lock.release()
+                lock = None
             print(f"{name}: error: {e}", file=sys.stderr)
             return ExitCode.LOCKED
         settings = dataclasses.replace(settings, lock_held=True)
@@ -428,7 +435,7 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
             if found and run_dir is None:
                 first = found[0]
                 print(f"{name}: failed: {first['error']} (rank {first['rank']}, {first['phase']})", file=sys.stderr)
-            if run_dir is not None and run_dir.is_local and not job_lock.wait_for_workers(run_dir.root, WORKERS_WAIT_S):
+            if run_dir is not None and not job_lock.wait_for_workers(job_lock.lock_root(run_dir), WORKERS_WAIT_S):
                 print(f"{name}: warning: workers of this job still hold {run_dir.url} {WORKERS_WAIT_S:.0f} s after "
                       "their launcher ended", file=sys.stderr, flush=True)
             return resolve_exit_code(child_rc, run_dir, before, signals.forwarded, since, found)

@@ -41,7 +41,7 @@ from batchproc.rundir.layout import ERRORS_FILE, FINGERPRINT_FILE, FINISH_TAG, M
 from batchproc.rundir.report import write_metrics
 from batchproc.settings import PREEMPTION_SIGNALS, RunSettings
 from batchproc.lifeline import die_with_parent, under_torchrun
-from batchproc.rundir.job_lock import JobMembership
+from batchproc.rundir.job_lock import JobMembership, lock_root
 from batchproc.rundir.storage import RunDir, RunLock, Stager, acquire_run_lock
 
 DETERMINISTIC = verdict.DETERMINISTIC
@@ -170,13 +170,10 @@ def torch_batch_process(
         env.shutdown()
 
 
-def _join_job(run_dir: RunDir) -> Optional[JobMembership]:
-    """Hold a local run directory as a worker of this job (batchproc.rundir.job_lock), so that a
-    supervisor starting the next job waits for this process to be gone."""
-    if not run_dir.is_local:
-        return None
-    os.makedirs(run_dir.root, exist_ok=True)
-    return JobMembership(run_dir.root, worker=True).join()
+def _join_job(run_dir: RunDir) -> JobMembership:
+    """Hold the run directory as a worker of this job (batchproc.rundir.job_lock), so that a
+    supervisor starting the next job on this machine waits for this process to be gone."""
+    return JobMembership(lock_root(run_dir), worker=True).join()
 
 
 def _record_failure(run_dir: RunDir, error: BaseException, env: WorkerEnv, job: Optional["_Job"]) -> None:

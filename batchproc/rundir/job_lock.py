@@ -11,24 +11,45 @@ for every process of the job before it to be gone. Workers also hold ``.lock.wor
 a supervisor whose child died under it (torchrun SIGKILLed) waits for the orphaned workers to
 finish their checkpoint before it decides the exit code from the run's state.
 
-Local run directories only: on object stores the lease (:class:`batchproc.rundir.storage.RunLock`)
-is what stands for the lock.
+On an object store the lease (:class:`batchproc.rundir.storage.RunLock`) stands for ``.lock``,
+and these flocks live in a folder of this machine named after the run's URL
+(:func:`lock_root`): a lease left by a SIGKILLed supervisor is taken over at once when its pid is
+gone, and the new job still waits for the workers that supervisor left on this machine. Workers
+on other machines are fenced by the lease check before each record and by records that cannot
+be written twice.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import sys
+import tempfile
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from batchproc.errors import RunDirLockedError
 from batchproc.rundir import layout
 
+if TYPE_CHECKING:
+    from batchproc.rundir.storage import RunDir
+
 #: How long a new job waits for the processes of the job before it (their supervisor died, and
 #: they checkpoint and stop: torchrun's grace for that is 30 s).
 PREVIOUS_JOB_WAIT_S = 90.0
+
+
+def lock_root(run_dir: "RunDir") -> str:
+    """Where a job's flocks live: the run directory itself when it is local, else a folder of this
+    machine named after the run's URL (``$BATCHPROC_LOCK_DIR`` or the temp dir), made if missing."""
+    if run_dir.is_local:
+        os.makedirs(run_dir.root, exist_ok=True)
+        return str(run_dir.root)
+    base = os.environ.get("BATCHPROC_LOCK_DIR") or tempfile.gettempdir()
+    folder = os.path.join(base, "batchproc-jobs", hashlib.sha256(run_dir.url.encode()).hexdigest()[:24])
+    os.makedirs(folder, exist_ok=True)
+    return folder
 
 
 class _Flock:

@@ -22,6 +22,9 @@ SLEEP = float(os.environ.get("SUM_JOB_SLEEP", "0"))
 RAISE = {int(g) for g in os.environ.get("SUM_JOB_RAISE", "").split(",") if g.strip()}
 OOM_ABOVE = int(os.environ.get("SUM_JOB_OOM_ABOVE", "0"))
 BAD_BATCHES = os.environ.get("SUM_JOB_BAD_BATCHES", "raise")
+# A slow flush (a large upload) from a worker's second checkpoint on: a job stopped after its first
+# is still committing for this long.
+FLUSH_SLEEP = float(os.environ.get("SUM_JOB_FLUSH_SLEEP", "0"))
 
 
 class Squares(torch.utils.data.Dataset):
@@ -104,6 +107,8 @@ class Processor(TorchBatchProcessor):
         if os.environ.get("SUM_JOB_REPORT"):
             self.context.report_metrics("checkpoint", self.context.global_batch_idx, {"rows": len(self.rows)})
         if self.rows:
+            if self.calls["on_checkpoint_start"] >= 2:
+                time.sleep(FLUSH_SLEEP)
             with self.context.upload_path() as path:
                 with open(path / "rows.jsonl", "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in self.rows)
