@@ -15,6 +15,20 @@ class RunDirLockedError(BatchProcError):
     """Another job holds the run directory."""
 
 
+class RunDirUnwritableError(BatchProcError, OSError):
+    """The run directory cannot be written (read-only, full, not ours); carries the errno."""
+
+    @classmethod
+    def wrap(cls, url: str, error: OSError) -> "RunDirUnwritableError":
+        where = error.filename or url
+        return cls(error.errno, f"cannot write the run directory {url} ({where}: {error.strerror or error}). "
+                   "Make it writable (or free space), or point the storage elsewhere; nothing committed there is "
+                   "lost, and running again resumes.")
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class FingerprintMismatchError(BatchProcError):
     """The run directory belongs to a job over other data (dataset length, batch size, ...)."""
 

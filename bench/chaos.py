@@ -14,6 +14,10 @@ at random, mixing in each attempt:
   from the command's start, so that it also lands in start-up and shutdown);
 * SIGKILL of a random worker (pid from its ``WORKER rank=R pid=P`` line) at a random time, with
   ``max_restarts`` >= 1 so torchrun restarts the workers;
+* SIGKILL of ``batchproc run``, of the launcher or of torchrun (the OOM killer, ``kill -9``):
+  no process of the job may outlive it by more than a checkpoint, and when ``batchproc run``
+  itself was killed the next attempt starts at once, beside the dying job, which it must wait
+  for rather than commit beside it;
 * a kill in the middle of a commit (``BATCHPROC_FAULT=kill-after-stage|kill-after-record@rank=R``);
 * a truncated latest checkpoint record (``checkpoints/ckpt-*.json``) between attempts;
 * batch faults, in every attempt of a scenario: global batches whose ``process_batch`` raises
@@ -61,8 +65,8 @@ if str(ROOT) not in sys.path:  # tests.support, when run as a script rather than
 
 from batchproc.rundir import layout  # noqa: E402
 from batchproc.settings import ENV_FAULT  # noqa: E402
-from tests.support import (PY, S3Server, Tracked, base_env, config_text, s3_storage, shared_fs,  # noqa: E402
-                           sum_job_metrics)
+from tests.support import (PY, S3Server, Tracked, base_env, children_map, config_text, s3_storage,  # noqa: E402
+                           shared_fs, sum_job_metrics)
 
 NAME = "chaos"
 SLOW_ATTEMPT_S = 60.0  # reported (not counted as hung): an attempt this long deserves a look
@@ -142,6 +146,8 @@ class Attempt:
     kill_delay: float = 0.0                 # ... this long after the first WORKER line
     commit_fault: Optional[str] = None      # BATCHPROC_FAULT
     truncate_after: bool = False            # truncate the latest record once the attempt ended
+    kill9_target: Optional[str] = None      # SIGKILL "run", "launcher" or "torchrun" ...
+    kill9_at: float = 0.0                   # ... this long after the first WORKER line
 
     def describe(self) -> str:
         parts = [f"K{self.slots}", f"mr{self.max_restarts}"]
@@ -150,6 +156,8 @@ class Attempt:
             parts.append(f"term({self.sigterm_target})@{anchor}{self.sigterm_at:.1f}s")
         if self.kill_rank is not None:
             parts.append(f"kill(r{self.kill_rank})+{self.kill_delay:.1f}s")
+        if self.kill9_target is not None:
+            parts.append(f"kill9({self.kill9_target})+{self.kill9_at:.1f}s")
         if self.commit_fault:
             parts.append(self.commit_fault)
         if self.truncate_after:
@@ -196,8 +204,11 @@ def make_scenario(rng: random.Random, index: int, s3: bool, max_faulty: int) -> 
         slots = rng.randint(1, 3)
         a = Attempt(slots=slots)
         r = rng.random()  # each fault alone (a clean preemption must end in exit 75), or mixed
-        faults = (["sigterm"] if r < 0.3 else ["kill"] if r < 0.4 else ["commit"] if r < 0.5
-                  else rng.sample(["sigterm", "kill", "commit"], rng.choice([2, 2, 3])))
+        faults = (["sigterm"] if r < 0.25 else ["kill"] if r < 0.35 else ["commit"] if r < 0.45
+                  else ["kill9"] if r < 0.6 else rng.sample(["sigterm", "kill", "commit"], rng.choice([2, 2, 3])))
+        if "kill9" in faults:  # an operator's fault: alone, so that what it leaves is its own
+            a.kill9_target = rng.choice(["run", "launcher", "torchrun"])
+            a.kill9_at = round(rng.uniform(0.0, 3.0), 2)
         if "sigterm" in faults:
             a.sigterm_anchor = "worker" if rng.random() < 0.7 else "start"
             a.sigterm_at = round(rng.uniform(0.0, 3.0) if a.sigterm_anchor == "worker" else rng.uniform(0.3, 10.0), 2)
@@ -208,7 +219,7 @@ def make_scenario(rng: random.Random, index: int, s3: bool, max_faulty: int) -> 
         if "commit" in faults:
             a.commit_fault = f"{rng.choice(['kill-after-stage', 'kill-after-record'])}@rank={rng.randrange(slots)}"
         a.max_restarts = 1 if a.kill_rank is not None else rng.choice([0, 1])
-        a.truncate_after = rng.random() < 0.35
+        a.truncate_after = rng.random() < 0.35 and a.kill9_target != "run"  # never under a live writer
         attempts.append(a)
     sc = Scenario(index=index, n=rng.randint(12, 40), batch_size=rng.choice([1, 2, 3]),
                   interval=rng.randint(1, 4), storage="s3" if s3 and rng.random() < 0.5 else "local",
@@ -256,6 +267,7 @@ class Campaign:
         self.fs: Any = None  # s3fs on self.s3
         self.bucket = f"chaos-{args.seed}-{os.getpid()}"
         self.live: List[Tracked] = []
+        self.dying: List[Any] = []  # (Tracked, what) of SIGKILLed batchproc runs, see check_dying
 
     # -- environment
 
@@ -271,9 +283,15 @@ class Campaign:
         self.live.append(t)
         return t
 
-    def finish(self, t: Tracked, out: Outcome, what: str) -> Optional[int]:
-        """Wait for ``t`` (bounded); a timeout is a hang: kill everything it started."""
+    def finish(self, t: Tracked, out: Outcome, what: str, dying_ok: bool = False) -> Optional[int]:
+        """Wait for ``t`` (bounded); a timeout is a hang: kill everything it started.
+
+        ``dying_ok``: ``batchproc run`` was SIGKILLed; if it is gone, its processes are left to
+        die while the next attempt starts (:meth:`check_dying`)."""
         rc = t.wait(self.args.step_timeout)
+        if dying_ok and rc == -signal.SIGKILL:
+            self.dying.append((t, what))
+            return rc
         if rc is None:
             out.hung += 1
             out.notes.append(f"{what}: hung (no exit in {self.args.step_timeout:g}s), killed")
@@ -294,6 +312,21 @@ class Campaign:
         t.close()
         self.live.remove(t)
         return rc
+
+    def check_dying(self, out: Outcome) -> None:
+        """The job of a SIGKILLed ``batchproc run`` must be gone within a checkpoint's time,
+        while the attempt just started waits for it (batchproc.rundir.job_lock)."""
+        while self.dying:
+            t, what = self.dying.pop()
+            deadline = time.monotonic() + ORPHAN_GRACE_S
+            while (left := t.leftovers()) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            if left:
+                out.orphans += len(left)
+                out.notes.append(f"{what}: {len(left)} process(es) outlived its SIGKILLed batchproc run: {left}")
+                t.kill_all()
+            t.close()
+            self.live.remove(t)
 
     # -- pieces
 
@@ -316,6 +349,7 @@ class Campaign:
         if a.commit_fault:
             extra[ENV_FAULT] = a.commit_fault
         t = self.start(cmd, log, extra)
+        self.check_dying(out)
         timers: List[threading.Thread] = []
         if a.sigterm_at is not None:
             def term() -> None:
@@ -342,9 +376,25 @@ class Campaign:
                 time.sleep(a.kill_delay)
                 t.signal_descendant(t.worker_pid(a.kill_rank), signal.SIGKILL)
             timers.append(threading.Thread(target=kill, daemon=True))
+        if a.kill9_target is not None:
+            def kill9() -> None:
+                while not t.worker_seen.wait(0.2):
+                    if t.p.poll() is not None:
+                        return
+                time.sleep(a.kill9_at)
+                if a.kill9_target == "run":
+                    if t.p.poll() is None:
+                        os.kill(t.p.pid, signal.SIGKILL)
+                    return
+                pid = t.launcher_pid()
+                if a.kill9_target == "torchrun" and pid is not None:
+                    kids = children_map().get(pid, [])
+                    pid = kids[0] if kids else None
+                t.signal_descendant(pid, signal.SIGKILL)
+            timers.append(threading.Thread(target=kill9, daemon=True))
         for th in timers:
             th.start()
-        rc = self.finish(t, out, what)
+        rc = self.finish(t, out, what, dying_ok=a.kill9_target == "run")
         for th in timers:
             th.join(timeout=1)
         return rc
@@ -416,6 +466,7 @@ class Campaign:
                 break
             if rc == 3:  # the run directory is still locked (a lease of a killed job): wait it out
                 time.sleep(5)
+        self.check_dying(out)
         if not out.completed:
             out.notes.append(f"did not complete in {self.args.completion_runs} runs")
         self.check(sc, store, out)
@@ -479,7 +530,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 setattr(totals, field, getattr(totals, field) + getattr(out, field))
             incomplete += not out.completed
             for rc in out.rcs[:len(sc.attempts)]:
-                endings[{0: "completed", 75: "preempted", None: "hung"}.get(rc, "failed")] += 1
+                endings[{0: "completed", 75: "preempted", None: "hung", -signal.SIGKILL: "killed"}.get(rc, "failed")] += 1
             orphans += out.orphans
             stray += len(out.stray)
             slow += out.slow
@@ -498,7 +549,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not bad and not args.keep and not args.workdir:
         shutil.rmtree(campaign.workdir, ignore_errors=True)
     print(f"scenarios={args.scenarios} lost={totals.lost} duplicated={totals.duplicated} "
-          f"metric_mismatch={totals.metric_mismatch} hung={totals.hung}", flush=True)
+          f"metric_mismatch={totals.metric_mismatch} hung={totals.hung} orphans={orphans}", flush=True)
     return 1 if bad else 0
 
 

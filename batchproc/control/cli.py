@@ -122,7 +122,7 @@ def _run(args: argparse.Namespace, signals: PreemptionSignals) -> int:
     rc = supervise(entrypoint, config.run_settings(lock_held=False), run_dir, signals,
                    holder=f"batchproc run {args.config}", take_lock=nodes == 1,
                    prepare=run_dir.remove_all if args.fresh else None)
-    if rc not in (ExitCode.USAGE, ExitCode.LOCKED, ExitCode.NOT_FOUND):
+    if rc not in (ExitCode.USAGE, ExitCode.LOCKED, ExitCode.NOT_FOUND, ExitCode.UNWRITABLE):
         _print_summary(rc, run_dir, args, since)
     return rc
 

@@ -373,7 +373,7 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
     stop came already -> ``prepare`` (``--fresh``) -> the child with ``settings`` in its
     environment -> the exit code from the run's state (:func:`resolve_exit_code`).
     """
-    from batchproc.errors import RunDirLockedError
+    from batchproc.errors import RunDirLockedError, RunDirUnwritableError
     from batchproc.rundir import job_lock
     from batchproc.rundir.storage import RunDir, acquire_run_lock
 
@@ -399,6 +399,12 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
                 lock = None
             print(f"{name}: error: {e}", file=sys.stderr)
             return ExitCode.LOCKED
+        except OSError as e:  # read-only, full, or not ours: say so, not a traceback
+            if lock is not None:
+                lock.release()
+                lock = None
+            print(f"{name}: error: {RunDirUnwritableError.wrap(run_dir.url, e)}", file=sys.stderr)
+            return ExitCode.UNWRITABLE
         settings = dataclasses.replace(settings, lock_held=True)
     try:
         if signals.received:

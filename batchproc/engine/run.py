@@ -23,7 +23,7 @@ from batchproc.engine import verdict
 from batchproc.engine import entry
 from batchproc.engine.entry import REPORTED
 from batchproc.engine.batch_faults import BatchRunner, Watchdog
-from batchproc.errors import (BatchTimeoutError, PeerFailedError, TooManyBadBatchesError, TooManyBadSamplesError,
+from batchproc.errors import (RunDirLockedError, RunDirUnwritableError, BatchTimeoutError, PeerFailedError, TooManyBadBatchesError, TooManyBadSamplesError,
                               UserCodeError)
 from batchproc.engine.fault_injection import fault_hooks
 from batchproc.engine.policy import BadWorkPolicy, ErrorRecord, Skipped
@@ -143,9 +143,14 @@ def torch_batch_process(
     job: Optional[_Job] = None
     try:
         _check_distributed_context(distributed_context, env)
-        if env.is_chief and not settings.lock_held:
-            lock = acquire_run_lock(run_dir, holder=f"{' '.join(sys.argv)}")
-        member = _join_job(run_dir)
+        try:
+            if env.is_chief and not settings.lock_held:
+                lock = acquire_run_lock(run_dir, holder=f"{' '.join(sys.argv)}")
+            member = _join_job(run_dir)
+        except RunDirLockedError:
+            raise
+        except OSError as e:  # a read-only or full run directory: named, not a traceback from os
+            raise RunDirUnwritableError.wrap(run_dir.url, e) from None
         job = _Job(env, run_dir, settings, dataset, batch_processor_cls, batch_size,
                    checkpoint_interval, max_batches, loader_kwargs, policy)
         result = job.run()

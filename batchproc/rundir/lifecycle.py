@@ -42,6 +42,7 @@ class ExitCode(enum.IntEnum):
     FAILED = 1  #: the generic failure code, when the child's own code says nothing (0, or unknown)
     USAGE = 2  #: bad command line or config
     LOCKED = 3  #: another job holds the run directory
+    UNWRITABLE = 73  #: EX_CANTCREAT: the run directory cannot be written (read-only, full, not ours)
     PREEMPTED = 75  #: EX_TEMPFAIL: progress saved; running the same command again resumes
     BROKEN_PIPE = 141  #: 128 + SIGPIPE: stdout was closed (``batchproc status | head``)
     NOT_FOUND = 127  #: the entrypoint cannot be started, as a shell says
