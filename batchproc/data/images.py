@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
 from batchproc.errors import ImageTooLargeError, InputChangedError
-from batchproc.data.inputs import IntColumn, Manifest, StringColumn, etag_version, mtime_version
+from batchproc.data.inputs import IntColumn, Manifest, StringColumn, etag_version, mtime_version, printable
 
 #: File name endings a folder listing keeps (a glob keeps whatever it matches).
 IMG_EXTENSIONS: Tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
@@ -274,7 +274,7 @@ class ImageFiles(Dataset[Dict[str, Any]]):
             try:
                 i = self._index(i)
                 path = reader.url(i)
-                image = decode_image_bytes(reader.read(i), path, max_pixels=self.max_pixels)
+                image = decode_image_bytes(reader.read(i), printable(path), max_pixels=self.max_pixels)
                 if self.transform is not None:
                     image = self.transform(image)
                 out.append({"image": image, "label": int(self.manifest.labels[i]), "path": path})
@@ -297,8 +297,9 @@ class ImageFiles(Dataset[Dict[str, Any]]):
         return item  # type: ignore[no-any-return]
 
     def describe_sample(self, i: int) -> str:
-        """The file behind sample ``i`` (batchproc names it when loading the sample fails)."""
-        return self.paths[i]
+        """The file behind sample ``i`` (batchproc names it when loading the sample fails), as
+        valid Unicode (:func:`~batchproc.data.inputs.printable`)."""
+        return printable(self.paths[i])
 
     def __repr__(self) -> str:
         if self._manifest is None:
@@ -409,6 +410,10 @@ class _Reader:
     def url(self, i: int) -> str:
         return self.urls[i]
 
+    def name(self, i: int) -> str:
+        """File ``i`` as messages name it."""
+        return printable(self.urls[i])
+
     def prefetch(self, indices: Sequence[int]) -> None:
         if self.kind in ("local", "sync"):
             return
@@ -438,11 +443,11 @@ class _Reader:
                 future = self.pending.pop(i)
             data, etag = future.result()
         except FileNotFoundError:
-            raise InputChangedError(f"{self.url(i)} is gone: it was listed when the run's inputs were frozen") from None
+            raise InputChangedError(f"{self.name(i)} is gone: it was listed when the run's inputs were frozen") from None
         self._check_size(i, len(data))
         expected = int(self.manifest.versions[i])
         if etag is not None and expected and self.manifest.version_kind == "etag" and etag_version(etag) != expected:
-            raise InputChangedError(f"{self.url(i)} changed since the run's inputs were frozen: its ETag is not the "
+            raise InputChangedError(f"{self.name(i)} changed since the run's inputs were frozen: its ETag is not the "
                                     f"one listed then")
         return data
 
@@ -452,14 +457,14 @@ class _Reader:
         self._check_size(i, st.st_size)
         expected = int(self.manifest.versions[i])
         if expected and self.manifest.version_kind == "mtime" and mtime_version(st.st_mtime) != expected:
-            raise InputChangedError(f"{path} changed since the run's inputs were frozen: it was modified since")
+            raise InputChangedError(f"{printable(path)} changed since the run's inputs were frozen: it was modified since")
         with open(path, "rb") as f:
             return f.read()
 
     def _check_size(self, i: int, size: int) -> None:
         expected = int(self.manifest.sizes[i])
         if expected >= 0 and size != expected:
-            raise InputChangedError(f"{self.url(i)} changed since the run's inputs were frozen: it has {size} "
+            raise InputChangedError(f"{self.name(i)} changed since the run's inputs were frozen: it has {size} "
                                     f"bytes, {expected} when listed")
 
 
@@ -545,15 +550,36 @@ def _local_walk(root: str) -> _Found:
 
 def _local_glob(pattern: str) -> _Found:
     """A local glob as the shell and Python's ``glob`` read it (``**`` included): symlinked folders
-    are followed, wildcards skip hidden names, and dangling links are skipped."""
-    found = _Found()
-    for path in sorted(glob.iglob(pattern, recursive=True)):
+    are followed, wildcards skip hidden names, and dangling links are skipped.
+
+    Each folder's files are listed once, as the folder walk enters each real folder once: ``**``
+    follows a symlink back up the tree until the path is too long (a file under a loop matched
+    41 times), so matches are keyed by their folder's (device, inode) and name, and the shortest
+    path of each is kept."""
+    best: Dict[Tuple[int, int, str], Tuple[str, os.stat_result]] = {}
+    folders: Dict[str, Optional[Tuple[int, int]]] = {}
+    for path in glob.iglob(pattern, recursive=True):
         try:
             st = os.stat(path)
         except OSError:
             continue
-        if stat.S_ISREG(st.st_mode):
-            found.add(path, st.st_size, mtime_version(st.st_mtime))
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        folder, name = os.path.split(path)
+        if folder not in folders:
+            try:
+                fst = os.stat(folder or ".")
+                folders[folder] = (fst.st_dev, fst.st_ino)
+            except OSError:
+                folders[folder] = None
+        where = folders[folder]
+        key = (*where, name) if where is not None else (-1, len(best), path)
+        kept = best.get(key)
+        if kept is None or (path.count("/"), path) < (kept[0].count("/"), kept[0]):
+            best[key] = (path, st)
+    found = _Found()
+    for path, st in sorted(best.values(), key=lambda kept: kept[0]):
+        found.add(path, st.st_size, mtime_version(st.st_mtime))
     return found
 
 
