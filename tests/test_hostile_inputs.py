@@ -151,6 +151,7 @@ def test_hostile_files_are_skipped_and_named_once_each(procs, tmp_path):
     """skip: every good image output exactly once, each hostile file named once in errors.jsonl,
     exit 0 at the first attempt; loader workers started by a fork server (their parent is not the rank)."""
     files = hostile_folder(tmp_path / "imgs")
+    peak_before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, over every child so far
     rc, out, run_dir = run_example(procs, tmp_path, f"{tmp_path}/imgs/**/*.*", bad_samples="skip",
                                    multiprocessing_context="forkserver")
     assert rc == 0, out
@@ -167,8 +168,10 @@ def test_hostile_files_are_skipped_and_named_once_each(procs, tmp_path):
     bomb = next(e for e in errors if "bomb.jpg" in e["sample"])
     assert "ImageTooLargeError" in bomb["error"] and "claims 30000x30000" in bomb["error"], bomb
     # Every process of the job has been waited for: had a loader worker decoded the bomb, the
-    # largest of them would have held 2.7 GB.
-    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 2_000_000, "a process used over 2 GB (KiB)"
+    # largest of them would have held 2.7 GB (telling only if no earlier child of this pytest
+    # process came near that).
+    if peak_before < 1_500_000:
+        assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 2_000_000, "a process of the job peaked over 2 GB"
 
 
 @pytest.mark.parametrize("hostile", ["bomb", "name"])
