@@ -92,10 +92,17 @@ def test_non_utf8_names_are_listed_stored_exactly_and_named_printably(tmp_path):
         ds[broken]
 
 
-def test_a_glob_through_a_symlink_loop_lists_each_file_once(tmp_path):
+def test_a_glob_through_symlink_loops_lists_each_file_once(tmp_path):
     files = hostile_folder(tmp_path / "imgs")
     ds = ImageFiles(f"{tmp_path}/imgs/**/*.*")
     assert list(ds.paths) == sorted(files["good"] + files["hostile"])  # was 41 times each under sub/loop
+    # A second loop: Python's ** would follow the two in every order, 2**40 paths (it never ended).
+    (tmp_path / "imgs" / "again").symlink_to(".", target_is_directory=True)
+    assert list(ImageFiles(f"{tmp_path}/imgs/**/sub/*.png").paths) == [p for p in files["good"] if "/sub/" in p]
+    # A folder reached by a link from elsewhere, as the folder walk reads it: once, by its shortest path.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "link").symlink_to(tmp_path / "imgs" / "sub", target_is_directory=True)
+    assert list(ImageFiles(f"{tmp_path}/**/img1.png").paths) == [str(tmp_path / "imgs" / "sub" / "img1.png")]
 
 
 def test_a_jpeg_bomb_is_refused_from_its_header(tmp_path):

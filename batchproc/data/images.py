@@ -552,13 +552,13 @@ def _local_glob(pattern: str) -> _Found:
     """A local glob as the shell and Python's ``glob`` read it (``**`` included): symlinked folders
     are followed, wildcards skip hidden names, and dangling links are skipped.
 
-    Each folder's files are listed once, as the folder walk enters each real folder once: ``**``
-    follows a symlink back up the tree until the path is too long (a file under a loop matched
-    41 times), so matches are keyed by their folder's (device, inode) and name, and the shortest
-    path of each is kept."""
+    Each real folder is listed once, as the folder walk enters each one once. Python's ``**``
+    follows a symlink back up the tree until the path is too long (a file under one loop matched
+    41 times; two loops make 2**40 paths), so ``**`` is expanded here (:func:`_glob_once`), and
+    matches are keyed by their folder's (device, inode) and name, the shortest path of each kept."""
     best: Dict[Tuple[int, int, str], Tuple[str, os.stat_result]] = {}
     folders: Dict[str, Optional[Tuple[int, int]]] = {}
-    for path in glob.iglob(pattern, recursive=True):
+    for path in _glob_once(pattern):
         try:
             st = os.stat(path)
         except OSError:
@@ -581,6 +581,68 @@ def _local_glob(pattern: str) -> _Found:
     for path, st in sorted(best.values(), key=lambda kept: kept[0]):
         found.add(path, st.st_size, mtime_version(st.st_mtime))
     return found
+
+
+def _glob_once(pattern: str) -> Iterator[str]:
+    """``glob.iglob(pattern, recursive=True)``, but each ``**`` enters every real folder once."""
+    parts = pattern.split("/")
+    if "**" not in parts:
+        yield from glob.iglob(pattern)
+        return
+    at = parts.index("**")
+    head, rest = "/".join(parts[:at]), "/".join(parts[at + 1:])
+    tops = glob.iglob(head) if head and _MAGIC.search(head) else [head]
+    for top in tops:
+        for folder in _folders_below(top or "."):
+            prefix = _as_prefix(folder, relative=not head)
+            if rest:
+                yield from _glob_once(glob.escape(prefix) + rest)
+            else:  # a trailing **: everything below, files included (hidden names excepted, as glob)
+                try:
+                    with os.scandir(folder) as entries:
+                        names = [e.name for e in entries if not e.name.startswith(".")]
+                except OSError:
+                    continue
+                yield from (prefix + name for name in names)
+
+
+def _as_prefix(folder: str, relative: bool) -> str:
+    """``folder`` as glob spells the start of the paths below it (``relative``: the pattern began
+    with ``**``, so they are relative to the current folder, without ``./``)."""
+    if relative:
+        folder = "" if folder == "." else folder[2:] if folder.startswith("./") else folder
+    return folder if not folder or folder.endswith("/") else folder + "/"
+
+
+def _folders_below(top: str) -> Iterator[str]:
+    """``top`` and every folder below it, symlinks followed, hidden ones skipped (as ``**`` skips
+    them), each real folder once, shallowest route first."""
+    try:
+        st = os.stat(top)
+    except OSError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    seen = {(st.st_dev, st.st_ino)}
+    queue = collections.deque([top])
+    while queue:
+        folder = queue.popleft()
+        yield folder
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if not e.is_dir():
+                    continue
+                st = e.stat()
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                queue.append(e.path)
 
 
 def _from_infos(infos: Any, kind: str) -> _Found:
