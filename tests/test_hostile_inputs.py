@@ -7,6 +7,7 @@ launcher, torchrun, 2 ranks, gloo on 127.0.0.1), with loader workers started by 
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -103,6 +104,18 @@ def test_a_glob_through_symlink_loops_lists_each_file_once(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "link").symlink_to(tmp_path / "imgs" / "sub", target_is_directory=True)
     assert list(ImageFiles(f"{tmp_path}/**/img1.png").paths) == [str(tmp_path / "imgs" / "sub" / "img1.png")]
+
+
+@pytest.mark.parametrize("pattern", ["**/*.png", "*/**/*.png", "**/b/*.png", "**/**/*.png", "**/.*.png",
+                                     "**/y.png", "**/[xy].png", "**/*", "a*/**/*"])
+def test_the_glob_expansion_matches_pythons_where_there_is_no_loop(tmp_path, pattern):
+    from batchproc.data.images import _glob_once
+
+    for rel in ("x.png", "a/y.png", "a/b/z.png", "a/.w.png", ".h/q.png", "ab/b/v.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    full = f"{tmp_path}/{pattern}"
+    assert sorted(set(_glob_once(full))) == sorted(set(glob.glob(full, recursive=True)) - {f"{tmp_path}/"})
 
 
 def test_a_jpeg_bomb_is_refused_from_its_header(tmp_path):

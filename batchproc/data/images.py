@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import fnmatch
 import glob
 import io
 import operator
@@ -565,10 +566,10 @@ def _local_glob(pattern: str) -> _Found:
             continue
         if not stat.S_ISREG(st.st_mode):
             continue
-        folder, name = os.path.split(path)
+        folder, _, name = path.rpartition("/")
         if folder not in folders:
             try:
-                fst = os.stat(folder or ".")
+                fst = os.stat(folder or ("/" if path.startswith("/") else "."))
                 folders[folder] = (fst.st_dev, fst.st_ino)
             except OSError:
                 folders[folder] = None
@@ -595,8 +596,17 @@ def _glob_once(pattern: str) -> Iterator[str]:
     for top in tops:
         for folder in _folders_below(top or "."):
             prefix = _as_prefix(folder, relative=not head)
-            if rest:
+            if rest and ("/" in rest or not _MAGIC.search(rest)):
                 yield from _glob_once(glob.escape(prefix) + rest)
+            elif rest:  # one wildcard name, the usual last part ("*.jpg"): match this folder's names
+                try:
+                    with os.scandir(folder) as entries:
+                        names = [e.name for e in entries]
+                except OSError:
+                    continue
+                if not rest.startswith("."):
+                    names = [n for n in names if not n.startswith(".")]
+                yield from (prefix + name for name in fnmatch.filter(names, rest))
             else:  # a trailing **: everything below, files included (hidden names excepted, as glob)
                 try:
                     with os.scandir(folder) as entries:
