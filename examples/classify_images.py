@@ -13,7 +13,8 @@ below are the fallback when a hyperparameter is absent.
     python examples/classify_images.py --data 's3://bucket/dogs/Images/*/*.jpg' \\
         --labels parent --model resnet50
 
-Row columns: ``index`` (dataset index), ``path``, ``pred``/``pred_name``/``prob``, ``top5``/
+Row columns: ``index`` (dataset index), ``path`` (a byte of a file name that is not UTF-8 shows as
+``\\xNN``; ``index`` names the file exactly), ``pred``/``pred_name``/``prob``, ``top5``/
 ``top5_names``/``top5_probs`` (fewer than 5 for smaller models), ``label`` (the ground truth as
 the model's class index; -1 when unknown: unlabeled input, or a class folder the model does not
 know) and ``label_name`` (the dataset's class folder, None without labels). Accuracy counts only
@@ -38,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from batchproc import MetricReducer, TorchBatchProcessor, TorchBatchProcessorContext, get_hparams, torch_batch_process
+from batchproc.data.inputs import printable
 from batchproc.images import DEFAULT_MAX_PIXELS, UNKNOWN_LABEL, ImageFiles, preprocess_from_weights
 from batchproc.writers import RowWriter
 
@@ -67,6 +69,7 @@ OPTIONS: Dict[str, tuple] = {
     "checkpoint_interval": (int, 5, "batches per rank between checkpoints"),
     "max_batches": (_opt_int, None, "cap on the batches each rank processes"),
     "num_workers": (_opt_int, None, "DataLoader worker processes per rank (default: batchproc's, from the cores)"),
+    "multiprocessing_context": (str, None, "how loader workers start: fork, spawn or forkserver (default: Python's)"),
     "format": (str, "parquet", "parquet or jsonl"),
     "max_pixels": (_opt_int, DEFAULT_MAX_PIXELS, "images whose header claims more pixels are bad samples, not "
                    "decoded; 'none' for no limit"),
@@ -250,11 +253,11 @@ class ClassifyProcessor(TorchBatchProcessor):
             ids, ps = top_i[j].tolist(), top_p[j].tolist()
             ds_label = int(ds_labels[j])
             self.writer.add_row({
-                "index": index, "path": path,
+                "index": index, "path": printable(path),
                 "pred": ids[0], "pred_name": names(ids[0]), "prob": ps[0],
                 "top5": ids, "top5_names": [names(i) for i in ids], "top5_probs": ps,
                 "label": int(labels[j]),
-                "label_name": self.dataset_classes[ds_label] if ds_label >= 0 else None,
+                "label_name": printable(self.dataset_classes[ds_label]) if ds_label >= 0 else None,
             })
 
     def _name(self, i: int) -> str:
@@ -289,6 +292,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     loader_kwargs: Dict[str, Any] = {}
     if opts["num_workers"] is not None:
         loader_kwargs["num_workers"] = opts["num_workers"]
+    if opts["multiprocessing_context"] is not None:
+        loader_kwargs["multiprocessing_context"] = opts["multiprocessing_context"]
     result = torch_batch_process(
         make_processor(setup), dataset, batch_size=opts["batch_size"],
         checkpoint_interval=opts["checkpoint_interval"], max_batches=opts["max_batches"],

@@ -155,25 +155,33 @@ class Items(torch.utils.data.Dataset):
     def __len__(self): return 10
     def __getitem__(self, i): return i
 
-pid = os.fork()
-if pid == 0:  # the rank: it dies while its loader worker is still starting
-    it = iter(DataLoader(Items(), batch_size=2, num_workers=1, worker_init_fn=_WorkerInit(lambda w: time.sleep(1))))
-    print(it._workers[0].pid, flush=True)
-    os._exit(0)
-os.waitpid(pid, 0)
+def pause(worker_id):
+    time.sleep(1)
+
+if __name__ == "__main__":  # spawn and forkserver import this file again in the worker
+    pid = os.fork()
+    if pid == 0:  # the rank: it dies while its loader worker is still starting
+        it = iter(DataLoader(Items(), batch_size=2, num_workers=1, worker_init_fn=_WorkerInit(pause),
+                             multiprocessing_context=sys.argv[1]))
+        print(it._workers[0].pid, flush=True)
+        os._exit(0)
+    os.waitpid(pid, 0)
 """
 
 
-def test_a_loader_worker_does_not_outlive_a_rank_that_died_while_it_started(procs: Procs, tmp_path: Path) -> None:
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_a_loader_worker_does_not_outlive_a_rank_that_died_while_it_started(procs: Procs, tmp_path: Path,
+                                                                            start_method: str) -> None:
     """torch's workers watch for their parent's death by its pid, seen once they start: a rank
     SIGKILLed (or signalled at start-up) before then left its worker behind, reparented to init,
-    forever. Ours ask the kernel to kill them with their rank."""
+    forever. Ours ask the kernel to kill them with their rank, under every start method (under
+    forkserver the worker's parent is the rank's fork server, which exits with the rank)."""
     import os
     import time
 
     script = tmp_path / "orphan.py"
     script.write_text(_ORPHAN)
-    done = procs.run([sys.executable, str(script)], timeout=60)
+    done = procs.run([sys.executable, str(script), start_method], timeout=60)
     worker = int(done.out.split()[0])
     deadline = time.monotonic() + 10
     while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:

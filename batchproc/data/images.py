@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import fnmatch
 import glob
 import io
 import operator
@@ -45,7 +46,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
 from batchproc.errors import ImageTooLargeError, InputChangedError
-from batchproc.data.inputs import IntColumn, Manifest, StringColumn, etag_version, mtime_version
+from batchproc.data.inputs import IntColumn, Manifest, StringColumn, etag_version, mtime_version, printable
 
 #: File name endings a folder listing keeps (a glob keeps whatever it matches).
 IMG_EXTENSIONS: Tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
@@ -274,7 +275,7 @@ class ImageFiles(Dataset[Dict[str, Any]]):
             try:
                 i = self._index(i)
                 path = reader.url(i)
-                image = decode_image_bytes(reader.read(i), path, max_pixels=self.max_pixels)
+                image = decode_image_bytes(reader.read(i), printable(path), max_pixels=self.max_pixels)
                 if self.transform is not None:
                     image = self.transform(image)
                 out.append({"image": image, "label": int(self.manifest.labels[i]), "path": path})
@@ -297,8 +298,9 @@ class ImageFiles(Dataset[Dict[str, Any]]):
         return item  # type: ignore[no-any-return]
 
     def describe_sample(self, i: int) -> str:
-        """The file behind sample ``i`` (batchproc names it when loading the sample fails)."""
-        return self.paths[i]
+        """The file behind sample ``i`` (batchproc names it when loading the sample fails), as
+        valid Unicode (:func:`~batchproc.data.inputs.printable`)."""
+        return printable(self.paths[i])
 
     def __repr__(self) -> str:
         if self._manifest is None:
@@ -409,6 +411,10 @@ class _Reader:
     def url(self, i: int) -> str:
         return self.urls[i]
 
+    def name(self, i: int) -> str:
+        """File ``i`` as messages name it."""
+        return printable(self.urls[i])
+
     def prefetch(self, indices: Sequence[int]) -> None:
         if self.kind in ("local", "sync"):
             return
@@ -438,11 +444,11 @@ class _Reader:
                 future = self.pending.pop(i)
             data, etag = future.result()
         except FileNotFoundError:
-            raise InputChangedError(f"{self.url(i)} is gone: it was listed when the run's inputs were frozen") from None
+            raise InputChangedError(f"{self.name(i)} is gone: it was listed when the run's inputs were frozen") from None
         self._check_size(i, len(data))
         expected = int(self.manifest.versions[i])
         if etag is not None and expected and self.manifest.version_kind == "etag" and etag_version(etag) != expected:
-            raise InputChangedError(f"{self.url(i)} changed since the run's inputs were frozen: its ETag is not the "
+            raise InputChangedError(f"{self.name(i)} changed since the run's inputs were frozen: its ETag is not the "
                                     f"one listed then")
         return data
 
@@ -452,14 +458,14 @@ class _Reader:
         self._check_size(i, st.st_size)
         expected = int(self.manifest.versions[i])
         if expected and self.manifest.version_kind == "mtime" and mtime_version(st.st_mtime) != expected:
-            raise InputChangedError(f"{path} changed since the run's inputs were frozen: it was modified since")
+            raise InputChangedError(f"{printable(path)} changed since the run's inputs were frozen: it was modified since")
         with open(path, "rb") as f:
             return f.read()
 
     def _check_size(self, i: int, size: int) -> None:
         expected = int(self.manifest.sizes[i])
         if expected >= 0 and size != expected:
-            raise InputChangedError(f"{self.url(i)} changed since the run's inputs were frozen: it has {size} "
+            raise InputChangedError(f"{self.name(i)} changed since the run's inputs were frozen: it has {size} "
                                     f"bytes, {expected} when listed")
 
 
@@ -545,16 +551,108 @@ def _local_walk(root: str) -> _Found:
 
 def _local_glob(pattern: str) -> _Found:
     """A local glob as the shell and Python's ``glob`` read it (``**`` included): symlinked folders
-    are followed, wildcards skip hidden names, and dangling links are skipped."""
-    found = _Found()
-    for path in sorted(glob.iglob(pattern, recursive=True)):
+    are followed, wildcards skip hidden names, and dangling links are skipped.
+
+    Each real folder is listed once, as the folder walk enters each one once. Python's ``**``
+    follows a symlink back up the tree until the path is too long (a file under one loop matched
+    41 times; two loops make 2**40 paths), so ``**`` is expanded here (:func:`_glob_once`), and
+    matches are keyed by their folder's (device, inode) and name, the shortest path of each kept."""
+    best: Dict[Tuple[int, int, str], Tuple[str, os.stat_result]] = {}
+    folders: Dict[str, Optional[Tuple[int, int]]] = {}
+    for path in _glob_once(pattern):
         try:
             st = os.stat(path)
         except OSError:
             continue
-        if stat.S_ISREG(st.st_mode):
-            found.add(path, st.st_size, mtime_version(st.st_mtime))
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        folder, _, name = path.rpartition("/")
+        if folder not in folders:
+            try:
+                fst = os.stat(folder or ("/" if path.startswith("/") else "."))
+                folders[folder] = (fst.st_dev, fst.st_ino)
+            except OSError:
+                folders[folder] = None
+        where = folders[folder]
+        key = (*where, name) if where is not None else (-1, len(best), path)
+        kept = best.get(key)
+        if kept is None or (path.count("/"), path) < (kept[0].count("/"), kept[0]):
+            best[key] = (path, st)
+    found = _Found()
+    for path, st in sorted(best.values(), key=lambda kept: kept[0]):
+        found.add(path, st.st_size, mtime_version(st.st_mtime))
     return found
+
+
+def _glob_once(pattern: str) -> Iterator[str]:
+    """``glob.iglob(pattern, recursive=True)``, but each ``**`` enters every real folder once."""
+    parts = pattern.split("/")
+    if "**" not in parts:
+        yield from glob.iglob(pattern)
+        return
+    at = parts.index("**")
+    head, rest = "/".join(parts[:at]), "/".join(parts[at + 1:])
+    tops = glob.iglob(head) if head and _MAGIC.search(head) else [head]
+    for top in tops:
+        for folder in _folders_below(top or "."):
+            prefix = _as_prefix(folder, relative=not head)
+            if rest and ("/" in rest or not _MAGIC.search(rest)):
+                yield from _glob_once(glob.escape(prefix) + rest)
+            elif rest:  # one wildcard name, the usual last part ("*.jpg"): match this folder's names
+                try:
+                    with os.scandir(folder) as entries:
+                        names = [e.name for e in entries]
+                except OSError:
+                    continue
+                if not rest.startswith("."):
+                    names = [n for n in names if not n.startswith(".")]
+                yield from (prefix + name for name in fnmatch.filter(names, rest))
+            else:  # a trailing **: everything below, files included (hidden names excepted, as glob)
+                try:
+                    with os.scandir(folder) as entries:
+                        names = [e.name for e in entries if not e.name.startswith(".")]
+                except OSError:
+                    continue
+                yield from (prefix + name for name in names)
+
+
+def _as_prefix(folder: str, relative: bool) -> str:
+    """``folder`` as glob spells the start of the paths below it (``relative``: the pattern began
+    with ``**``, so they are relative to the current folder, without ``./``)."""
+    if relative:
+        folder = "" if folder == "." else folder[2:] if folder.startswith("./") else folder
+    return folder if not folder or folder.endswith("/") else folder + "/"
+
+
+def _folders_below(top: str) -> Iterator[str]:
+    """``top`` and every folder below it, symlinks followed, hidden ones skipped (as ``**`` skips
+    them), each real folder once, shallowest route first."""
+    try:
+        st = os.stat(top)
+    except OSError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    seen = {(st.st_dev, st.st_ino)}
+    queue = collections.deque([top])
+    while queue:
+        folder = queue.popleft()
+        yield folder
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if not e.is_dir():
+                    continue
+                st = e.stat()
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                queue.append(e.path)
 
 
 def _from_infos(infos: Any, kind: str) -> _Found:

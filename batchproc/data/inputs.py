@@ -15,6 +15,11 @@ naming both. Datasets without the protocol keep the length check, plus the strin
 
 The manifest holds numpy arrays, not per-item Python objects: forked loader workers share its
 pages instead of copying those whose refcounts they touch (pytorch/pytorch#13246).
+
+File names are bytes on POSIX, and not always UTF-8 (``caf\\xe9.png`` from an old Latin-1 system).
+Python lists them as ``str`` with each undecodable byte kept as a lone surrogate
+(``surrogateescape``, :pep:`383`); the manifest stores those names' exact bytes, so they read back
+as the same ``str`` that ``open()`` accepts. Messages name them through :func:`printable`.
 """
 
 from __future__ import annotations
@@ -43,8 +48,30 @@ UNKNOWN_VERSION = 0
 VERSION_KINDS = ("none", "etag", "mtime")  # what ``versions`` holds: nothing, ETag hashes, mtimes (µs)
 
 
+#: How names are stored: UTF-8, a file name's undecodable bytes kept as they are (PEP 383).
+NAME_ERRORS = "surrogateescape"
+
+
+def printable(name: str) -> str:
+    """``name`` as valid Unicode for messages and reports: a byte of a file name that is not UTF-8
+    shows as ``\\xNN`` (``caf\\xe9.png``); any other name is returned unchanged."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        pass
+    try:
+        return name.encode("utf-8", NAME_ERRORS).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name decodes to
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class StringColumn(Sequence[str]):
-    """Strings stored as one UTF-8 buffer plus offsets: two arrays, whatever the count."""
+    """Strings stored as one UTF-8 buffer plus offsets: two arrays, whatever the count.
+
+    A file name's bytes that are not UTF-8 (lone surrogates under ``surrogateescape``) are stored
+    as those bytes, and read back as the same string.
+    """
 
     __slots__ = ("data", "offsets")
 
@@ -54,7 +81,13 @@ class StringColumn(Sequence[str]):
 
     @classmethod
     def from_strings(cls, items: Iterable[str]) -> "StringColumn":
-        encoded = [s.encode() for s in items]
+        encoded = []
+        for s in items:
+            try:
+                encoded.append(s.encode("utf-8", NAME_ERRORS))
+            except UnicodeEncodeError as e:
+                raise ValueError(f"cannot store the name '{printable(s)}': it holds a surrogate that is no "
+                                 f"file name's byte ({e.reason})") from None
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum(np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
         data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
@@ -78,7 +111,7 @@ class StringColumn(Sequence[str]):
             i += n
         if not 0 <= i < n:
             raise IndexError(f"index {i} out of range for {n} strings")
-        return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode()
+        return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8", NAME_ERRORS)
 
     def __iter__(self) -> Iterator[str]:
         for i in range(len(self)):
@@ -377,4 +410,4 @@ def check_inputs_fingerprint(recorded: Dict[str, Any], current: Dict[str, Any], 
 
 __all__ = ["FrozenInputs", "Manifest", "StringColumn", "IntColumn", "freeze_inputs", "read_manifest",
            "check_inputs_fingerprint", "has_frozen_inputs", "content_fingerprint", "etag_version",
-           "mtime_version", "MANIFEST_FILE"]
+           "mtime_version", "printable", "MANIFEST_FILE"]

@@ -11,8 +11,9 @@ only when their checkpoint commits: :func:`read_rows` sees every processed sampl
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
 
+from batchproc.data.inputs import printable
 from batchproc.plain import to_plain
 from batchproc.rundir.layout import OUTPUTS
 from batchproc.rundir.storage import RunDir
@@ -26,6 +27,10 @@ class RowWriter:
     Values may be numbers, strings, bools, None, lists/dicts of them, or tensors / numpy values
     (converted with ``tolist()``). Parquet needs ``pyarrow`` and infers each shard's schema from
     its rows, so keep a column's type the same in every row.
+
+    A string that is not valid Unicode (a file name whose bytes are not UTF-8, as Python lists it)
+    is kept exactly in JSON Lines (as ``\\udcXX`` escapes, which :func:`read_rows` reads back);
+    Parquet cannot hold it, and :meth:`flush` raises ``ValueError`` naming the value and the column.
     """
 
     def __init__(self, context: Any, name: str = "predictions", format: str = "parquet") -> None:
@@ -75,11 +80,54 @@ class RowWriter:
             target = folder / f"{self.name}{FORMATS[self.format]}"
             if self.format == "parquet":
                 pa, pq = _pyarrow()
-                pq.write_table(pa.Table.from_pylist([to_plain(r) for r in rows]), str(target))
+                plain = [to_plain(r) for r in rows]
+                try:
+                    table = pa.Table.from_pylist(plain)
+                except UnicodeEncodeError:
+                    raise _not_unicode(plain, self.name) from None
+                pq.write_table(table, str(target))
             else:
-                with open(target, "w", encoding="utf-8") as f:
-                    f.writelines(json.dumps(to_plain(r), ensure_ascii=False) + "\n" for r in rows)
+                with open(target, "wb") as f:
+                    f.writelines(_json_line(to_plain(r)) for r in rows)
         return len(rows)
+
+
+def _json_line(row: Any) -> bytes:
+    """One JSON Lines row as UTF-8. A string that is not valid Unicode (a file name whose bytes are
+    not UTF-8, kept as lone surrogates) is written as JSON ``\\udcXX`` escapes: valid JSON, and
+    ``json.loads`` (so :func:`read_rows`) gives the same string back, which ``open()`` accepts."""
+    try:
+        return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(row) + "\n").encode("ascii")
+
+
+def _not_unicode(rows: List[Any], name: str) -> ValueError:
+    """The error for a Parquet shard whose rows hold a string that is not valid Unicode, naming it."""
+    for i, row in enumerate(rows):
+        for column, value in (row.items() if isinstance(row, dict) else ()):
+            for text in _strings(value):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    return ValueError(
+                        f"RowWriter({name!r}, format='parquet'): column {column!r} of row {i} of this shard holds "
+                        f"'{printable(text)}', which is not valid Unicode (a file name whose bytes are not UTF-8), "
+                        f"and Parquet strings are UTF-8. Write printable(value) (batchproc.data.inputs) or "
+                        f"os.fsencode(value) bytes in that column, or use format='jsonl', which keeps such "
+                        f"strings exactly")
+    return ValueError(f"RowWriter({name!r}, format='parquet'): a row holds a string that is not valid Unicode")
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
 
 
 def list_outputs(run_dir_url: str, storage_options: Optional[Dict[str, Any]] = None,

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
+from batchproc.data.inputs import printable
 from batchproc.errors import BadSampleError
 from batchproc.engine.policy import ErrorRecord, SkipPolicy
 from batchproc.settings import PREEMPTION_SIGNALS, cpu_count
@@ -56,7 +57,7 @@ def describe_sample(dataset: Any, index: int) -> str:
             name = describe(index)
         except Exception:
             name = None
-    return f"sample {index} ({name})" if name else f"sample {index}"
+    return f"sample {index} ({printable(name)})" if name else f"sample {index}"
 
 
 class _Bad(NamedTuple):
@@ -109,7 +110,10 @@ class _IndexedDataset(Dataset[Any]):
         # Returned, not raised, under either policy: raised in a loader worker, the message
         # would reach the user buried under "Caught ... in DataLoader worker process 0".
         trace = "" if self.policy.skips else "".join(traceback.format_exception(type(e), e, e.__traceback__))
-        return _Bad(index, f"{type(e).__name__}: {e}", describe_sample(self.dataset, index), trace)
+        # printable(): a message may quote a file name that is not UTF-8; errors.jsonl, the record
+        # and the terminal all need valid Unicode.
+        return _Bad(index, printable(f"{type(e).__name__}: {e}"), describe_sample(self.dataset, index),
+                    printable(trace))
 
     def _prefetch_next(self, indices: List[int]) -> None:
         """Hint the batches this process loads after ``indices``: the loader hands a rank's batches
@@ -175,24 +179,49 @@ class _WorkerInit:
     """Loader workers ignore the preemption signals. torchrun signals each worker's whole process
     group and Ctrl-C reaches the terminal's; the main process turns the signal into a
     checkpoint-and-stop, which needs the batch in flight, so its loader workers must not die
-    first. They die with their rank instead: the kernel kills them when it exits
+    first. They die with their rank instead: the kernel kills them when their parent exits
     (``PR_SET_PDEATHSIG`` on Linux). torch's own check compares the worker's parent pid with the
     one it saw at start, so a rank that died while its worker was starting (a signal during
-    start-up) left that worker waiting forever, reparented to init."""
+    start-up) left that worker waiting forever, reparented to init.
+
+    The parent depends on the start method (``multiprocessing_context``): the rank under ``fork``
+    and ``spawn``; under ``forkserver`` (Python 3.14's default on Linux) the rank's fork server,
+    which exits when the rank does, and so takes its workers with it."""
 
     def __init__(self, user_fn: Optional[Callable[[int], None]]) -> None:
         self.user_fn = user_fn
-        self.parent = os.getpid()  # the rank, which forks the workers
+        self.rank_pid = os.getpid()  # the rank, which starts the workers (itself or through its fork server)
 
     def __call__(self, worker_id: int) -> None:
         for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)  # blocked by the parent around the fork
         _die_with_parent()
-        if os.getppid() != self.parent:  # the rank died before the line above took effect
+        if not _started_by(self.rank_pid):  # the rank (or its fork server) died before the line above took effect
             os._exit(0)
         if self.user_fn is not None:
             self.user_fn(worker_id)
+
+
+def _started_by(rank_pid: int) -> bool:
+    """Whether this process's parent is the rank (``fork``, ``spawn``) or a child of the rank (its
+    ``forkserver``). An orphan's parent is init or a subreaper, neither of them the rank's child."""
+    parent = os.getppid()
+    if parent == rank_pid:
+        return True
+    grandparent = _parent_of(parent)
+    return grandparent == rank_pid if grandparent is not None else parent != 1
+
+
+def _parent_of(pid: int) -> Optional[int]:
+    """``pid``'s parent, from ``/proc`` (None where it cannot be read: not Linux, or ``pid`` is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")".
+        return int(stat[stat.rindex(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _die_with_parent() -> None:
