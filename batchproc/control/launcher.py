@@ -3,7 +3,9 @@
 Starts ``SCRIPT`` on every slot through torchrun (``python -m torch.distributed.run``) with the
 run's settings: ``--nproc-per-node`` (slots_per_trial, else the GPU count, else 1),
 ``--max-restarts``, SIGUSR1 among the forwarded signals (Slurm), rank-prefixed output lines,
-``--standalone`` on one node. Overrides before ``--`` are torchrun flags checked against
+``--standalone`` on one node, where every listener binds 127.0.0.1. On several nodes every
+listener binds the node's own address (:func:`node_address`; see :mod:`batchproc.control.loopback`
+and :mod:`batchproc.netaddr`). Overrides before ``--`` are torchrun flags checked against
 torchrun's own parser; each replaces our default for the same flag. The exit code is 0 completed,
 75 preempted (run again to resume), anything else failed (see :mod:`batchproc.control.supervisor`).
 

@@ -18,6 +18,9 @@ On several nodes it also
 * names a lost node: when the rendezvous drops a node whose agent sent no keep-alive heartbeat
   for ``keep_alive_interval`` x ``keep_alive_max_attempt`` seconds, a line on stderr says which
   (its address and agent's pid), and again if torchrun then fails.
+* restarts this node's workers when a node of their round is lost, as torchrun does when one
+  joins: they are stuck in a collective with it, which a silent link (no FIN, no RST) would
+  otherwise end only after the process-group timeout.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ LOST_NODE = "batchproc: lost node"
 
 _lost: Dict[str, str] = {}  # node descriptor -> its address, in the order they were lost
 _round_size: Dict[int, int] = {}  # id(rendezvous handler) -> nodes in the round it last joined
+_settings: Any = None  # the rendezvous settings of the last round this process joined (or tried)
 
 
 def _bound_store_class(address: str) -> type:
@@ -94,6 +98,8 @@ def _reporting_sanitize(original: Callable[[Any], None]) -> Callable[[Any], None
 
 def _recording_round_size(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def next_rendezvous(handler: Any) -> Any:
+        global _settings
+        _settings = handler._settings
         info = original(handler)
         _round_size[id(handler)] = len(handler._state_holder.state.participants)
         return info
@@ -159,8 +165,18 @@ def main(argv: Optional[List[str]] = None) -> None:
         torchrun_main(args)
     except BaseException:
         if _lost:
-            print(f"{LOST_NODE}s before this failure: {', '.join(_lost.values())}", file=sys.stderr, flush=True)
+            print(f"{LOST_NODE}s before this failure: {', '.join(_lost.values())}{_needs()}", file=sys.stderr,
+                  flush=True)
         raise
+
+
+def _needs() -> str:
+    """Why the job could not go on without them, from the last rendezvous' settings."""
+    if _settings is None:
+        return ""
+    return (f" (the job needs at least {_settings.min_nodes} nodes, and the rendezvous waited "
+            f"join_timeout={_settings.timeout.join.total_seconds():g} s for them; start the lost nodes again, "
+            "or allow fewer with --nnodes=MIN:MAX)")
 
 
 if __name__ == "__main__":
