@@ -16,6 +16,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch._C import _distributed_c10d as c10d
 
+from batchproc.netaddr import listening_socket
 from batchproc.settings import cpu_count, restart_count as _restart_count
 
 
@@ -136,9 +137,14 @@ def _worker_store(rank: int, world_size: int, restart_count: int,
     host = os.environ["MASTER_ADDR"]
     port = int(os.environ["MASTER_PORT"])
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    is_master = rank == 0 and not agent_hosts
+    # TCPStore binds every interface whatever host it is given (pytorch/pytorch#173909): listen
+    # on MASTER_ADDR only, this node's own address as the launcher published it (--local-addr).
+    sock = listening_socket(host, port) if is_master else None
     store = c10d.TCPStore(
-        host, port, world_size, is_master=(rank == 0 and not agent_hosts),
+        host, port, world_size, is_master=is_master,
         timeout=timeout, wait_for_workers=False, multi_tenant=not agent_hosts,
+        master_listen_fd=sock.detach() if sock is not None else None,
     )
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     prefix = f"batchproc/{run_id}/restart{restart_count}" if agent_hosts else f"batchproc/{run_id}"

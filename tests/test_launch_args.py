@@ -17,7 +17,10 @@ from batchproc.control.torchrun_args import (
     local_world_size,
     max_nodes,
     parse_args,
+    rendezvous_endpoint,
 )
+from batchproc.control.launcher import node_address
+from batchproc.netaddr import source_address
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 LOOPBACK_TORCHRUN = [sys.executable, "-m", "batchproc.control.loopback"]  # one node: stores bind 127.0.0.1
@@ -129,6 +132,43 @@ def test_no_standalone_with_a_rendezvous(overrides):
     assert "--standalone" not in cmd and cmd[:3] == TORCHRUN  # the user's endpoint, as torchrun binds it
 
 
+def test_several_nodes_listen_on_the_node_address():
+    cmd = create_launch_cmd(RunSettings(), ["--nnodes=2", "--rdzv-endpoint=10.9.8.1:29400"], ["x.py"], 0,
+                            node_addr="10.9.8.2")
+    assert cmd[:4] == LOOPBACK_TORCHRUN + ["--bind=10.9.8.2"]  # stores bind it, not every interface
+    assert value(cmd, "--local-addr", "--local_addr") == "10.9.8.2"  # what peers and MASTER_ADDR use
+    assert "--standalone" not in cmd
+
+
+def test_a_local_addr_given_by_the_user_is_kept():
+    cmd = create_launch_cmd(RunSettings(), ["--nnodes=2", "--local_addr=node-b"], ["x.py"], 0, node_addr="10.9.8.2")
+    assert value(cmd, "--local-addr", "--local_addr") == "node-b"
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["--rdzv-endpoint", "head:1234"], ("head", 1234)),
+    (["--rdzv_endpoint=head"], ("head", 29400)),
+    (["--rdzv-endpoint=[fd00::1]:5"], ("fd00::1", 5)),
+    (["--rdzv-endpoint=[fd00::1]"], ("fd00::1", 29400)),
+    (["--rdzv-endpoint=fd00::1"], ("fd00::1", 29400)),
+    (["--master-addr=10.0.0.1", "--master-port=7"], ("10.0.0.1", 7)),
+    (["--nnodes=2"], None),
+])
+def test_rendezvous_endpoint(overrides, expected):
+    assert rendezvous_endpoint(overrides) == expected
+
+
+def test_node_address_is_the_source_towards_the_rendezvous_host():
+    assert node_address(["--nnodes=2", "--rdzv-endpoint=127.0.0.1:29400"]) == "127.0.0.1"
+    assert node_address(["--nnodes=2", "--local-addr=localhost"]) in ("127.0.0.1", "::1")
+    assert node_address(["--nnodes=2"]) is None  # no endpoint: torchrun's own defaults
+
+
+def test_an_unknown_rendezvous_host_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="no-such-host.invalid"):
+        source_address("no-such-host.invalid", 29400, wait_s=0)
+
+
 @pytest.mark.parametrize("overrides", [[], ["--nnodes", "1"], ["--nnodes=1:1"]])
 def test_standalone_on_one_node(overrides):
     assert cmd_for(overrides).count("--standalone") == 1
@@ -221,3 +261,13 @@ def test_the_launcher_by_its_package_path_is_the_same_launcher() -> None:
         entrypoint = ["python3", "-m", module, "--nnodes", "2", "--", "python3", "job.py"]
         assert launcher_overrides(entrypoint) == ["--nnodes", "2"]
         assert max_nodes(launcher_overrides(entrypoint)) == 2
+
+
+def test_the_interface_of_an_address_and_a_listener_bound_to_it_only():
+    from batchproc.netaddr import interface_of, listening_socket
+
+    assert interface_of("127.0.0.1") == "lo"  # what GLOO_SOCKET_IFNAME gets on that node
+    sock = listening_socket("127.0.0.1", 0)
+    assert sock is not None and sock.getsockname()[0] == "127.0.0.1"
+    sock.close()
+    assert listening_socket("203.0.113.9", 0) is None  # not an address of this machine

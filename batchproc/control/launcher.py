@@ -3,7 +3,9 @@
 Starts ``SCRIPT`` on every slot through torchrun (``python -m torch.distributed.run``) with the
 run's settings: ``--nproc-per-node`` (slots_per_trial, else the GPU count, else 1),
 ``--max-restarts``, SIGUSR1 among the forwarded signals (Slurm), rank-prefixed output lines,
-``--standalone`` on one node. Overrides before ``--`` are torchrun flags checked against
+``--standalone`` on one node, where every listener binds 127.0.0.1. On several nodes every
+listener binds the node's own address (:func:`node_address`; see :mod:`batchproc.control.loopback`
+and :mod:`batchproc.netaddr`). Overrides before ``--`` are torchrun flags checked against
 torchrun's own parser; each replaces our default for the same flag. The exit code is 0 completed,
 75 preempted (run again to resume), anything else failed (see :mod:`batchproc.control.supervisor`).
 
@@ -19,8 +21,9 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from batchproc.control.supervisor import PreemptionSignals, supervise
 from batchproc.lifeline import die_with_parent
-from batchproc.control.torchrun_args import (MODULE, nproc_override, create_launch_cmd, local_world_size, max_nodes,
-                                             parse_args)
+from batchproc.control.torchrun_args import (DEFAULT_RDZV_PORT, MODULE, nproc_override, create_launch_cmd, local_addr_override,
+                                             local_world_size, max_nodes, parse_args, rendezvous_endpoint)
+from batchproc.netaddr import interface_of, source_address
 from batchproc.rundir.lifecycle import ExitCode
 from batchproc.settings import ENV_PROGRESS, RunSettings, cpu_count
 
@@ -32,6 +35,17 @@ def _gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count()
+
+
+def node_address(overrides: Sequence[str]) -> Optional[str]:
+    """This node's own address on a multi-node job: ``--local-addr`` if given, else the address it
+    reaches the rendezvous host from (the host itself on the node it names). None without a
+    rendezvous endpoint; ValueError if its host does not resolve or cannot be reached."""
+    given = local_addr_override(overrides)
+    endpoint = rendezvous_endpoint(overrides)
+    if given:
+        return source_address(given, endpoint[1] if endpoint else DEFAULT_RDZV_PORT)  # a name: its address
+    return source_address(*endpoint) if endpoint else None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -51,9 +65,10 @@ def _launch(argv: Optional[Sequence[str]], signals: PreemptionSignals) -> int:
         nproc_value = nproc_override(overrides)
         counts_gpus = settings.slots_per_trial is None or (nproc_value and not nproc_value.isdigit())
         gpus = _gpu_count() if counts_gpus else 0
-        cmd = create_launch_cmd(settings, overrides, script, gpus)
-        nproc = local_world_size(settings, overrides, gpus)
         single_node = max_nodes(overrides) == 1
+        node_addr = None if single_node else node_address(overrides)
+        cmd = create_launch_cmd(settings, overrides, script, gpus, node_addr)
+        nproc = local_world_size(settings, overrides, gpus)
     except ValueError as e:
         print(f"{MODULE}: error: {e}", file=sys.stderr)
         return ExitCode.USAGE
@@ -68,6 +83,11 @@ def _launch(argv: Optional[Sequence[str]], signals: PreemptionSignals) -> int:
         # publishes (it keeps the first round's), and both fail. Unshared, every round
         # publishes a fresh one (see batchproc.distributed._worker_store).
         env_defaults["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        interface = interface_of(node_addr) if node_addr else None
+        if interface is not None:
+            # gloo listens on the address of the interface it is given; left to itself it takes
+            # whatever the hostname resolves to (often 127.0.0.1, which peers cannot reach).
+            env_defaults["GLOO_SOCKET_IFNAME"] = interface
     if sys.stderr.isatty():  # workers write to torchrun's pipes, but a person is watching
         env_defaults[ENV_PROGRESS] = "1"
     # On several nodes every launcher runs: none of them can hold the run's lock alone.

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 if TYPE_CHECKING:
     import argparse
 
+from batchproc.control.loopback import BIND_FLAG
 from batchproc.settings import TORCHRUN_SIGNALS_TO_HANDLE as SIGNALS_TO_HANDLE, RunSettings, cpu_count
 
 MODULE = "launch.torch_distributed"
@@ -21,6 +22,8 @@ MODULE = "launch.torch_distributed"
 MODULES = (MODULE, "batchproc.control.launcher")
 #: Every Python entrypoint runs through it (torchrun's --module): see batchproc.engine.entry.
 ENTRY = "batchproc.engine.entry"
+#: torchrun with its stores bound to one address (see batchproc.control.loopback).
+LOOPBACK_MODULE = "batchproc.control.loopback"
 USAGE = f"usage: python -m {MODULE} [TORCHRUN_OVERRIDES... --] SCRIPT [ARGS...]"
 LOG_LINE_PREFIX = "[rank${rank}]: "
 # Any of these in the overrides means a rendezvous the user set up, which --standalone would replace.
@@ -152,9 +155,43 @@ def nproc_override(overrides: Sequence[str]) -> Optional[str]:
     return _flag_value(overrides, "--nproc-per-node", "--nproc_per_node")
 
 
+#: torchrun's default port of a c10d rendezvous endpoint given without one.
+DEFAULT_RDZV_PORT = 29400
+
+
+def rendezvous_endpoint(overrides: Sequence[str]) -> Optional[Tuple[str, int]]:
+    """(host, port) the nodes meet at: ``--rdzv-endpoint``, else ``--master-addr``/``--master-port``
+    (a static rendezvous); None without either."""
+    endpoint = _flag_value(overrides, "--rdzv-endpoint", "--rdzv_endpoint")
+    if endpoint:
+        host, sep, port = endpoint.rpartition(":")
+        if not sep or "]" in port or (":" in host and not host.startswith("[")):  # no port: "h", "[v6]", "v6"
+            host, port = endpoint, ""
+        host = host.strip("[]")
+        try:
+            return host, int(port) if port else DEFAULT_RDZV_PORT
+        except ValueError:
+            raise ValueError(f"--rdzv-endpoint {endpoint!r}: expected HOST:PORT") from None
+    master = _flag_value(overrides, "--master-addr", "--master_addr")
+    if master:
+        port = _flag_value(overrides, "--master-port", "--master_port") or "29500"
+        return master, int(port)
+    return None
+
+
+def local_addr_override(overrides: Sequence[str]) -> Optional[str]:
+    return _flag_value(overrides, "--local-addr", "--local_addr")
+
+
 def create_launch_cmd(settings: RunSettings, overrides: Sequence[str], script: Sequence[str],
-                      gpu_count: int) -> List[str]:
-    """The torchrun command line: our defaults, then ``overrides`` (which replace them), then the script."""
+                      gpu_count: int, node_addr: Optional[str] = None) -> List[str]:
+    """The torchrun command line: our defaults, then ``overrides`` (which replace them), then the script.
+
+    ``node_addr``, on several nodes: this node's own address (see
+    :func:`batchproc.control.launcher.node_address`). torchrun's stores listen on it only, and it
+    is published as the node's address (``--local-addr``), so that peers reach the workers' store
+    and the rendezvous names this node by it. Without it, torchrun binds as it does by itself.
+    """
     given = _parse_overrides(overrides)
     flags, argv = _script_args(script)
     if "no_python" not in given and "no_python" not in dict(flags):
@@ -173,8 +210,14 @@ def create_launch_cmd(settings: RunSettings, overrides: Sequence[str], script: S
     single_node = max_nodes(overrides) == 1 and not any(d in given for d in _RENDEZVOUS)
     if single_node:
         defaults.append(("standalone", ["--standalone"]))  # c10d on a free port: no collisions
-    # One node needs no listener others can reach: torchrun's stores bind 127.0.0.1 (launch.loopback).
-    cmd = [sys.executable, "-m", "batchproc.control.loopback" if single_node else "torch.distributed.run"]
+        # One node needs no listener others can reach: torchrun's stores bind 127.0.0.1.
+        cmd = [sys.executable, "-m", LOOPBACK_MODULE]
+    elif node_addr is not None:
+        # Several nodes: each listens on its own address only, never on every interface.
+        defaults.append(("local_addr", ["--local-addr", node_addr]))
+        cmd = [sys.executable, "-m", LOOPBACK_MODULE, f"{BIND_FLAG}={node_addr}"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run"]
     for dest, tokens in defaults:
         if dest not in given:
             cmd += tokens
