@@ -88,6 +88,8 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MinJobAge=600
+# The main scheduling loop every 5 s (default 60): a requeued job starts once it is eligible again.
+SchedulerParameters=sched_interval=5
 KillWait=30
 {_node_line()}
 PartitionName=batchproc Nodes=localhost Default=YES MaxTime=INFINITE State=UP
@@ -250,7 +252,7 @@ def _assert_completed_after_requeue(cluster: Cluster, job_id: str, info: Dict[st
 def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster: Cluster) -> None:
     """--time=2 --signal=B:USR1@60: slurmctld checks time limits every 30 s and sends the warning
     when fewer than warn + 30 s are left, so the signal comes 30-60 s into the job, and the kill at
-    the limit 60 s later. Each rank has 60 batches of 1 s: the signal finds it mid-run."""
+    the limit 60-90 s after it. Each rank has 60 batches of 1 s: the signal finds it mid-run."""
     n = 480
     job_id = cluster.submit(_sum_job(cluster, "timelimit", n, 1.0), "--time=2", "--signal=B:USR1@60")
     cluster.wait_job(job_id, lambda i: int(i["Restarts"]) >= 1 or _finished(i), "requeued", timeout=240)
