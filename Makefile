@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test typecheck bench chaos clean
+.PHONY: run test test-slurm typecheck bench chaos clean
 
 $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,15 @@ TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 
 test: typecheck  ## the type check, then the test suite
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=10 $(ARGS)
+
+# examples/deploy/slurm.sbatch on a real one-node Slurm cluster (tests/test_slurm.py, ~3 min). It needs
+# root and Debian's slurm-wlm and munge, installed here when missing; `make test` skips it.
+SLURM_BINARIES := munged slurmctld slurmd sbatch scontrol
+test-slurm: $(STAMP)  ## the Slurm cluster test (root; installs slurm-wlm and munge if missing)
+	@if [ "$$(id -u)" != 0 ]; then echo "make test-slurm: needs root (it starts munged, slurmctld and slurmd); skipped"; exit 0; fi; \
+	for b in $(SLURM_BINARIES); do command -v $$b >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; fi; \
+	BATCHPROC_TEST_SLURM=1 $(PY) -m pytest -q -rs tests/test_slurm.py $(ARGS)
 
 typecheck: $(STAMP)  ## mypy --strict over the package and the launcher (settings: setup.cfg [mypy])
 	$(PY) -m mypy --strict batchproc launch
