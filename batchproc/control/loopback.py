@@ -26,6 +26,8 @@ On several nodes it also
 from __future__ import annotations
 
 import ipaddress
+import os
+import signal
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
@@ -127,11 +129,37 @@ def _restarting_on_loss(original: Callable[[Any], int]) -> Callable[[Any], int]:
     return num_nodes_waiting
 
 
+def _first_signal_only(original: Callable[[int, Any], None]) -> Callable[[int, Any], None]:
+    """torchrun's stop handler, once: later copies of a stop signal are noted and ignored.
+
+    A scheduler that signals every process of a job (Slurm's step signals and time limit, a
+    process-group kill) reaches torchrun once directly and once more through each level above
+    it. The first copy starts the shutdown, which gives the workers their grace to checkpoint;
+    torchrun's own handler would raise again inside that wait and cut it short.
+    """
+    received: List[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if received:
+            print(f"batchproc: torchrun (pid {os.getpid()}): {signal.Signals(signum).name} again while stopping "
+                  f"on {signal.Signals(received[0]).name}; the workers keep their grace", file=sys.stderr, flush=True)
+            return
+        received.append(signum)
+        original(signum, frame)
+
+    return handler
+
+
 def install(address: str = LOOPBACK) -> None:
     """Make every TCP store server created in this process listen on ``address``; on several
     nodes (any other address), host the rendezvous when its endpoint is ``address``."""
     import torch.distributed as dist
+    from torch.distributed.elastic.multiprocessing import api as elastic_api
     from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend, dynamic_rendezvous
+
+    # Looked up by name when the workers start (signal.signal(sig, _terminate_process_handler)).
+    setattr(elastic_api, "_terminate_process_handler",
+            _first_signal_only(getattr(elastic_api, "_terminate_process_handler")))
 
     store = _bound_store_class(address)
     setattr(dist, "TCPStore", store)  # dynamic_rendezvous, elastic.utils.distributed
