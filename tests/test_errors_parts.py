@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Union
 
 from batchproc.rundir.lifecycle import ExitCode
 from tests.support import PY, Procs, shared_fs, write_config
@@ -80,7 +80,7 @@ def test_preempted_twice_each_skipped_batch_is_in_errors_jsonl_once(tmp_path: Pa
 # -- one process (the records are what matters) -----------------------------------------------
 
 
-def _job(procs: Procs, run_dir: Path, fault: str = "", n: int = N) -> Any:
+def _job(procs: Procs, run_dir: Union[Path, str], fault: str = "", n: int = N) -> Any:
     env = {"FAULTY_RAISE": ",".join(map(str, BAD)), "FAULTY_POLICY": "skip"}
     if fault:
         env["BATCHPROC_FAULT"] = fault
@@ -181,3 +181,29 @@ def test_a_fingerprint_rewritten_for_other_data_is_caught_by_the_record(tmp_path
     out = _job(procs, run_dir, n=N + 6)
     assert out.rc != 0
     assert "FingerprintMismatchError" in out.out and "dataset_len=30" in out.out and "ckpt-" in out.out, out.out
+
+
+# -- on an object store (moto's S3 server): no append, the same outcome --------------------------
+
+
+def test_on_s3_a_fallback_and_a_resume_leave_each_skip_once(s3_server: Dict[str, Any], s3_bucket: str,
+                                                            procs: Procs) -> None:
+    fs = s3_server["server"].fs()
+    run = f"{s3_bucket}/run"
+    out = _job(procs, run, "stop@step=5")
+    assert out.rc == 0 and out.result()["preempted"], out.out
+    records = sorted(p for p in fs.ls(f"{run}/checkpoints", detail=False) if not p.endswith(".states.pt"))
+    latest = records[-1]
+    part = json.loads(fs.cat_file(latest))["errors_last_part"]
+    fs.pipe_file(latest, fs.cat_file(latest)[:40])
+    resumed = _job(procs, run, "stop@step=0")
+    assert resumed.rc == 0 and resumed.result()["preempted"], resumed.out
+    assert fs.exists(f"{run}/rejected/{part}") and not fs.exists(f"{run}/{part}")
+    rows = [json.loads(l) for l in fs.cat_file(f"{run}/errors.jsonl").decode().splitlines()]
+    assert sorted(r["global_batch"] for r in rows) == [1, 4]
+    done = _job(procs, run)
+    assert done.rc == 0, done.out
+    rows = [json.loads(l) for l in fs.cat_file(f"{run}/errors.jsonl").decode().splitlines()]
+    assert sorted(r["global_batch"] for r in rows) == BAD
+    for rec in fs.ls(f"{run}/checkpoints", detail=False):
+        assert b"ValueError" not in fs.cat_file(rec)
