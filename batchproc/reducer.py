@@ -43,7 +43,9 @@ class SimpleReducer(MetricReducer):
     """A function over every value passed to :meth:`update` on every slot (Determined's simple API).
 
     The values are kept until the end (and in every checkpoint): meant for modest amounts, e.g.
-    one score per batch, as Determined says of its own.
+    one score per batch, as Determined says of its own. Every commit gathers, saves and reduces
+    all of them again, so a long job pays quadratically; a :class:`MetricReducer` that keeps
+    running sums is bounded (README, "What a reducer costs").
     """
 
     def __init__(self, fn: Callable[[List[Any]], Any]) -> None:

@@ -5,13 +5,14 @@ At each checkpoint (every ``checkpoint_interval`` steps, on preemption, and at t
 1. call ``on_checkpoint_start()`` so the user flushes buffered outputs through ``upload_path()``;
 2. finish their pending uploads and send rank 0 their reducer states and staged files;
 3. rank 0 writes one immutable record ``checkpoints/ckpt-<seq>.json`` (watermark, world size,
-   fingerprint, files to publish, a checksum), after the reducer states file it points to —
-   the record is the commit point;
+   fingerprint, files to publish, skip counts, a checksum), after the reducer states file it
+   points to and the part of ``errors/`` that names its new skips — the record is the commit point;
 4. every rank publishes its staged files under ``outputs/`` (idempotent moves).
 
 On start (rank 0 alone, before any work): the latest record whose checksums hold is loaded; the
 publication it lists is completed (also when it is the final one); staged files that no record
-lists (work after the last checkpoint) are deleted. Only rank 0 touches the records; every rank
+lists (work after the last checkpoint) are deleted; ``errors.jsonl`` is made to say what the
+record commits (batchproc.rundir.errors_log). Only rank 0 touches the records; every rank
 publishes its own files.
 """
 
@@ -24,7 +25,7 @@ import json
 import re
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import torch
 
@@ -37,13 +38,12 @@ from batchproc.plain import to_plain
 from batchproc.reducer import ReducerRegistry
 from batchproc.rundir import lifecycle
 from batchproc.rundir.lifecycle import RunState
-from batchproc.rundir import layout
+from batchproc.rundir import errors_log, layout
 from batchproc.rundir.layout import ERRORS_FILE, FINGERPRINT_FILE, OUTPUTS, RECORDS, STAGING, record_name, states_name
-from batchproc.rundir.report import write_errors
 from batchproc.rundir.storage import RunDir, Stager, StorageUnavailableError
 
-FORMAT = 1
-MAX_ERRORS_KEPT = 10_000
+#: 2: skips live in errors/ parts, the record keeps their counts (1 carried them whole).
+FORMAT = 2
 KEEP_RECORDS = 3
 
 
@@ -60,7 +60,10 @@ class Resumed:
     watermark: int = 0
     total_batches: int = 0
     slots: Dict[str, List[Any]] = dataclasses.field(default_factory=dict)
-    errors: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    errors_count: int = 0  #: rows of errors.jsonl committed
+    errors_bytes: int = 0  #: its committed size
+    errors_last_part: str = ""  #: the newest committed part of errors/
+    commits: Dict[str, List[int]] = dataclasses.field(default_factory=dict)  #: attempt -> [first, last] seq
     skipped_samples: int = 0
     skipped_batches: int = 0
     upload_counters: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)
@@ -124,10 +127,16 @@ class CheckpointRecord:
     publish: List[List[str]]  #: (staged, published) pairs this record commits
     upload_counters: Dict[str, Dict[str, int]]  #: attempt -> rank -> uploads committed
     skipped_samples: int
-    errors: List[Dict[str, Any]]
     committed_samples: int
     metrics: Dict[str, Any]
     skipped_batches: int = 0
+    #: The skips committed so far, by count: their rows are in the errors/ parts, never here, so a
+    #: record's size does not grow with them. ``commits`` says which parts are committed (those of
+    #: each attempt's seqs), so the record needs no list of them either.
+    errors_count: int = 0
+    errors_bytes: int = 0
+    errors_last_part: str = ""
+    commits: Dict[str, List[int]] = dataclasses.field(default_factory=dict)
     format: int = FORMAT
     checksum: str = ""
 
@@ -146,35 +155,101 @@ class CheckpointRecord:
 # -- fingerprint -----------------------------------------------------------------------------
 
 
-def check_fingerprint(run_dir: RunDir, fingerprint: Fingerprint) -> Fingerprint:
-    """Record the job's fingerprint, or check it against the one recorded; returns the recorded one."""
-    raw = run_dir.read_json_or_none(FINGERPRINT_FILE)
+_FINGERPRINT_KEYS = ("dataset_len", "batch_size", "max_batches", "total_batches")
+
+
+def read_fingerprint(run_dir: RunDir) -> Optional[Dict[str, Any]]:
+    """``fingerprint.json`` as written, or None when there is none; a damaged one is an error
+    naming it (it is never written over: it is what says which data the run is for)."""
+    try:
+        blob = run_dir.read_bytes(FINGERPRINT_FILE)
+    except FileNotFoundError:
+        return None
+    try:
+        raw = json.loads(blob)
+        if not isinstance(raw, dict):
+            raise ValueError(f"a JSON {type(raw).__name__}, not an object")
+        missing = [k for k in _FINGERPRINT_KEYS if k not in raw]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+    except ValueError as e:
+        raise CorruptCheckpointError(
+            f"{run_dir.url}/{FINGERPRINT_FILE} is damaged ({e}), so which data this run is for is not known. "
+            f"Delete it to have it restored from the latest checkpoint record, or start over with "
+            f"`batchproc run ... --fresh`.") from None
+    return cast(Dict[str, Any], raw)
+
+
+def recorded_inputs(run_dir: RunDir) -> Optional[Dict[str, Any]]:
+    """The inputs entry the run recorded (``fingerprint.json``'s, or the newest record's when that
+    file is gone), for freezing the inputs before :func:`open_run`; never raises for damage
+    (:func:`open_run` does, once every rank listens)."""
+    try:
+        raw = read_fingerprint(run_dir)
+    except CorruptCheckpointError:
+        return None
     if raw is None:
-        run_dir.write_json(FINGERPRINT_FILE, fingerprint.to_json(), durable=True)
-        return fingerprint
-    recorded = Fingerprint.from_json(raw)
+        for seq in reversed(record_seqs(run_dir)):
+            try:
+                raw = _read_record_json(run_dir, seq)["fingerprint"]
+                break
+            except (ValueError, KeyError, OSError):
+                continue
+    inputs = (raw or {}).get("inputs")
+    return inputs if isinstance(inputs, dict) else None
+
+
+def _compare_fingerprint(run_dir: RunDir, recorded: Dict[str, Any], fingerprint: Fingerprint, where: str) -> None:
     for key in ("dataset_len", "batch_size", "max_batches"):
-        if getattr(recorded, key) != getattr(fingerprint, key):
+        if recorded.get(key) != getattr(fingerprint, key):
             raise FingerprintMismatchError(
-                f"run directory {run_dir.url} was started with {key}={getattr(recorded, key)!r}, but this job has "
-                f"{key}={getattr(fingerprint, key)!r}; its checkpoints cannot be resumed with other data. "
+                f"run directory {run_dir.url} was started with {key}={recorded.get(key)!r} ({where}), but this job "
+                f"has {key}={getattr(fingerprint, key)!r}; its checkpoints cannot be resumed with other data. "
                 f"Start over with `batchproc run ... --fresh`, or use another experiment name.")
-    check_inputs_fingerprint(raw, fingerprint.to_json(), run_dir.url)
-    return recorded
+    check_inputs_fingerprint(recorded, fingerprint.to_json(), run_dir.url)
+
+
+def check_fingerprint(run_dir: RunDir, fingerprint: Fingerprint,
+                      record: Optional["CheckpointRecord"] = None) -> Fingerprint:
+    """Record the job's fingerprint, or check it against the one recorded; returns the recorded one.
+
+    ``record``: the latest valid checkpoint record, whose own fingerprint is checked too. A deleted
+    ``fingerprint.json`` is restored from it; only a run without records gets the job's values.
+    """
+    raw = read_fingerprint(run_dir)
+    if raw is None:
+        raw = record.fingerprint if record is not None else fingerprint.to_json()
+        if record is not None:
+            print(f"batchproc: warning: {run_dir.url}/{FINGERPRINT_FILE} is gone; restored from "
+                  f"{record_name(record.seq)}", file=sys.stderr, flush=True)
+        run_dir.write_json(FINGERPRINT_FILE, raw, durable=True)
+    _compare_fingerprint(run_dir, raw, fingerprint, FINGERPRINT_FILE)
+    if record is not None:
+        _compare_fingerprint(run_dir, record.fingerprint, fingerprint, record_name(record.seq))
+    return Fingerprint.from_json(raw)
 
 
 # -- reading records -------------------------------------------------------------------------
 
 
-def _load_record(run_dir: RunDir, seq: int) -> Tuple[CheckpointRecord, Dict[str, List[Any]]]:
-    """One record and its reducer states; raises ValueError if either is damaged."""
+def _read_record_json(run_dir: RunDir, seq: int) -> Dict[str, Any]:
+    """One record's JSON, its checksum checked; raises ValueError if it is damaged."""
     raw = run_dir.read_bytes(record_name(seq))
     try:
         record = json.loads(raw)
     except ValueError as e:
         raise ValueError(f"{record_name(seq)} is not valid JSON ({e})") from None
-    if record.get("format") != FORMAT or record.get("checksum") != _checksum(record):
+    if not isinstance(record, dict) or record.get("checksum") != _checksum(record):
         raise ValueError(f"{record_name(seq)} fails its checksum (truncated or edited)")
+    if record.get("format") != FORMAT:
+        raise ValueError(f"{record_name(seq)} has format {record.get('format')!r}, this batchproc reads "
+                         f"{FORMAT}: finish the run with the batchproc that started it")
+    return cast(Dict[str, Any], record)
+
+
+def _load_record(run_dir: RunDir, seq: int) -> Tuple[CheckpointRecord, Dict[str, List[Any]]]:
+    """One record and its reducer states; raises ValueError if either is damaged."""
+    record = _read_record_json(run_dir, seq)
     blob = run_dir.read_bytes(record["states_file"])
     if hashlib.sha256(blob).hexdigest() != record["states_sha256"]:
         raise ValueError(f"{record['states_file']} fails its checksum")
@@ -225,17 +300,23 @@ def _set_aside_damaged(run_dir: RunDir, damaged: List[int], counters: Dict[str, 
 
 def open_run(run_dir: RunDir, fingerprint: Fingerprint, restart_count: int) -> Resumed:
     """Rank 0, before any work: load the latest record, finish its publication, clear the rest."""
-    recorded = check_fingerprint(run_dir, fingerprint)
+    read_fingerprint(run_dir)  # a damaged one is named before anything else is read
     latest = load_latest(run_dir)
+    recorded = check_fingerprint(run_dir, fingerprint, latest[0] if latest else None)
     if latest is None:
-        run_dir.rm(ERRORS_FILE)  # left by records that were all damaged: nothing it names is committed
+        # Left by records that were all damaged, or by a first commit that never wrote its record:
+        # nothing they name is committed.
+        errors_log.set_aside(run_dir, errors_log.split_parts(run_dir, -1, {})[1])
+        run_dir.rm(ERRORS_FILE)
         return Resumed(total_batches=recorded.total_batches, attempts=1, restarts=restart_count)
     record, slots, damaged = latest
     if damaged:
         _set_aside_damaged(run_dir, damaged, record.upload_counters)
     resumed = Resumed(
         seq=record.seq, watermark=record.watermark, total_batches=record.total_batches,
-        slots=slots, errors=record.errors, skipped_samples=record.skipped_samples,
+        slots=slots, errors_count=record.errors_count, errors_bytes=record.errors_bytes,
+        errors_last_part=record.errors_last_part, commits={a: list(s) for a, s in record.commits.items()},
+        skipped_samples=record.skipped_samples,
         skipped_batches=record.skipped_batches, upload_counters=record.upload_counters,
         attempts=record.attempts + 1, restarts=record.restarts + restart_count,
         samples_done_before=record.committed_samples, metrics=record.metrics)
@@ -244,12 +325,12 @@ def open_run(run_dir: RunDir, fingerprint: Fingerprint, restart_count: int) -> R
     for staged, final in record.publish:
         run_dir.publish(staged, final)
     run_dir.rm(STAGING, recursive=True)
-    # errors.jsonl is rewritten after each record: a crash in between, or a fallback to the record
-    # before a damaged one, leaves it behind the record, which is what it must say.
-    if record.errors:
-        write_errors(run_dir, record.errors)
-    else:
-        run_dir.rm(ERRORS_FILE)
+    # errors.jsonl catches up after each record: a crash in between, or a fallback to the record
+    # before a damaged one, leaves it behind or ahead of the record, and it must say what the
+    # record commits. Parts of later commits (never recorded, or damaged) are set aside.
+    committed, others = errors_log.split_parts(run_dir, record.seq, record.commits)
+    errors_log.set_aside(run_dir, others)
+    errors_log.reconcile(run_dir, committed, record.errors_bytes, record.errors_last_part)
     # COMPLETED only once every rank's on_finish returned; all batches committed without it is
     # FINISHING, and this attempt runs on_finish again (at-least-once).
     resumed.finished = lifecycle.read_state(run_dir) is RunState.COMPLETED
@@ -274,7 +355,11 @@ class Checkpointer:
         self.attempt = attempt
         self.hooks = hooks
         self.seq = resumed.seq
-        self.errors = list(resumed.errors)
+        #: errors.jsonl as committed: its rows, its size and its newest part; attempt -> seqs committed.
+        self.errors_count = resumed.errors_count
+        self.errors_bytes = resumed.errors_bytes
+        self.errors_last_part = resumed.errors_last_part
+        self.commits = {a: list(s) for a, s in resumed.commits.items()}
         #: Samples and batches the whole job skipped so far: the counts the records carry.
         self.skipped_samples = resumed.skipped_samples
         self.skipped_batches = resumed.skipped_batches
@@ -341,11 +426,11 @@ class Checkpointer:
         torch.save({"slots": slots}, buf)
         blob = buf.getvalue()
         new_errors = [e for p in gathered for e in p["errors"]]
-        room = max(0, MAX_ERRORS_KEPT - len(self.errors))
-        if len(new_errors) > room and self.env.is_chief:
-            print(f"batchproc: warning: errors.jsonl keeps the first {MAX_ERRORS_KEPT} records; later skips are "
-                  "counted in status.json and named in the log only", file=sys.stderr, flush=True)
-        self.errors.extend(new_errors[:room])
+        # Only this commit's skips are written (one immutable part); the record counts them.
+        part = errors_log.encode(new_errors)
+        last_part = errors_log.write_part(self.run_dir, seq, self.attempt, part) if new_errors else self.errors_last_part
+        commits = dict(self.commits)
+        commits[self.attempt] = [commits.get(self.attempt, [seq])[0], seq]
         self.counters[self.attempt] = {str(r): p["uploads"] for r, p in enumerate(gathered)}
         total = self.resumed.total_batches
         n, bs = self.fingerprint.dataset_len, self.fingerprint.batch_size
@@ -357,8 +442,10 @@ class Checkpointer:
             fingerprint=self.fingerprint.to_json(), states_file=states_name(seq),
             states_sha256=hashlib.sha256(blob).hexdigest(),
             publish=[list(f) for p in gathered for f in p["files"]], upload_counters=self.counters,
-            skipped_samples=self.skipped_samples, skipped_batches=self.skipped_batches, errors=self.errors,
-            committed_samples=committed_samples, metrics=self.metrics_so_far)
+            skipped_samples=self.skipped_samples, skipped_batches=self.skipped_batches,
+            committed_samples=committed_samples, metrics=self.metrics_so_far,
+            errors_count=self.errors_count + len(new_errors), errors_bytes=self.errors_bytes + len(part),
+            errors_last_part=last_part, commits=commits)
         self.run_dir.write_atomic(states_name(seq), blob, durable=True)
         self.run_dir.write_json(record_name(seq), record.sealed(), durable=True)
         # Keep the last few records only (the one before the latest is the fallback if the
@@ -367,7 +454,9 @@ class Checkpointer:
             self.run_dir.rm(old)
         if new_errors:
             self.hooks.at("kill-before-errors")
-            write_errors(self.run_dir, self.errors)
+            errors_log.append(self.run_dir, self.errors_bytes, part)
+        self.errors_count, self.errors_bytes, self.errors_last_part = record.errors_count, record.errors_bytes, last_part
+        self.commits = commits
         elapsed = max(1e-9, time.time() - self.started)
         total_samples = min(n, total * bs)
         lifecycle.transition(

@@ -37,7 +37,7 @@ from batchproc.processor import (EngineHandle, TensorBoardMirror, TorchBatchProc
 from batchproc.reducer import ReducerRegistry
 from batchproc.rundir import lifecycle
 from batchproc.rundir.lifecycle import BEFORE_FIRST_BATCH, IN_ON_FINISH, Phase, RunState, Where
-from batchproc.rundir.layout import ERRORS_FILE, FINGERPRINT_FILE, FINISH_TAG, METRICS_FILE, STAGING
+from batchproc.rundir.layout import ERRORS_FILE, FINISH_TAG, METRICS_FILE, STAGING
 from batchproc.rundir.report import write_metrics
 from batchproc.settings import PREEMPTION_SIGNALS, RunSettings
 from batchproc.lifeline import die_with_parent, under_torchrun
@@ -260,7 +260,7 @@ class _Job:
 
     def _open(self) -> "tuple[checkpoint.Resumed, checkpoint.Fingerprint, str]":
         """Rank 0 reads the resume point; every rank receives it (or rank 0's error)."""
-        recorded = (self.run_dir.read_json_or_none(FINGERPRINT_FILE) or {}).get("inputs") if self.env.is_chief else None
+        recorded = checkpoint.recorded_inputs(self.run_dir) if self.env.is_chief else None
         frozen = freeze_inputs(self.dataset, self.run_dir, self.env, recorded)  # first: len() must not list the source
         n = len(self.dataset)  # type: ignore[arg-type]
         if self.loader_kwargs.get("drop_last"):

@@ -10,7 +10,8 @@ A run directory (``<storage root>/<experiment name>/``, any fsspec URL) holds::
     outputs/...                 published outputs, each name tagged <stem>.<attempt>-r<rank>-u<n>.<suffix>
     rejected/...                outputs and records set aside after a damaged record
     status.json  failures/      the run's state (one writer) and the ranks' failure reports
-    metrics.json errors.jsonl   final metrics, skipped samples and batches
+    metrics.json errors.jsonl   final metrics, skipped samples and batches (assembled from errors/)
+    errors/err-<seq>-<attempt>.jsonl  the skips each checkpoint committed, one immutable part each
     stop-request                ``batchproc stop``'s request
     tensorboard/                TensorBoard files and report_metrics' metrics.jsonl
     model_sources.jsonl         report_task_using_model_version's records
@@ -35,6 +36,7 @@ STATUS_FILE = "status.json"
 FAILURES = "failures"
 METRICS_FILE = "metrics.json"
 ERRORS_FILE = "errors.jsonl"
+ERRORS_PARTS = "errors"
 STOP_FILE = "stop-request"
 TENSORBOARD_DIR = "tensorboard"
 REPORTED_METRICS = "metrics.jsonl"  #: under TENSORBOARD_DIR
@@ -52,6 +54,7 @@ FINISH_TAG = "ffffffff"
 ANNOUNCED_RUN_DIR = "run_dir.announced"
 
 _RECORD_RE = re.compile(r"^ckpt-(\d{8})\.json$")
+_ERRORS_PART_RE = re.compile(r"^err-(\d{8})-([0-9a-f]{8})\.jsonl$")
 _TAG_RE = re.compile(r"\.([0-9a-f]{8})-r(\d+)-u(\d+)(\.|$)")
 
 
@@ -67,6 +70,18 @@ def record_seq(name: str) -> Optional[int]:
     """The seq of a record's file name (``ckpt-00000007.json`` -> 7); None for any other name."""
     m = _RECORD_RE.match(name)
     return int(m.group(1)) if m else None
+
+
+def errors_part_name(seq: int, attempt: str) -> str:
+    """The skips that checkpoint ``seq`` of ``attempt`` commits (the attempt keeps a retried seq's
+    name unique: a part is never written twice)."""
+    return f"{ERRORS_PARTS}/err-{seq:08d}-{attempt}.jsonl"
+
+
+def errors_part_of(name: str) -> Optional[Tuple[int, str]]:
+    """(seq, attempt) of an errors part's file name; None for any other name."""
+    m = _ERRORS_PART_RE.match(name.rsplit("/", 1)[-1])
+    return (int(m.group(1)), m.group(2)) if m else None
 
 
 def rejected_name(rel: str) -> str:

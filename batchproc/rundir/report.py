@@ -1,5 +1,5 @@
-"""What a run reports: the status as ``batchproc status`` shows it, final metrics, skipped-sample
-records, and the stop request of ``batchproc stop``.
+"""What a run reports: the status as ``batchproc status`` shows it, final metrics, and the stop
+request of ``batchproc stop`` (skipped-sample records: :mod:`batchproc.rundir.errors_log`).
 
 ``status.json`` itself is written only by :mod:`batchproc.rundir.lifecycle`; this module reads it.
 """
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 from batchproc.rundir import lifecycle
 from batchproc.rundir.lifecycle import RunState
-from batchproc.rundir.layout import ERRORS_FILE, METRICS_FILE, STOP_FILE
+from batchproc.rundir.layout import METRICS_FILE, STOP_FILE
 from batchproc.rundir.storage import RunDir
 
 
@@ -86,11 +86,6 @@ def describe_cause(status: Dict[str, Any]) -> str:
 
 def write_metrics(run_dir: RunDir, metrics: Dict[str, Any]) -> None:
     run_dir.write_json(METRICS_FILE, metrics)
-
-
-def write_errors(run_dir: RunDir, errors: List[Dict[str, Any]]) -> None:
-    """Rewrite ``errors.jsonl`` from the committed record (object stores cannot append)."""
-    run_dir.write_atomic(ERRORS_FILE, "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode())
 
 
 def request_stop(run_dir: RunDir) -> None:
