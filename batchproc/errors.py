@@ -15,6 +15,15 @@ class RunDirLockedError(BatchProcError):
     """Another job holds the run directory."""
 
 
+class LeaseLostError(RunDirLockedError):
+    """Another job took over this job's object-store lease (this one was frozen or cut off past its
+    lifetime): this job stops without committing; the message names the other holder."""
+
+
+class RecordTakenError(BatchProcError, FileExistsError):
+    """A checkpoint record's name was written already by another writer: records are never replaced."""
+
+
 class FingerprintMismatchError(BatchProcError):
     """The run directory belongs to a job over other data (dataset length, batch size, ...)."""
 
