@@ -22,7 +22,8 @@ from batchproc.engine.checkpoint import create_record
 from batchproc.errors import RecordTakenError
 from batchproc.rundir import layout
 from batchproc.rundir.storage import RunDir, RunLock
-from tests.support import PY, Procs, Tracked, assert_exactly_once, descendants, s3_storage, write_config
+from tests.support import (PY, Procs, Tracked, assert_exactly_once, descendants, job_cmd, s3_storage,
+                           write_config)
 
 TTL_S = 2.0  # BATCHPROC_LEASE_TTL_S: short, so that a freeze of a few seconds outlives the lease
 
@@ -58,8 +59,10 @@ def _freeze(t: Tracked, sig: int) -> List[int]:
     return pids
 
 
+@pytest.mark.parametrize("holder", ["batchproc run", "rank 0"])
 def test_a_holder_frozen_past_its_lease_commits_nothing_after_another_job_took_over(
-        procs: Procs, s3_server: Dict[str, Any], s3_bucket: str, tmp_path: Path) -> None:
+        holder: str, procs: Procs, s3_server: Dict[str, Any], s3_bucket: str, tmp_path: Path) -> None:
+    """``batchproc run`` holds the lease for its workers; a script run alone holds it on rank 0."""
     n, bs, interval = 48, 2, 1  # 24 batches on 2 slots: 12 steps, a record after each
     bucket = s3_bucket.removeprefix("s3://")
     cfg = write_config(tmp_path / "job.yaml", [n, bs, interval], s3_storage(bucket, "runs", s3_server["endpoint"]),
@@ -67,13 +70,14 @@ def test_a_holder_frozen_past_its_lease_commits_nothing_after_another_job_took_o
     url = f"{s3_bucket}/runs/frozen"
     env = dict(s3_server["env"], BATCHPROC_LEASE_TTL_S=str(TTL_S), SUM_JOB_SLEEP="0.4")
     fs = _fs()
-    first = procs.start([PY, "-m", "batchproc", "run", cfg], env=env)
+    cmd = [PY, "-m", "batchproc", "run", str(cfg)] if holder == "batchproc run" else job_cmd(0, n, bs, interval, "-", url)
+    first = procs.start(cmd, env=env)
     _wait(lambda: len(_records(fs, url)) >= 2 or first.poll() is not None, what="the first job's commits")
     assert first.poll() is None, first.output
     frozen = _freeze(first, signal.SIGSTOP)
     try:
         time.sleep(TTL_S * 2)  # past the lease: the second job may take it over
-        second = procs.start([PY, "-m", "batchproc", "run", cfg], env=env)
+        second = procs.start(cmd, env=env)
         top = _records(fs, url)[-1]
         _wait(lambda: second.poll() is not None or _records(fs, url)[-1] != top, what="the second job's fence")
         time.sleep(2)  # a few of its commits

@@ -13,6 +13,10 @@ On start (rank 0 alone, before any work): the latest record whose checksums hold
 publication it lists is completed (also when it is the final one); staged files that no record
 lists (work after the last checkpoint) are deleted. Only rank 0 touches the records; every rank
 publishes its own files.
+
+Record names are created once, never replaced (a lost race is :class:`RecordTakenError`). On
+object stores rank 0 checks the lease before each record, and a resume first claims the next
+record name (:func:`_fence`); records the listing does not show yet are found by name.
 """
 
 from __future__ import annotations

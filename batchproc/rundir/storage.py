@@ -181,7 +181,12 @@ class RunDir:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
-                os.link(tmp, target)
+                try:
+                    os.link(tmp, target)
+                except OSError as e:
+                    if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                        raise
+                    _write_exclusive(target, data)  # no hard links here (some FUSE and SMB mounts)
             finally:
                 os.unlink(tmp)
             fsync_dir(directory)
@@ -694,6 +699,16 @@ def check_lease(run_dir: RunDir, lease_id: str, mine: str = "this job") -> None:
         held = None
     if held is None or held.get("id") != lease_id:
         raise LeaseLostError(lost_message(run_dir, held, mine))
+
+
+def _write_exclusive(target: str, data: bytes) -> None:
+    """Create ``target`` with O_EXCL and write it: never replaces a file, though a crash may leave
+    it short (a record's checksum then tells it damaged)."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def fsync_file(path: str) -> None:
