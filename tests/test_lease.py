@@ -18,7 +18,9 @@ from typing import Any, Dict, List
 import pytest
 import s3fs
 
-from batchproc.engine.checkpoint import create_record
+from fsspec.implementations.local import LocalFileSystem
+
+from batchproc.engine.checkpoint import Fingerprint, create_record, open_run
 from batchproc.errors import RecordTakenError
 from batchproc.rundir import layout
 from batchproc.rundir.storage import RunDir, RunLock
@@ -162,3 +164,47 @@ def test_a_record_name_is_never_written_twice(where: str, s3_server: Dict[str, A
         create_record(rd, 3, b"states", {"seq": 3, "attempt": "bbbbbbbb", "time": 2.0})
     assert rd.read_json(layout.record_name(3))["attempt"] == "aaaaaaaa"
     assert rd.read_bytes(layout.states_name(3)) == b"states"
+
+
+class _LaggingListing(LocalFileSystem):
+    """A store whose LIST does not show its newest record yet (GET by name does): some S3-protocol
+    stores behave so for a while after a write."""
+
+    hidden: str = ""
+
+    def ls(self, path: str, detail: bool = False, **kw: Any) -> Any:
+        return [e for e in super().ls(path, detail=detail, **kw)
+                if (e["name"] if detail else e).rstrip("/") != self.hidden]
+
+
+def test_a_record_the_listing_does_not_show_is_resumed_from(procs: Procs, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = procs.run(job_cmd(0, 20, 2, 1, "-", run), env={"BATCHPROC_FAULT": "stop@step=4"})
+    assert first.rc == 0 and first.result()["preempted"], first.out
+    newest = max(p.name for p in (run / "checkpoints").glob("ckpt-*.json"))
+    outputs = sorted(p.name for p in (run / "outputs").rglob("*") if p.is_file())
+    rd = RunDir(str(run))
+    rd.fs = _LaggingListing(skip_instance_cache=True)
+    rd.fs.hidden = str(run / "checkpoints" / newest)
+    assert newest not in rd.listdir("checkpoints")
+    fingerprint = Fingerprint.from_json(rd.read_json(layout.FINGERPRINT_FILE))
+    resumed = open_run(rd, fingerprint, restart_count=0)
+    assert layout.record_name(resumed.seq).endswith(newest)  # not the one before it
+    assert sorted(p.name for p in (run / "outputs").rglob("*") if p.is_file()) == outputs  # nothing set aside
+    second = procs.run(job_cmd(0, 20, 2, 1, "-", run))
+    assert second.rc == 0 and second.result()["completed"], second.out
+    assert_exactly_once(run, 20)
+
+
+def test_a_states_file_left_without_its_record_does_not_block_the_next_record(procs: Procs, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = procs.run(job_cmd(0, 20, 2, 1, "-", run), env={"BATCHPROC_FAULT": "stop@step=4"})
+    assert first.rc == 0 and first.result()["preempted"], first.out
+    seqs = sorted(int(p.name[5:13]) for p in (run / "checkpoints").glob("ckpt-*.json"))
+    # A crash between the two create-only writes of the next commit leaves its states file alone.
+    orphan = run / layout.states_name(seqs[-1] + 1)
+    orphan.write_bytes(b"states of a commit that never wrote its record")
+    second = procs.run(job_cmd(0, 20, 2, 1, "-", run))
+    assert second.rc == 0 and second.result()["completed"], second.out
+    assert_exactly_once(run, 20)
+    assert (run / layout.rejected_name(layout.states_name(seqs[-1] + 1))).exists()

@@ -420,14 +420,15 @@ class Checkpointer:
                 self._write_record(watermark, gathered or [], state)
             except BaseException as e:
                 code = e.errno if isinstance(e, OSError) else None
-                fenced = isinstance(e, (LeaseLostError, RecordTakenError))
+                fenced = ("lease" if isinstance(e, LeaseLostError)
+                          else "record" if isinstance(e, RecordTakenError) else None)
                 outcome = (f"rank 0 could not write checkpoint {self.seq + 1} to {self.run_dir.url}: "
                            f"{type(e).__name__}: {e}", code, fenced)
         outcome = self.env.broadcast(outcome)
         if outcome is not None:
             message, code, fenced = outcome
-            if fenced:  # another job holds the run: no restart of this one can commit
-                raise LeaseLostError(message)
+            if fenced is not None:  # another job holds the run: no restart of this one can commit
+                raise (LeaseLostError if fenced == "lease" else RecordTakenError)(message)
             # The errno travels too: a full or read-only disk fails the job at once (verdict).
             cause = OSError(code, message) if code is not None else None
             raise RuntimeError(message + ". Nothing committed before this checkpoint was lost; run again to "
