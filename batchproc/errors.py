@@ -27,6 +27,13 @@ class RunDirUnwritableError(BatchProcError, OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+class LeaseLostError(RunDirLockedError):
+    """Another job took over this job's object-store lease (this one was frozen or cut off past its
+    lifetime): this job stops without committing; the message names the other holder."""
+
+
+class RecordTakenError(BatchProcError, FileExistsError):
+    """A checkpoint record's name was written already by another writer: records are never replaced."""
 
 
 class FingerprintMismatchError(BatchProcError):

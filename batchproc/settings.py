@@ -26,6 +26,10 @@ ENV_SLOTS = "BATCHPROC_SLOTS_PER_TRIAL"
 ENV_MAX_RESTARTS = "BATCHPROC_MAX_RESTARTS"
 ENV_PG_TIMEOUT = "BATCHPROC_PG_TIMEOUT_S"
 ENV_LOCK_HELD = "BATCHPROC_LOCK_HELD"
+#: The id of the object-store lease a supervisor holds for its workers (rank 0 checks it before each record).
+ENV_LEASE_ID = "BATCHPROC_LEASE_ID"
+#: The object-store lease's lifetime without a heartbeat, in seconds (default 90; short in tests).
+ENV_LEASE_TTL = "BATCHPROC_LEASE_TTL_S"
 #: "1": show rank 0's progress bar even though stderr is a pipe (the launcher's is a terminal).
 ENV_PROGRESS = "BATCHPROC_PROGRESS"
 #: "1": copy the next batch to the GPU on a side stream (``batchproc.engine.prefetch``; CUDA only, opt-in).
@@ -86,6 +90,7 @@ class RunSettings:
     max_restarts: int = 0
     pg_timeout_s: float = 1800.0
     lock_held: bool = False
+    lease_id: Optional[str] = None  #: the supervisor's object-store lease (ENV_LEASE_ID)
 
     def to_env(self) -> Dict[str, str]:
         env = {
@@ -102,6 +107,8 @@ class RunSettings:
             env[ENV_SLOTS] = str(self.slots_per_trial)
         if self.lock_held:
             env[ENV_LOCK_HELD] = "1"
+        if self.lease_id is not None:
+            env[ENV_LEASE_ID] = self.lease_id
         return env
 
     @classmethod
@@ -117,4 +124,5 @@ class RunSettings:
             max_restarts=int(env.get(ENV_MAX_RESTARTS) or 0),
             pg_timeout_s=float(env.get(ENV_PG_TIMEOUT) or 1800.0),
             lock_held=env.get(ENV_LOCK_HELD) == "1",
+            lease_id=env.get(ENV_LEASE_ID) or None,
         )

@@ -108,6 +108,16 @@ class PreemptionSignals:
         """A child is about to be started: a second Ctrl-C no longer interrupts us (see _on_signal)."""
         self._started = True
 
+    def kill_child(self) -> None:
+        """SIGKILL the child's process group now (the lease was lost: nothing may checkpoint, and
+        a SIGTERM would ask for a checkpoint). The levels below end through their lifeline."""
+        child = self._child
+        if child is not None and child.poll() is None:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def attach(self, child: "subprocess.Popen[bytes]") -> None:
         """Forward to ``child`` from now on, starting with the signals that came before it."""
         self._child = child  # from here on the handler sends; what it queued before is sent below
@@ -405,7 +415,8 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
                 lock = None
             print(f"{name}: error: {RunDirUnwritableError.wrap(run_dir.url, e)}", file=sys.stderr)
             return ExitCode.UNWRITABLE
-        settings = dataclasses.replace(settings, lock_held=True)
+        lock.on_lost = lambda message: signals.kill_child()
+        settings = dataclasses.replace(settings, lock_held=True, lease_id=lock.lease_id)
     try:
         if signals.received:
             # Asked to stop before anything started: start nothing (nor wipe anything for --fresh).
@@ -441,6 +452,9 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
             if found and run_dir is None:
                 first = found[0]
                 print(f"{name}: failed: {first['error']} (rank {first['rank']}, {first['phase']})", file=sys.stderr)
+            if lock is not None and lock.lost is not None:
+                print(f"{name}: error: {lock.lost}", file=sys.stderr, flush=True)
+                return ExitCode.LOCKED
             if run_dir is not None and not job_lock.wait_for_workers(job_lock.lock_root(run_dir), WORKERS_WAIT_S):
                 print(f"{name}: warning: workers of this job still hold {run_dir.url} {WORKERS_WAIT_S:.0f} s after "
                       "their launcher ended", file=sys.stderr, flush=True)

@@ -14,6 +14,10 @@ publication it lists is completed (also when it is the final one); staged files 
 lists (work after the last checkpoint) are deleted; ``errors.jsonl`` is made to say what the
 record commits (batchproc.rundir.errors_log). Only rank 0 touches the records; every rank
 publishes its own files.
+
+Record names are created once, never replaced (a lost race is :class:`RecordTakenError`). On
+object stores rank 0 checks the lease before each record, and a resume first claims the next
+record name (:func:`_fence`); records the listing does not show yet are found by name.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ import json
 import re
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
 import torch
 
 from batchproc.distributed import WorkerEnv
-from batchproc.errors import CorruptCheckpointError, FingerprintMismatchError, UserCodeError
+from batchproc.errors import (CorruptCheckpointError, FingerprintMismatchError, LeaseLostError, RecordTakenError,
+                              UserCodeError)
 from batchproc.engine.fault_injection import FaultHooks, NoFaults
 from batchproc.engine.policy import ErrorRecord, Skipped
 from batchproc.data.inputs import check_inputs_fingerprint
@@ -298,20 +303,117 @@ def _set_aside_damaged(run_dir: RunDir, damaged: List[int], counters: Dict[str, 
             run_dir.move(name, layout.rejected_name(name))
 
 
+def _probe(run_dir: RunDir, seq: int) -> Optional[Tuple[CheckpointRecord, Dict[str, List[Any]]]]:
+    """Record ``seq`` read by name, not found by listing; None if it does not exist.
+    Raises ValueError (and the like) when it exists but is damaged."""
+    try:
+        return _load_record(run_dir, seq)
+    except FileNotFoundError:
+        if not run_dir.exists(record_name(seq)):
+            return None
+        raise ValueError(f"{record_name(seq)} exists but its states file {states_name(seq)} does not") from None
+
+
+def _beyond_listing(run_dir: RunDir, record: CheckpointRecord, slots: Dict[str, List[Any]],
+                    damaged: List[int]) -> Tuple[CheckpointRecord, Dict[str, List[Any]]]:
+    """The newest record, also when the listing does not show it yet (stores whose LIST lags
+    behind their writes, which a GET by name does not): resuming from the one before would
+    publish its batches twice. Costs one GET of a missing name per resume. Hidden records that
+    are damaged join ``damaged``, so that their outputs are set aside by the upload counters."""
+    newest = max([record.seq, *damaged])
+    while True:
+        seq = newest + 1
+        try:
+            found = _probe(run_dir, seq)
+        except StorageUnavailableError:
+            raise
+        except (ValueError, KeyError, OSError, RuntimeError, EOFError) as e:
+            print(f"batchproc: warning: checkpoint {record_name(seq)} of {run_dir.url}, which the listing did not "
+                  f"show, is damaged ({e}); setting it aside", file=sys.stderr)
+            damaged.append(seq)
+            newest = seq
+            continue
+        if found is None:
+            _clear_orphan_states(run_dir, seq)
+            return record, slots
+        print(f"batchproc: warning: the listing of {run_dir.url} does not show {record_name(seq)} yet; resuming "
+              "from it all the same", file=sys.stderr)
+        record, slots = found
+        damaged[:] = [d for d in damaged if d > seq]
+        newest = seq
+
+
+def _clear_orphan_states(run_dir: RunDir, seq: int) -> None:
+    """A states file without its record (a crash between the two writes) holds nothing committed;
+    set it aside, since records and their states are created once and never replaced."""
+    run_dir.move(states_name(seq), layout.rejected_name(states_name(seq)))
+
+
+def _fence(run_dir: RunDir, record: CheckpointRecord, slots: Dict[str, List[Any]]) -> CheckpointRecord:
+    """Object stores: claim the next record name before touching anything, with a copy of the
+    record resumed from (same watermark, same files to publish).
+
+    Record names are created once, so this is the fence against the job we took the lease from,
+    if it was only frozen: its next record has this name and fails, and if it wrote that record
+    first, this job stops here (a lost race naming it) before deleting its staged files.
+    Costs one record and one states write per resume.
+    """
+    buf = io.BytesIO()
+    torch.save({"slots": slots}, buf)
+    blob = buf.getvalue()
+    seq = record.seq + 1
+    fence = dataclasses.replace(record, seq=seq, time=time.time(), states_file=states_name(seq),
+                                states_sha256=hashlib.sha256(blob).hexdigest())
+    create_record(run_dir, seq, blob, fence.sealed())
+    for old in (record_name(seq - KEEP_RECORDS), states_name(seq - KEEP_RECORDS)):
+        run_dir.rm(old)
+    return fence
+
+
+def create_record(run_dir: RunDir, seq: int, blob: bytes, sealed: Dict[str, Any]) -> None:
+    """Create record ``seq`` after its states file, each with a create-only write: a name that
+    exists already was written by another job, and it is never replaced (RecordTakenError)."""
+    for name, data in ((states_name(seq), blob), (record_name(seq), json.dumps(sealed, indent=1, sort_keys=True).encode())):
+        try:
+            run_dir.create(name, data)
+        except FileExistsError:
+            raise RecordTakenError(
+                f"checkpoint {run_dir.path(name)} was written already by {_other_writer(run_dir, seq)}; records are "
+                "never replaced, so this job stops without committing. Only one job may run on a run directory "
+                "at a time: see `batchproc status` for the one that holds it.") from None
+
+
+def _other_writer(run_dir: RunDir, seq: int) -> str:
+    """Who wrote record ``seq``, as far as the run directory says: its attempt, and the lease's holder."""
+    from batchproc.rundir.storage import describe_holder
+
+    raw = run_dir.read_json_or_none(record_name(seq))
+    who = (f"attempt {raw.get('attempt')} at {time.ctime(raw.get('time', 0))}" if isinstance(raw, dict)
+           else "another writer")
+    held = None if run_dir.is_local else run_dir.read_json_or_none(layout.LEASE)
+    return f"{who} (the run directory's lease is held by {describe_holder(held)})" if held else who
+
+
 def open_run(run_dir: RunDir, fingerprint: Fingerprint, restart_count: int) -> Resumed:
     """Rank 0, before any work: load the latest record, finish its publication, clear the rest."""
     read_fingerprint(run_dir)  # a damaged one is named before anything else is read
     latest = load_latest(run_dir)
+    if latest is None and (hidden := _probe(run_dir, 0)) is not None:
+        latest = (hidden[0], hidden[1], [])  # a store whose LIST lags: record 0 is there all the same
     recorded = check_fingerprint(run_dir, fingerprint, latest[0] if latest else None)
     if latest is None:
         # Left by records that were all damaged, or by a first commit that never wrote its record:
         # nothing they name is committed.
+        _clear_orphan_states(run_dir, 0)
         errors_log.set_aside(run_dir, errors_log.split_parts(run_dir, -1, {})[1])
         run_dir.rm(ERRORS_FILE)
         return Resumed(total_batches=recorded.total_batches, attempts=1, restarts=restart_count)
     record, slots, damaged = latest
+    record, slots = _beyond_listing(run_dir, record, slots, damaged)
     if damaged:
         _set_aside_damaged(run_dir, damaged, record.upload_counters)
+    if not run_dir.is_local:
+        record = _fence(run_dir, record, slots)
     resumed = Resumed(
         seq=record.seq, watermark=record.watermark, total_batches=record.total_batches,
         slots=slots, errors_count=record.errors_count, errors_bytes=record.errors_bytes,
@@ -345,8 +447,10 @@ class Checkpointer:
 
     def __init__(self, run_dir: RunDir, env: WorkerEnv, stager: Stager, reducers: ReducerRegistry,
                  resumed: Resumed, fingerprint: Fingerprint, attempt: str,
-                 hooks: FaultHooks = NoFaults()) -> None:
+                 hooks: FaultHooks = NoFaults(), verify_lease: Callable[[], None] = lambda: None) -> None:
         self.run_dir = run_dir
+        #: Rank 0 calls it right before each record: LeaseLostError once another job holds the run.
+        self.verify_lease = verify_lease
         self.env = env
         self.stager = stager
         self.reducers = reducers
@@ -401,11 +505,15 @@ class Checkpointer:
                 self._write_record(watermark, gathered or [], state)
             except BaseException as e:
                 code = e.errno if isinstance(e, OSError) else None
+                fenced = ("lease" if isinstance(e, LeaseLostError)
+                          else "record" if isinstance(e, RecordTakenError) else None)
                 outcome = (f"rank 0 could not write checkpoint {self.seq + 1} to {self.run_dir.url}: "
-                           f"{type(e).__name__}: {e}", code)
+                           f"{type(e).__name__}: {e}", code, fenced)
         outcome = self.env.broadcast(outcome)
         if outcome is not None:
-            message, code = outcome
+            message, code, fenced = outcome
+            if fenced is not None:  # another job holds the run: no restart of this one can commit
+                raise (LeaseLostError if fenced == "lease" else RecordTakenError)(message)
             # The errno travels too: a full or read-only disk fails the job at once (verdict).
             cause = OSError(code, message) if code is not None else None
             raise RuntimeError(message + ". Nothing committed before this checkpoint was lost; run again to "
@@ -446,8 +554,8 @@ class Checkpointer:
             committed_samples=committed_samples, metrics=self.metrics_so_far,
             errors_count=self.errors_count + len(new_errors), errors_bytes=self.errors_bytes + len(part),
             errors_last_part=last_part, commits=commits)
-        self.run_dir.write_atomic(states_name(seq), blob, durable=True)
-        self.run_dir.write_json(record_name(seq), record.sealed(), durable=True)
+        self.verify_lease()
+        create_record(self.run_dir, seq, blob, record.sealed())
         # Keep the last few records only (the one before the latest is the fallback if the
         # latest is damaged): storage stays bounded and listing them on resume stays O(1).
         for old in (record_name(seq - KEEP_RECORDS), states_name(seq - KEEP_RECORDS)):

@@ -13,7 +13,7 @@ import signal
 import sys
 import uuid
 import warnings
-from typing import Any, Dict, List, Optional, Tuple, Type, cast
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, cast
 
 from torch.utils.data import Dataset, default_collate
 
@@ -42,7 +42,8 @@ from batchproc.rundir.report import write_metrics
 from batchproc.settings import PREEMPTION_SIGNALS, RunSettings
 from batchproc.lifeline import die_with_parent, under_torchrun
 from batchproc.rundir.job_lock import JobMembership, lock_root
-from batchproc.rundir.storage import RunDir, RunLock, Stager, acquire_run_lock
+from batchproc.rundir.lifecycle import ExitCode
+from batchproc.rundir.storage import RunDir, RunLock, Stager, acquire_run_lock, check_lease
 
 DETERMINISTIC = verdict.DETERMINISTIC
 
@@ -146,13 +147,14 @@ def torch_batch_process(
         try:
             if env.is_chief and not settings.lock_held:
                 lock = acquire_run_lock(run_dir, holder=f"{' '.join(sys.argv)}")
+                lock.on_lost = _stop_now  # this rank holds the lease, and another job took it over
             member = _join_job(run_dir)
         except RunDirLockedError:
             raise
         except OSError as e:  # a read-only or full run directory: named, not a traceback from os
             raise RunDirUnwritableError.wrap(run_dir.url, e) from None
         job = _Job(env, run_dir, settings, dataset, batch_processor_cls, batch_size,
-                   checkpoint_interval, max_batches, loader_kwargs, policy)
+                   checkpoint_interval, max_batches, loader_kwargs, policy, _lease_check(run_dir, lock, settings))
         result = job.run()
         entry.returned()
         return result
@@ -173,6 +175,24 @@ def torch_batch_process(
         if lock is not None:
             lock.release()
         env.shutdown()
+
+
+def _lease_check(run_dir: RunDir, lock: Optional[RunLock], settings: RunSettings) -> Callable[[], None]:
+    """What rank 0 calls before each checkpoint record: the object-store lease is still this job's.
+    Our own lock when rank 0 holds it, else the supervisor's lease by its id (one GET)."""
+    if lock is not None:
+        return lock.verify
+    lease_id = settings.lease_id
+    if run_dir.is_local or lease_id is None:
+        return lambda: None  # a local run directory's lock is a filelock: nobody takes it over
+    return lambda: check_lease(run_dir, lease_id, f"the job of {' '.join(sys.argv)}")
+
+
+def _stop_now(message: str) -> None:
+    """The lease is lost (the heartbeat said why on stderr): stop this rank at once, committing
+    nothing; its peers see it gone. Called from the heartbeat thread, hence no exception."""
+    sys.stderr.flush()
+    os._exit(int(ExitCode.LOCKED))
 
 
 def _join_job(run_dir: RunDir) -> JobMembership:
@@ -247,8 +267,9 @@ class _Job:
     def __init__(self, env: WorkerEnv, run_dir: RunDir, settings: RunSettings, dataset: "Dataset[Any]",
                  processor_cls: Type[TorchBatchProcessor], batch_size: int, interval: int,
                  max_batches: Optional[int], loader_kwargs: Dict[str, Any],
-                 policy: BadWorkPolicy = BadWorkPolicy()) -> None:
+                 policy: BadWorkPolicy = BadWorkPolicy(), verify_lease: Callable[[], None] = lambda: None) -> None:
         self.env, self.run_dir, self.settings = env, run_dir, settings
+        self.verify_lease = verify_lease
         self.dataset, self.processor_cls = dataset, processor_cls
         self.batch_size, self.interval, self.max_batches = batch_size, interval, max_batches
         self.loader_kwargs, self.policy = loader_kwargs, policy
@@ -325,7 +346,7 @@ class _Job:
                 metrics = env.broadcast(resumed.metrics if env.is_chief else None)
                 return self._finish(processor, engine, resumed.total_batches, metrics, steps=0)
             ckpt = checkpoint.Checkpointer(self.run_dir, env, stager, reducers, resumed, fingerprint, attempt,
-                                           self.hooks)
+                                           self.hooks, self.verify_lease)
             try:
                 steps, preempted, reason = self._process(processor, engine, ckpt, resumed, fingerprint, batches)
             finally:

@@ -21,8 +21,8 @@ import traceback
 from typing import Any, Dict, List, Optional
 
 from batchproc.errors import (BadSampleError, BatchTimeoutError, CorruptCheckpointError, FingerprintMismatchError,
-                              InputChangedError, PeerFailedError, TooManyBadBatchesError, TooManyBadSamplesError,
-                              UserCodeError)
+                              InputChangedError, LeaseLostError, PeerFailedError, RecordTakenError, TooManyBadBatchesError,
+                              TooManyBadSamplesError, UserCodeError)
 from batchproc.rundir.layout import ANNOUNCED_RUN_DIR
 from batchproc.rundir.lifecycle import Where
 from batchproc.settings import ENV_VERDICT_DIR
@@ -30,7 +30,8 @@ from batchproc.settings import ENV_VERDICT_DIR
 #: Errors that the same inputs and code would raise again on a restart.
 DETERMINISTIC = (UserCodeError, BadSampleError, TooManyBadSamplesError, TooManyBadBatchesError,
                  FingerprintMismatchError, InputChangedError, BatchTimeoutError, PeerFailedError,
-                 CorruptCheckpointError)  # the same damaged files are read again
+                 CorruptCheckpointError,  # the same damaged files are read again
+                 LeaseLostError, RecordTakenError)  # another job holds the run: a restart of this one cannot commit
 
 
 def is_collective_failure(error: BaseException) -> bool:

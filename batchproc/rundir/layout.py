@@ -4,7 +4,7 @@ A run directory (``<storage root>/<experiment name>/``, any fsspec URL) holds::
 
     fingerprint.json            what the checkpoints are valid for (dataset length, batch size, inputs)
     inputs/manifest.npz         the inputs frozen at the first attempt
-    checkpoints/ckpt-<seq>.json the immutable checkpoint records (the commit points) ...
+    checkpoints/ckpt-<seq>.json the checkpoint records (the commit points), each created once ...
     checkpoints/ckpt-<seq>.states.pt   ... and the reducer states each one points to
     staging/<attempt>/r<rank>/u<n>/...  files written in upload_path(), not yet committed
     outputs/...                 published outputs, each name tagged <stem>.<attempt>-r<rank>-u<n>.<suffix>
@@ -15,7 +15,7 @@ A run directory (``<storage root>/<experiment name>/``, any fsspec URL) holds::
     stop-request                ``batchproc stop``'s request
     tensorboard/                TensorBoard files and report_metrics' metrics.jsonl
     model_sources.jsonl         report_task_using_model_version's records
-    .lock .lock.holder lock.json  the run's lock (filelock locally, a lease on object stores)
+    .lock .lock.holder lock.json  the run's lock (filelock locally, a conditionally written lease on object stores)
     .lock.job .lock.workers     held by every process (every worker) of the running job
 
 No imports of batchproc's: every plane may ask this module, and it asks nobody.

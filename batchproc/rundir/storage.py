@@ -13,6 +13,7 @@ file. A missing file or a denied access fails at once.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import queue
@@ -28,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from batchproc.errors import RunDirLockedError
+from batchproc.errors import LeaseLostError, RunDirLockedError
 from batchproc.rundir import layout
 from batchproc.rundir.layout import LOCK_FILES, published_name
 
@@ -39,6 +40,21 @@ class StorageUnavailableError(OSError):
     """An object-store operation kept failing with transient errors until its retries ran out."""
 
 
+class PreconditionFailed(OSError):
+    """A conditional write or delete (``If-Match``) found another version than the one it named."""
+
+
+def _is_precondition_failure(error: BaseException) -> bool:
+    """S3's 412 PreconditionFailed, which s3fs turns into a bare EINVAL OSError."""
+    cause = error.__cause__
+    code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause is not None else None
+    return code == "PreconditionFailed" or "pre-conditions you specified did not hold" in str(error)
+
+
+def _etag(response: Any) -> str:
+    return str(response["ETag"]) if isinstance(response, dict) and "ETag" in response else ""
+
+
 class RunDir:
     """A run directory: ``<storage root>/<experiment name>`` on any fsspec filesystem."""
 
@@ -47,6 +63,9 @@ class RunDir:
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        #: The store does conditional writes itself (S3's If-None-Match / If-Match); other fsspec
+        #: stores get the same checks made before the write, which only narrows the race.
+        self.conditional = type(self.fs).__module__.split(".")[0] == "s3fs"
         self.root = self.root.rstrip("/")
 
     def __repr__(self) -> str:
@@ -140,6 +159,106 @@ class RunDir:
 
     def write_json(self, rel: str, obj: Any, durable: bool = False) -> None:
         self.write_atomic(rel, json.dumps(obj, indent=1, sort_keys=True).encode(), durable)
+
+    # -- conditional writes (records and the lease): never replace what another writer wrote --
+
+    def create(self, rel: str, data: bytes) -> Optional[str]:
+        """Write ``rel`` only if no file has that name; FileExistsError otherwise. Durable.
+
+        Locally the data is written and fsynced under a temporary name, then hard-linked to
+        ``rel`` (``link`` fails on an existing name, unlike ``rename``). On object stores one
+        create-only PUT (``If-None-Match: *``); a retry whose first try went through finds our
+        own bytes there, which is success. Returns the object's ETag (None locally).
+        """
+        target = self.path(rel)
+        if self.is_local:
+            directory = os.path.dirname(target)
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(target))
+            try:
+                os.fchmod(fd, 0o666 & ~_umask())
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.link(tmp, target)
+                except OSError as e:
+                    if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                        raise
+                    _write_exclusive(target, data)  # no hard links here (some FUSE and SMB mounts)
+            finally:
+                os.unlink(tmp)
+            fsync_dir(directory)
+            return None
+        try:
+            out = self._io("creating", rel, lambda: self.fs.pipe_file(target, data, mode="create"))
+        except FileExistsError:
+            try:
+                if self.read_bytes(rel) == data:
+                    return self.read_versioned(rel)[1] if self.conditional else hashlib.sha256(data).hexdigest()
+            except FileNotFoundError:
+                pass
+            raise FileExistsError(errno.EEXIST, f"{target} exists already: another writer created it") from None
+        return _etag(out) if self.conditional else hashlib.sha256(data).hexdigest()
+
+    def read_versioned(self, rel: str) -> Tuple[bytes, str]:
+        """An object's bytes and the ETag of that same version (one GET). Object stores only;
+        where the store has no conditional writes, the "ETag" is the bytes' digest."""
+        if not self.conditional:
+            data = self.read_bytes(rel)
+            return data, hashlib.sha256(data).hexdigest()
+        bucket, key, _ = self.fs.split_path(self.path(rel))
+        fs = self.fs
+
+        async def get() -> Tuple[bytes, str]:
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+            async with resp["Body"] as body:
+                data = await body.read()
+            return bytes(data), str(resp["ETag"])
+
+        from fsspec.asyn import sync
+
+        found: Tuple[bytes, str] = self._io("reading", rel, lambda: sync(fs.loop, get))
+        return found
+
+    def replace_if(self, rel: str, data: bytes, etag: str) -> str:
+        """Overwrite ``rel`` only if its ETag is still ``etag`` (``If-Match``); returns the new
+        ETag. :class:`PreconditionFailed` when another writer changed it, FileNotFoundError when
+        it is gone. Object stores only."""
+        target = self.path(rel)
+        if not self.conditional:
+            if self.read_versioned(rel)[1] != etag:
+                raise PreconditionFailed(f"{target} changed since it was read")
+            self._io("writing", rel, lambda: self.fs.pipe_file(target, data))
+            return hashlib.sha256(data).hexdigest()
+        try:
+            out = self._io("replacing", rel, lambda: self.fs.pipe_file(target, data, IfMatch=etag))
+        except OSError as e:
+            if _is_precondition_failure(e):
+                raise PreconditionFailed(f"{target} changed since it was read (ETag {etag})") from e
+            raise
+        return _etag(out)
+
+    def rm_if(self, rel: str, etag: str) -> None:
+        """Delete ``rel`` only if its ETag is still ``etag``; :class:`PreconditionFailed` otherwise."""
+        if not self.conditional:
+            try:
+                if self.read_versioned(rel)[1] != etag:
+                    raise PreconditionFailed(f"{self.path(rel)} changed since it was read")
+            except FileNotFoundError:
+                return
+            self.rm(rel)
+            return
+        bucket, key, _ = self.fs.split_path(self.path(rel))
+        try:
+            self._io("deleting", rel, lambda: self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if _is_precondition_failure(e):
+                raise PreconditionFailed(f"{self.path(rel)} changed since it was read (ETag {etag})") from e
+            raise
 
     def rm(self, rel: str, recursive: bool = False) -> None:
         try:
@@ -364,18 +483,47 @@ def _retry(fn: Callable[[], T], what: str, attempts: int = 5, delay_s: float = 0
 
 
 class RunLock:
-    """Exclusive use of a run directory by one job."""
+    """Exclusive use of a run directory by one job.
+
+    Locally a ``filelock``. On object stores a lease object (``lock.json``) that only conditional
+    writes touch, so two jobs can never both believe they hold it:
+
+    - taking it is a create-only PUT (``If-None-Match: *``); taking over a lease whose heartbeat is
+      older than its lifetime is a PUT conditional on the ETag read (``If-Match``): of two jobs
+      racing for a stale lease, one wins and the other is told who holds it;
+    - each heartbeat is a PUT conditional on our last ETag: one that fails because the ETag changed
+      means another job took the lease over (we were frozen or cut off past its lifetime). The
+      heartbeat then calls ``on_lost`` with a message naming the new holder, and stops;
+    - rank 0 checks the lease (:func:`check_lease`, one GET) before each checkpoint record, and
+      records are created with create-only writes, so a job that lost the lease commits nothing;
+    - ``release()`` deletes the lease only if its ETag is still ours.
+
+    The lifetime is :attr:`LEASE_TTL_S`, or ``BATCHPROC_LEASE_TTL_S`` from the environment.
+    """
 
     LEASE_TTL_S = 90.0
 
     def __init__(self, run_dir: RunDir, holder: str) -> None:
+        from batchproc.settings import ENV_LEASE_TTL
+
         self.run_dir = run_dir
         self.info = {"holder": holder, "host": socket.gethostname(), "pid": os.getpid(),
                      "since": time.time(), "id": uuid.uuid4().hex, "pid_space": _pid_space()}
+        self.ttl_s = float(os.environ.get(ENV_LEASE_TTL) or self.LEASE_TTL_S)
         self._file_lock: Any = None  # a filelock.FileLock (imported when needed)
         self._member: Any = None  # a batchproc.rundir.job_lock.JobMembership
         self._stop = threading.Event()
         self._heartbeat: Optional[threading.Thread] = None
+        self._etag: Optional[str] = None  # the lease version we wrote last (object stores)
+        self._beat_lock = threading.Lock()  # a heartbeat in flight and release() never interleave
+        #: Called once, from the heartbeat thread, with the message naming the job that took over.
+        self.on_lost: Optional[Callable[[str], None]] = None
+        self.lost: Optional[str] = None
+
+    @property
+    def lease_id(self) -> Optional[str]:
+        """The id that :func:`check_lease` compares (object stores only)."""
+        return None if self.run_dir.is_local else str(self.info["id"])
 
     def acquire(self, wait_for_earlier_job: bool = False) -> "RunLock":
         rd = self.run_dir
@@ -399,15 +547,35 @@ class RunLock:
             self._file_lock = lock
             rd.write_json(layout.LOCAL_LOCK_HOLDER, self.info)
             return self
-        # Object stores have no flock: a lease object refreshed by a heartbeat stands in for it.
-        held = rd.read_json_or_none(layout.LEASE)
-        if (held and held.get("id") != self.info["id"] and time.time() - held.get("heartbeat", 0) < self.LEASE_TTL_S
-                and not self._holder_gone(held)):
-            raise RunDirLockedError(self._busy_message(held))
-        self._write_lease()
+        self._etag = self._take_lease()
         self._heartbeat = threading.Thread(target=self._beat, name="batchproc-lease", daemon=True)
         self._heartbeat.start()
         return self
+
+    def _take_lease(self) -> str:
+        """Create the lease, or take over a stale one; the ETag we wrote. A few rounds: between our
+        look and our write, another job may release, renew or take it."""
+        rd = self.run_dir
+        held: Optional[Dict[str, Any]] = None
+        for _ in range(4):
+            body = self._body()
+            try:
+                return rd.create(layout.LEASE, body) or ""
+            except FileExistsError:
+                pass
+            try:
+                raw, etag = rd.read_versioned(layout.LEASE)
+            except FileNotFoundError:
+                continue  # released in between: create it
+            held = _parse_lease(raw)
+            if (held is not None and held.get("id") != self.info["id"]
+                    and time.time() - float(held.get("heartbeat", 0)) < self.ttl_s and not self._holder_gone(held)):
+                raise RunDirLockedError(self._busy_message(held))
+            try:
+                return rd.replace_if(layout.LEASE, body, etag)  # take over the stale (or unreadable) lease
+            except (PreconditionFailed, FileNotFoundError):
+                continue  # renewed, released or taken by another job meanwhile: look again
+        raise RunDirLockedError(self._busy_message(held))
 
     @staticmethod
     def _holder_gone(held: Dict[str, Any]) -> bool:
@@ -427,21 +595,53 @@ class RunLock:
             return False
         return False
 
-    def _write_lease(self) -> None:
-        self.run_dir.write_json(layout.LEASE, dict(self.info, heartbeat=time.time()))
+    def _body(self) -> bytes:
+        return json.dumps(dict(self.info, heartbeat=time.time()), indent=1, sort_keys=True).encode()
+
+    def _renew(self) -> None:
+        """One heartbeat: rewrite the lease if it is still the version we wrote; LeaseLostError if not."""
+        assert self._etag is not None
+        body = self._body()
+        try:
+            self._etag = self.run_dir.replace_if(layout.LEASE, body, self._etag)
+            return
+        except (PreconditionFailed, FileNotFoundError):
+            pass
+        try:  # a retried PUT whose first try went through finds our own new version: still ours
+            raw, etag = self.run_dir.read_versioned(layout.LEASE)
+        except FileNotFoundError:
+            raw, etag = b"", ""
+        if raw == body:
+            self._etag = etag
+            return
+        raise LeaseLostError(lost_message(self.run_dir, _parse_lease(raw), str(self.info["holder"])))
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.LEASE_TTL_S / 3):
+        while not self._stop.wait(self.ttl_s / 3):
             try:
-                self._write_lease()
-            except Exception:  # a missed beat only shortens the lease
-                pass
+                with self._beat_lock:
+                    if self._stop.is_set():
+                        return
+                    self._renew()
+            except LeaseLostError as e:
+                self.lost = str(e)
+                print(f"batchproc: error: {e}", file=sys.stderr, flush=True)
+                if self.on_lost is not None:
+                    self.on_lost(str(e))
+                return
+            except Exception as e:  # storage down: a missed beat only shortens the lease
+                print(f"batchproc: warning: renewing the lease {self.run_dir.path(layout.LEASE)} failed ({e}); "
+                      "trying again", file=sys.stderr, flush=True)
+
+    def verify(self) -> None:
+        """LeaseLostError unless the lease is still ours (one GET); rank 0's check before a record."""
+        if self.lost is not None:
+            raise LeaseLostError(self.lost)
+        if self.lease_id is not None:
+            check_lease(self.run_dir, self.lease_id, str(self.info["holder"]))
 
     def _busy_message(self, held: Optional[Dict[str, Any]]) -> str:
-        who = "another job"
-        if held:
-            who = f"{held.get('holder', '?')} (pid {held.get('pid', '?')} on {held.get('host', '?')}, since {time.ctime(held.get('since', 0))})"
-        return (f"run directory {self.run_dir.url} is in use by {who}. Wait for that job to end, "
+        return (f"run directory {self.run_dir.url} is in use by {describe_holder(held)}. Wait for that job to end, "
                 f"stop it with `batchproc stop {self.run_dir.url}`, or choose another experiment name.")
 
     def release(self) -> None:
@@ -455,11 +655,60 @@ class RunLock:
             self._file_lock = None
         elif self._heartbeat is not None:
             self._heartbeat = None
+            if self.lost is not None:
+                return  # another job's lease now: never ours to delete
             try:
-                self.run_dir.rm(layout.LEASE)
+                with self._beat_lock:
+                    self.run_dir.rm_if(layout.LEASE, self._etag or "")
+            except PreconditionFailed:
+                print(f"batchproc: warning: the lease {self.run_dir.path(layout.LEASE)} is no longer this job's "
+                      "(another job took it over); left in place", file=sys.stderr)
             except Exception as e:  # the job's own outcome matters more; the lease expires
                 print(f"batchproc: warning: cannot release the lease {self.run_dir.path(layout.LEASE)} ({e}); "
-                      f"it expires {self.LEASE_TTL_S:g} s after its last heartbeat", file=sys.stderr)
+                      f"it expires {self.ttl_s:g} s after its last heartbeat", file=sys.stderr)
+
+
+def _parse_lease(raw: bytes) -> Optional[Dict[str, Any]]:
+    try:
+        held = json.loads(raw)
+    except ValueError:
+        return None
+    return held if isinstance(held, dict) else None
+
+
+def describe_holder(held: Optional[Dict[str, Any]]) -> str:
+    """The job a lease names, as an error message says it."""
+    if not held:
+        return "another job"
+    return (f"{held.get('holder', '?')} (pid {held.get('pid', '?')} on {held.get('host', '?')}, "
+            f"since {time.ctime(held.get('since', 0))})")
+
+
+def lost_message(run_dir: RunDir, held: Optional[Dict[str, Any]], mine: str) -> str:
+    now = "nobody" if held is None else describe_holder(held)
+    return (f"this job ({mine}) lost the lease of run directory {run_dir.url}: it is now held by {now}, which "
+            "took it over after this job missed its heartbeats (frozen, paused or cut off from storage past "
+            "the lease's lifetime). This job stops without committing; the other job carries on with the run.")
+
+
+def check_lease(run_dir: RunDir, lease_id: str, mine: str = "this job") -> None:
+    """LeaseLostError unless the run directory's lease still has id ``lease_id`` (one GET)."""
+    try:
+        held = _parse_lease(run_dir.read_bytes(layout.LEASE))
+    except FileNotFoundError:
+        held = None
+    if held is None or held.get("id") != lease_id:
+        raise LeaseLostError(lost_message(run_dir, held, mine))
+
+
+def _write_exclusive(target: str, data: bytes) -> None:
+    """Create ``target`` with O_EXCL and write it: never replaces a file, though a crash may leave
+    it short (a record's checksum then tells it damaged)."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def fsync_file(path: str) -> None:
