@@ -45,6 +45,8 @@ SUFFIXES: Dict[str, str] = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "
 ROWS_PER_OFFSET = 1024
 #: Decoded chunks a process keeps (at least those of the batch being served).
 DECODED_CHUNKS = 4
+#: Chunks fetched ahead past the last one the loader's read-ahead hints name (object stores).
+CHUNKS_AHEAD = 1
 #: Files whose metadata the listing reads at once.
 LISTING_THREADS = 32
 FOOTER_GUESS = 64 * 1024  # a Parquet footer's bytes read at first (a larger one costs a second read)
@@ -684,6 +686,10 @@ class _Reader:
         if self.kind in ("local", "sync") or not len(indices):
             return
         chunks = list(dict.fromkeys(self.plan.chunks_of(indices).tolist()))
+        # And the chunk after the last one hinted: batches are much smaller than row groups, and
+        # the batches read ahead end inside the current one more often than not.
+        last = max(chunks)
+        chunks += [c for c in range(last + 1, min(last + 1 + CHUNKS_AHEAD, len(self.plan.chunk_file)))]
         self.max_pending = max(self.max_pending, 2 * len(chunks))
         for c in chunks:
             if c not in self.pending and c not in self.decoded:
