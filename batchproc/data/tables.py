@@ -195,8 +195,11 @@ class TableRows(Dataset[Dict[str, Any]]):
 
     def prefetch(self, indices: Sequence[int]) -> None:
         """Start fetching the chunks of these rows (on object stores; a no-op on local disk)."""
-        good = [i for i in indices if 0 <= i < len(self)]
-        self._get_reader().prefetch(good)
+        reader = self._get_reader()
+        if reader.kind in ("local", "sync") or not len(indices):
+            return
+        arr = np.asarray(indices, dtype=np.int64)
+        reader.prefetch(arr[(arr >= 0) & (arr < len(self))].tolist())
 
     def load_samples(self, indices: Sequence[int]) -> List[Any]:
         """Rows ``indices``, one read per chunk they touch; a row that fails is its exception."""
