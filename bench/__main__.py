@@ -261,6 +261,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "s" in args.rows:  # ImageFiles from S3 (moto), at 0 and +20 ms per request, vs local disk
         from bench import manifest
         notes.append(manifest.s3_rows(table, R, jpegs, run, throughput, compare, med))
+    if "t" in args.rows:  # TableRows: Parquet on S3 and local disk, a 10,000-file manifest (bench/tables.py)
+        from bench import tables
+        notes.append(tables.table_rows(table, R, compare, alternate, med))
     report = render(table, notes, args, time.time() - started)
     write_report(Path(args.out), report)
     print(report)

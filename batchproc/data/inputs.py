@@ -29,7 +29,7 @@ import hashlib
 import io
 import json
 import operator
-from typing import (TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence,
+from typing import (TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence,
                     Tuple, Union, overload, runtime_checkable)
 
 import numpy as np
@@ -185,7 +185,8 @@ class Manifest:
     ``paths`` are relative to ``root`` (a path on the source's filesystem; the common prefix is
     stored once). ``sizes`` are in bytes (-1 unknown); ``versions`` identify a file's content
     (hashes of ETags, or modification times in µs, per ``version_kind``; 0 unknown); ``labels``
-    index ``classes`` (-1 none).
+    index ``classes`` (-1 none). ``extra``: further named arrays a dataset keeps per run (e.g.
+    :class:`~batchproc.data.tables.TableRows`' row counts and byte offsets), of any length.
     """
 
     source: str
@@ -196,6 +197,7 @@ class Manifest:
     classes: Tuple[str, ...] = ()
     root: str = ""
     version_kind: str = "none"
+    extra: Mapping[str, "NDArray[Any]"] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.paths)
@@ -209,7 +211,8 @@ class Manifest:
     @classmethod
     def build(cls, source: str, paths: Sequence[str], *, sizes: Optional[ArrayLike] = None,
               versions: Optional[ArrayLike] = None, labels: Optional[ArrayLike] = None,
-              classes: Sequence[str] = (), root: str = "", version_kind: str = "none") -> "Manifest":
+              classes: Sequence[str] = (), root: str = "", version_kind: str = "none",
+              extra: Optional[Mapping[str, ArrayLike]] = None) -> "Manifest":
         """A manifest from per-entry sequences (lists or arrays); missing columns are unknown."""
         n = len(paths)
 
@@ -221,7 +224,7 @@ class Manifest:
         return cls(source, paths if isinstance(paths, StringColumn) else StringColumn.from_strings(paths),
                    column(sizes, np.int64, UNKNOWN_SIZE), column(versions, np.int64, UNKNOWN_VERSION),
                    column(labels, np.int32, -1), tuple(classes), root.rstrip("/") if root != "/" else root,
-                   version_kind)
+                   version_kind, {k: np.asarray(v) for k, v in (extra or {}).items()})
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -236,16 +239,18 @@ class Manifest:
     @property
     def nbytes(self) -> int:
         """Memory held by the columns."""
-        return self.paths.nbytes + int(self.sizes.nbytes + self.versions.nbytes + self.labels.nbytes)
+        return (self.paths.nbytes + int(self.sizes.nbytes + self.versions.nbytes + self.labels.nbytes)
+                + sum(int(a.nbytes) for a in self.extra.values()))
 
     def to_bytes(self) -> bytes:
         """The stored form: a compressed ``.npz`` of plain arrays (read back without pickle)."""
         meta = {"format": FORMAT, "source": self.source, "root": self.root, "classes": list(self.classes),
-                "version_kind": self.version_kind, "entries": len(self)}
+                "version_kind": self.version_kind, "entries": len(self), "extra": sorted(self.extra)}
         buf = io.BytesIO()
+        arrays: Dict[str, Any] = {f"extra_{k}": v for k, v in self.extra.items()}
         np.savez_compressed(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
                             path_data=self.paths.data, path_offsets=self.paths.offsets, sizes=self.sizes,
-                            versions=self.versions, labels=self.labels)
+                            versions=self.versions, labels=self.labels, **arrays)
         return buf.getvalue()
 
     @classmethod
@@ -257,8 +262,9 @@ class Manifest:
                 if meta.get("format") != FORMAT:
                     raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
                 paths = StringColumn(z["path_data"], z["path_offsets"])
+                extra = {k: z[f"extra_{k}"] for k in meta.get("extra", [])}
                 manifest = cls(meta["source"], paths, z["sizes"], z["versions"], z["labels"],
-                               tuple(meta["classes"]), meta["root"], meta["version_kind"])
+                               tuple(meta["classes"]), meta["root"], meta["version_kind"], extra)
             if len(manifest) != meta["entries"] or paths.offsets[-1] != len(paths.data):
                 raise ValueError("its columns disagree with its entry count")
         except Exception as e:

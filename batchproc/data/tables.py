@@ -1,0 +1,877 @@
+"""Rows of Parquet, JSON Lines and CSV files as a map-style dataset, from any fsspec URL.
+
+``TableRows("s3://bucket/docs/*.parquet", columns=["id", "text"])``: row ``i`` is the ``i``-th
+row of the files taken in sorted path order, and ``ds[i]`` a dict of its columns.
+
+The listing is frozen per run (:mod:`batchproc.data.inputs`): one process of the first attempt
+lists the files and reads only their metadata, concurrently: a Parquet file's footer (one ranged
+read: its row groups' row counts), or one streaming pass over a JSON Lines or CSV file that counts
+its rows and keeps the byte offset of every :data:`ROWS_PER_OFFSET`-th. The manifest keeps these
+as numpy arrays. Each unit of reading (a *chunk*) is a Parquet row group or such a run of text
+rows; a batch is served with one ranged read per chunk it touches (Parquet: only the bytes of the
+columns asked for), the chunks of the next batches fetched while this one decodes on object
+stores, and a few decoded chunks kept per process. A file changed since it was listed (size, ETag
+or mtime) fails its rows as bad samples naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import io
+import json
+import operator
+import os
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+from numpy.typing import NDArray
+from torch.utils.data import Dataset
+
+from batchproc.data.images import (_MAGIC, MAX_IN_FLIGHT, S3_POOL_CONNECTIONS, PrefixedColumn, _Found, _from_infos,
+                                   _info_version, _is_s3, _join_prefix, _local_glob, _local_walk, _s3_walk,
+                                   _version_kind)
+from batchproc.data.inputs import Manifest, etag_version, mtime_version
+from batchproc.errors import InputChangedError
+
+FORMATS = ("parquet", "jsonl", "csv")
+#: File name endings and the format they mean.
+SUFFIXES: Dict[str, str] = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
+                            ".csv": "csv"}
+#: JSON Lines and CSV: the manifest keeps the byte offset of every this-many-th row (a chunk).
+ROWS_PER_OFFSET = 1024
+#: Decoded chunks a process keeps (at least those of the batch being served).
+DECODED_CHUNKS = 4
+#: Chunks fetched ahead past the last one the loader's read-ahead hints name (object stores).
+CHUNKS_AHEAD = 1
+#: Files whose metadata the listing reads at once.
+LISTING_THREADS = 32
+FOOTER_GUESS = 64 * 1024  # a Parquet footer's bytes read at first (a larger one costs a second read)
+SCAN_BLOCK = 4 << 20
+_FORMAT_CODE = {f: i for i, f in enumerate(FORMATS)}
+
+
+def format_of(path: str) -> Optional[str]:
+    """The format a file name's ending says, or None."""
+    lower = path.lower()
+    return next((f for s, f in SUFFIXES.items() if lower.endswith(s)), None)
+
+
+class TableRows(Dataset[Dict[str, Any]]):
+    """The rows of Parquet, JSON Lines or CSV files named by a file, a folder, a glob or any fsspec URL.
+
+    ``columns``: the columns each row holds (all when None); ``format``: ``"parquet"``,
+    ``"jsonl"`` or ``"csv"`` for every file (else each file's suffix says: ``.parquet``/``.pq``,
+    ``.jsonl``/``.ndjson``, ``.csv``). A folder is searched recursively for files with these
+    suffixes (names starting with ``.`` or ``_`` skipped, as Spark and pyarrow do); a glob takes
+    what it matches, and a file in it of another format (or of none) is an error naming it.
+    ``storage_options`` go to fsspec. Items are dicts of Python values, so the default collate
+    gives tensors for numbers and lists for strings. :meth:`describe_sample` names a row as
+    ``"<path> row <r>"``.
+    """
+
+    def __init__(self, source: "str | os.PathLike[str]", *, columns: Optional[Sequence[str]] = None,
+                 format: Optional[str] = None, storage_options: Optional[Dict[str, Any]] = None) -> None:
+        if format is not None and format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS} or None (from each file's suffix), got {format!r}")
+        if isinstance(columns, str):
+            raise TypeError(f"columns must be a list of column names, got the string {columns!r}")
+        self.source = os.fspath(source)
+        self.columns: Optional[List[str]] = None if columns is None else [str(c) for c in columns]
+        self.format = format
+        self.storage_options = dict(storage_options or {})
+        fs, root = fsspec.core.url_to_fs(self.source, **self._fs_options())
+        self._fs_cache: Any = fs
+        self._fs_pid: Optional[int] = os.getpid()
+        self._local = isinstance(fs, LocalFileSystem)
+        if self._local and root:
+            root = os.path.normpath(root)
+        self._root: str = root
+        self._glob = bool(_MAGIC.search(root)) and not (self._local and os.path.exists(root))
+        if self._local and not self._glob and not os.path.exists(root):
+            raise FileNotFoundError(f"no such file or folder: {root!r}")
+        self._manifest: Optional[Manifest] = None
+        self._plan: Optional[_Plan] = None
+        self._listing: Optional[Manifest] = None
+        self._reader: Optional[_Reader] = None
+
+    # -- the frozen-inputs protocol ---------------------------------------------------------
+
+    def batchproc_source(self) -> str:
+        """The normalized URL, plus ``format=`` when given (it changes what the files are)."""
+        where = self._root if self._local else self._fs().unstrip_protocol(self._root)
+        return f"{where} (format={self.format})" if self.format else where
+
+    def batchproc_list_inputs(self) -> Manifest:
+        """List the files and read their metadata (once per process)."""
+        if self._listing is None:
+            fs = self._fs()
+            self._listing = _list_tables(fs, self._root, self.batchproc_source(), self.format, self.columns,
+                                         self._local, self._glob)
+            if not self._local:
+                fs.invalidate_cache()
+        if not len(self._listing):
+            raise ValueError(f"no table files found at {self.source!r} (a folder is searched for "
+                             f"{', '.join(SUFFIXES)}; a glob is taken as is)")
+        return self._listing
+
+    def batchproc_use_inputs(self, manifest: Manifest) -> None:
+        """Serve ``manifest``'s rows (the run's frozen inputs) from now on."""
+        self._serve(manifest)
+        self._listing = None
+
+    def _serve(self, manifest: Manifest) -> None:
+        self._manifest = manifest
+        self._plan = _Plan(manifest)
+        self._reader = None
+
+    @property
+    def manifest(self) -> Manifest:
+        """The files served: the run's frozen inputs, or this process's own listing."""
+        if self._manifest is None:
+            self._serve(self.batchproc_list_inputs())
+        assert self._manifest is not None
+        return self._manifest
+
+    @property
+    def plan(self) -> "_Plan":
+        self.manifest
+        assert self._plan is not None
+        return self._plan
+
+    @property
+    def files(self) -> PrefixedColumn:
+        """The files, in row order: local paths or full URLs."""
+        m = self.manifest
+        root = m.root if self._local or not m.root else self._fs().unstrip_protocol(m.root)
+        return PrefixedColumn(_join_prefix(root), m.paths)
+
+    @property
+    def rows_per_file(self) -> "NDArray[np.int64]":
+        return self.plan.file_rows
+
+    def __len__(self) -> int:
+        return int(self.plan.chunk_row[-1])
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _fs_options(self) -> Dict[str, Any]:
+        options = dict(self.storage_options)
+        if fsspec.core.split_protocol(self.source)[0] in ("s3", "s3a"):
+            config = dict(options.get("config_kwargs") or {})
+            config.setdefault("max_pool_connections", S3_POOL_CONNECTIONS)
+            options["config_kwargs"] = config
+        return options
+
+    def _fs(self) -> Any:
+        if self._fs_pid != os.getpid():  # async clients must not be shared with forked workers
+            self._fs_cache = fsspec.core.url_to_fs(self.source, **self._fs_options())[0]
+            self._fs_pid = os.getpid()
+            self._reader = None
+        return self._fs_cache
+
+    def _get_reader(self) -> "_Reader":
+        fs = self._fs()
+        if self._reader is None:
+            self._reader = _Reader(fs, self.manifest, self.plan, self._local, self.files, self.columns)
+        return self._reader
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fs_cache"], state["_fs_pid"], state["_reader"] = None, None, None
+        return state
+
+    def _index(self, i: int) -> int:
+        n = len(self)
+        i = operator.index(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for {n} rows")
+        return i
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """Start fetching the chunks of these rows (on object stores; a no-op on local disk)."""
+        reader = self._get_reader()
+        if reader.kind in ("local", "sync") or not len(indices):
+            return
+        arr = np.asarray(indices, dtype=np.int64)
+        reader.prefetch(arr[(arr >= 0) & (arr < len(self))].tolist())
+
+    def load_samples(self, indices: Sequence[int]) -> List[Any]:
+        """Rows ``indices``, one read per chunk they touch; a row that fails is its exception."""
+        n = len(self)
+        try:
+            arr = np.asarray(indices, dtype=np.int64)
+        except (TypeError, ValueError):
+            arr = None
+        if arr is not None and arr.ndim == 1 and (not len(arr) or (arr.min() >= 0 and arr.max() < n)):
+            return self._get_reader().rows(arr.tolist())  # the loader's batches: no check per row
+        out: List[Any] = [None] * len(indices)
+        good: List[int] = []
+        where: List[int] = []
+        for k, i in enumerate(indices):
+            try:
+                good.append(self._index(i))
+                where.append(k)
+            except (IndexError, TypeError) as e:
+                out[k] = e
+        for k, row in zip(where, self._get_reader().rows(good)):
+            out[k] = row
+        return out
+
+    def __getitems__(self, indices: Sequence[int]) -> List[Dict[str, Any]]:
+        items = self.load_samples(indices)
+        for item in items:
+            if isinstance(item, BaseException):
+                raise item
+        return items
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        item = self.load_samples([i])[0]
+        if isinstance(item, BaseException):
+            raise item
+        return item  # type: ignore[no-any-return]
+
+    def describe_sample(self, i: int) -> str:
+        """``"<path> row <r>"``: the file behind row ``i`` and the row's place in it."""
+        f, r = self.plan.locate(self._index(i))
+        return f"{self.files[f]} row {r}"
+
+    def __repr__(self) -> str:
+        if self._manifest is None:
+            return f"TableRows({self.source!r}, not listed yet)"
+        return f"TableRows({self.source!r}, {len(self)} rows in {len(self._manifest)} files)"
+
+
+# -- the manifest's layout ---------------------------------------------------------------------
+
+
+class _Plan:
+    """Views of a table manifest's arrays: files, and chunks (row groups or runs of text rows).
+
+    ``chunk_row[c]`` is the first (global) row of chunk ``c`` (one more entry: the row count),
+    ``chunk_file[c]`` its file, ``chunk_pos[c]`` its row group (Parquet) or byte offset (text).
+    """
+
+    def __init__(self, m: Manifest) -> None:
+        x = m.extra
+        self.fmt: "NDArray[np.int8]" = x["fmt"]
+        self.file_rows: "NDArray[np.int64]" = x["rows"]
+        self.footer: "NDArray[np.int64]" = x["footer"]
+        self.chunk_row: "NDArray[np.int64]" = x["chunk_row"]
+        self.chunk_file: "NDArray[np.int32]" = x["chunk_file"]
+        self.chunk_pos: "NDArray[np.int64]" = x["chunk_pos"]
+        self.file_row0 = np.zeros(len(self.file_rows) + 1, dtype=np.int64)
+        np.cumsum(self.file_rows, out=self.file_row0[1:])
+        self.sizes = m.sizes
+
+    def chunks_of(self, indices: Sequence[int]) -> "NDArray[np.int64]":
+        return np.searchsorted(self.chunk_row, np.asarray(indices, dtype=np.int64), side="right") - 1
+
+    def locate(self, i: int) -> Tuple[int, int]:
+        """(file, row within it) of global row ``i``."""
+        c = int(self.chunks_of([i])[0])
+        f = int(self.chunk_file[c])
+        return f, i - int(self.file_row0[f])
+
+    def text_range(self, c: int) -> Tuple[int, int]:
+        f = self.chunk_file[c]
+        end = (self.chunk_pos[c + 1] if c + 1 < len(self.chunk_file) and self.chunk_file[c + 1] == f
+               else self.sizes[f])
+        return int(self.chunk_pos[c]), int(end)
+
+    def first_chunk(self, f: int) -> int:
+        return int(np.searchsorted(self.chunk_row, self.file_row0[f], side="right") - 1)
+
+
+# -- listing ---------------------------------------------------------------------------------
+
+
+def _hidden(name: str) -> bool:
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    return base.startswith((".", "_"))
+
+
+def _find(fs: Any, root: str, local: bool, is_glob: bool) -> Tuple[str, _Found, bool]:
+    """(base, files, whether they came from a glob or a single file), sorted by path."""
+    kind = _version_kind(fs, local)
+    magic = _MAGIC.search(root) if is_glob else None
+    if magic:
+        import re
+
+        base = root[:magic.start()].rsplit("/", 1)[0]
+        if _is_s3(fs):
+            pattern = re.compile(fsspec.utils.glob_translate(root))
+            matched = _s3_walk(fs, base).keep(lambda p: bool(pattern.match(p)))
+        elif local:
+            matched = _local_glob(root)
+        else:
+            matched = _from_infos(fs.glob(root, detail=True), kind)
+        return base, matched.keep(lambda p: not any(_hidden(c) for c in p[len(base) + 1:].split("/"))), True
+    root = root.rstrip("/") or root
+    found: Optional[_Found] = _s3_walk(fs, root) if _is_s3(fs) else None
+    if not found or not found.paths:
+        if fs.isfile(root):
+            info = fs.info(root)
+            single = _Found()
+            single.add(root, int(info.get("size", -1)), _info_version(info, kind))
+            return root.rsplit("/", 1)[0] if "/" in root else "", single, True
+        if _is_s3(fs) or not fs.isdir(root):
+            raise FileNotFoundError(f"no such file or folder: {fs.unstrip_protocol(root)!r}")
+        found = _local_walk(root) if local else _from_infos(fs.find(root, detail=True), kind)
+    cut = len(root) + 1 if root != "/" else 1
+    return root, found.keep(lambda p: not any(_hidden(c) for c in p[cut:].split("/"))), False
+
+
+def _formats(fs: Any, paths: List[str], given: Optional[str], strict: bool) -> Tuple[List[int], List[str]]:
+    """Which files are read (indices) and their format; a file of another format is an error."""
+    keep: List[int] = []
+    fmts: List[str] = []
+    first: Optional[Tuple[str, str]] = None
+    for k, p in enumerate(paths):
+        f = format_of(p)
+        if f is None and not strict and given is None:
+            continue  # a folder's other files (README, _SUCCESS) are not rows
+        if f is None and given is None:
+            raise ValueError(f"{fs.unstrip_protocol(p)} has no table suffix ({', '.join(SUFFIXES)}); "
+                             f"remove it from the glob, or pass format='parquet', 'jsonl' or 'csv'")
+        if f is None:
+            assert given is not None
+            f = given
+        if given is not None and f != given:
+            raise ValueError(f"{fs.unstrip_protocol(p)} is {f} by its suffix, not {given} (format={given!r}); "
+                             f"leave it out of the source or rename it")
+        if first is None:
+            first = (p, f)
+        elif f != first[1]:
+            raise ValueError(f"{fs.unstrip_protocol(p)} is {f}, but {fs.unstrip_protocol(first[0])} is {first[1]}: "
+                             f"one TableRows reads files of one format; leave it out of the source")
+        keep.append(k)
+        fmts.append(f)
+    return keep, fmts
+
+
+class _FileMeta(NamedTuple):
+    rows: int
+    positions: "NDArray[np.int64]"  # row groups' row counts (Parquet) or chunk byte offsets (text)
+    footer: int
+
+
+def _read_range(fs: Any, path: str, start: int, end: int) -> bytes:
+    if isinstance(fs, LocalFileSystem):
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+    return fs.cat_file(path, start=start, end=end)  # type: ignore[no-any-return]
+
+
+def _parquet_meta(fs: Any, path: str, size: int, columns: Optional[List[str]]) -> _FileMeta:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    url = fs.unstrip_protocol(path)
+    if size == 0:
+        return _FileMeta(0, np.zeros(0, dtype=np.int64), 0)
+    tail = _read_range(fs, path, max(0, size - FOOTER_GUESS), size)
+    if len(tail) < 12 or tail[-4:] != b"PAR1":
+        raise ValueError(f"{url} is not a Parquet file (it does not end with PAR1)")
+    need = int.from_bytes(tail[-8:-4], "little") + 8
+    if need > size:
+        raise ValueError(f"{url} is not a readable Parquet file: its footer claims {need} of its {size} bytes")
+    if need > len(tail):
+        tail = _read_range(fs, path, size - need, size)
+    try:
+        md = pq.read_metadata(pa.BufferReader(tail[-need:]))
+    except Exception as e:
+        raise ValueError(f"{url} is not a readable Parquet file: {e}") from None
+    if columns:
+        missing = [c for c in columns if c not in md.schema.names]
+        if missing:
+            raise ValueError(f"{url} has no column {', '.join(map(repr, missing))} (its columns: "
+                             f"{', '.join(md.schema.names)}); fix columns=")
+    counts = np.asarray([md.row_group(g).num_rows for g in range(md.num_row_groups)], dtype=np.int64)
+    return _FileMeta(int(counts.sum()), counts, need)
+
+
+def _row_bounds(buf: "NDArray[np.uint8]", quoted: bool, parity: int) -> Tuple["NDArray[np.int64]", int]:
+    """Positions of the newlines that end rows in ``buf`` (outside quotes for CSV), and the quote
+    parity after it."""
+    nl = np.flatnonzero(buf == 10)
+    if not quoted:
+        return nl, 0
+    quotes = np.cumsum(buf == 34, dtype=np.int64) + parity
+    return nl[(quotes[nl] & 1) == 0], int(quotes[-1] & 1) if len(quotes) else parity
+
+
+def _text_meta(fs: Any, path: str, fmt: str, columns: Optional[List[str]]) -> _FileMeta:
+    """One streaming pass: the rows (non-empty lines; CSV: newlines outside quotes, header
+    excluded), and the byte offset of every ROWS_PER_OFFSET-th."""
+    url = fs.unstrip_protocol(path)
+    quoted = fmt == "csv"
+    header = quoted  # the CSV's first non-empty line is its header
+    rows, parity, pos, row_start, first_byte = 0, 0, 0, 0, -1
+    offsets: List["NDArray[np.int64]"] = []
+    header_line = b""
+    opener = open(path, "rb") if isinstance(fs, LocalFileSystem) else fs.open(path, "rb", block_size=SCAN_BLOCK)
+
+    def take(starts: "NDArray[np.int64]", ends: "NDArray[np.int64]", firsts: "NDArray[np.int64]") -> None:
+        nonlocal rows, header
+        lengths = ends - starts
+        content = (lengths > 1) | ((lengths == 1) & (firsts != 13))
+        s = starts[content]
+        if header and len(s):
+            s = s[1:]
+            header = False
+        ids = rows + np.arange(len(s), dtype=np.int64)
+        offsets.append(s[ids % ROWS_PER_OFFSET == 0])
+        rows += len(s)
+
+    with opener as f:
+        while True:
+            block = f.read(SCAN_BLOCK)
+            if not block:
+                break
+            if header and not header_line:
+                header_line = block[:block.find(b"\n")] if b"\n" in block else block
+            buf = np.frombuffer(block, dtype=np.uint8)
+            ends, parity = _row_bounds(buf, quoted, parity)
+            starts = np.empty(len(ends), dtype=np.int64)
+            if len(ends):
+                starts[0] = row_start
+                starts[1:] = ends[:-1] + pos + 1
+                local = starts - pos
+                firsts = np.where(local >= 0, buf[np.clip(local, 0, len(buf) - 1)], first_byte)
+                take(starts, ends + pos, firsts)
+                row_start = int(ends[-1]) + pos + 1
+                first_byte = -1
+            if row_start < pos + len(buf) and first_byte < 0:
+                first_byte = int(buf[row_start - pos])
+            pos += len(buf)
+    if row_start < pos:  # a last row without a newline
+        take(np.asarray([row_start]), np.asarray([pos]), np.asarray([first_byte]))
+    if quoted and columns:
+        import csv
+
+        names = next(csv.reader([header_line.decode("utf-8", "replace").rstrip("\r")]), [])
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise ValueError(f"{url} has no column {', '.join(map(repr, missing))} (its header: "
+                             f"{', '.join(names)}); fix columns=")
+    positions = np.concatenate(offsets) if offsets else np.zeros(0, dtype=np.int64)
+    return _FileMeta(rows, positions.astype(np.int64), 0)
+
+
+def _list_tables(fs: Any, root: str, source: str, given: Optional[str], columns: Optional[List[str]],
+                 local: bool, is_glob: bool) -> Manifest:
+    kind = _version_kind(fs, local)
+    base, found, strict = _find(fs, root, local, is_glob)
+    order = sorted(range(len(found.paths)), key=found.paths.__getitem__)
+    paths = [found.paths[i] for i in order]
+    keep, fmts = _formats(fs, paths, given, strict)
+    paths = [paths[k] for k in keep]
+    sizes = [found.sizes[order[k]] for k in keep]
+    versions = [found.versions[order[k]] for k in keep]
+
+    def meta(k: int) -> _FileMeta:
+        if fmts[k] == "parquet":
+            return _parquet_meta(fs, paths[k], sizes[k], columns)
+        return _text_meta(fs, paths[k], fmts[k], columns)
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(LISTING_THREADS, len(paths)))) as pool:
+        metas = list(pool.map(meta, range(len(paths))))
+    rows = np.asarray([m.rows for m in metas], dtype=np.int64)
+    chunk_file = np.concatenate([np.full(len(m.positions), k, dtype=np.int32) for k, m in enumerate(metas)]
+                                + [np.zeros(0, dtype=np.int32)])
+    if fmts and fmts[0] == "parquet":
+        counts = np.concatenate([m.positions for m in metas] + [np.zeros(0, dtype=np.int64)])
+        chunk_pos = np.concatenate([np.arange(len(m.positions), dtype=np.int64) for m in metas]
+                                   + [np.zeros(0, dtype=np.int64)])
+        chunk_row = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=chunk_row[1:])
+    else:
+        chunk_pos = np.concatenate([m.positions for m in metas] + [np.zeros(0, dtype=np.int64)])
+        file_row0 = np.concatenate([[0], np.cumsum(rows)])
+        firsts = [file_row0[k] + np.arange(len(m.positions), dtype=np.int64) * ROWS_PER_OFFSET
+                  for k, m in enumerate(metas)]
+        chunk_row = np.concatenate(firsts + [np.asarray([rows.sum()], dtype=np.int64)]).astype(np.int64)
+    cut = len(_join_prefix(base))
+    extra: Dict[str, Any] = {"fmt": np.asarray([_FORMAT_CODE[f] for f in fmts], dtype=np.int8), "rows": rows,
+             "footer": np.asarray([m.footer for m in metas], dtype=np.int64), "chunk_row": chunk_row,
+             "chunk_file": chunk_file, "chunk_pos": chunk_pos}
+    return Manifest.build(source, [p[cut:] for p in paths], sizes=sizes, versions=versions, root=base,
+                          version_kind=kind, extra=extra)
+
+
+# -- reading chunks ----------------------------------------------------------------------------
+
+
+class _Ranges(io.RawIOBase):
+    """A file of ``size`` bytes of which only some ranges were fetched; a read outside them
+    fetches that range (pyarrow reads a row group's column chunks and, for old writers, a
+    little padding past them)."""
+
+    def __init__(self, size: int, pieces: List[Tuple[int, bytes]], fetch: Callable[[int, int], bytes]) -> None:
+        super().__init__()
+        self.size, self.pieces, self.fetch, self.pos = size, pieces, fetch, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.size + offset
+        return self.pos
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), self.size - self.pos)
+        if n <= 0:
+            return 0
+        for start, data in self.pieces:
+            if start <= self.pos and self.pos + n <= start + len(data):
+                b[:n] = data[self.pos - start:self.pos - start + n]
+                break
+        else:
+            data = self.fetch(self.pos, self.pos + n)
+            self.pieces.append((self.pos, data))
+            b[:n] = data
+        self.pos += n
+        return n
+
+
+class _Raw(NamedTuple):
+    start: int
+    data: bytes
+    footer: Any  # Parquet: (offset, bytes, FileMetaData); CSV: the header bytes; JSON Lines: None
+
+
+class _Reader:
+    """One process's reads of one manifest: chunks fetched by ranged reads (on async filesystems
+    as requests on fsspec's IO loop, started by :meth:`prefetch`), decoded, a few kept."""
+
+    MIN_PENDING = 8
+
+    def __init__(self, fs: Any, manifest: Manifest, plan: _Plan, local: bool, urls: PrefixedColumn,
+                 columns: Optional[List[str]]) -> None:
+        self.fs, self.manifest, self.plan, self.urls, self.columns = fs, manifest, plan, urls, columns
+        self.kind = "local" if local else "s3" if _is_s3(fs) else "async" if getattr(fs, "async_impl", False) else "sync"
+        self.pending: "collections.OrderedDict[int, concurrent.futures.Future[_Raw]]" = collections.OrderedDict()
+        self.max_pending = self.MIN_PENDING
+        self.decoded: "collections.OrderedDict[int, Any]" = collections.OrderedDict()
+        self.heads: "collections.OrderedDict[int, Any]" = collections.OrderedDict()  # per-file footers / headers
+        self.limit: Optional[asyncio.Semaphore] = None
+
+    # fetching
+
+    async def _get(self, f: int, start: int, end: int) -> bytes:
+        """Bytes [start, end) of file ``f``, checked against its manifest entry."""
+        if end <= start:
+            return b""
+        path = self.manifest.path(f)
+        if self.kind == "local":
+            self._stat(f)
+            with open(path, "rb") as fh:
+                fh.seek(start)
+                return fh.read(end - start)
+        if self.kind == "sync":
+            try:
+                return self.fs.cat_file(path, start=start, end=end)  # type: ignore[no-any-return]
+            except FileNotFoundError:
+                raise self._gone(f) from None
+        if self.limit is None:
+            self.limit = asyncio.Semaphore(MAX_IN_FLIGHT)
+        async with self.limit:
+            if self.kind == "async":
+                try:
+                    return await self.fs._cat_file(path, start=start, end=end)  # type: ignore[no-any-return]
+                except FileNotFoundError:
+                    raise self._gone(f) from None
+            return await self._get_s3(f, path, start, end)
+
+    async def _get_s3(self, f: int, path: str, start: int, end: int) -> bytes:
+        from batchproc.rundir.storage import is_transient
+
+        bucket, key, version_id = self.fs.split_path(path)
+        extra = {"VersionId": version_id} if version_id else {}
+        for attempt in range(3):
+            try:
+                resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
+                                              **extra)
+                try:
+                    data = await resp["Body"].read()
+                finally:
+                    resp["Body"].close()
+                total = str(resp.get("ContentRange", "")).rpartition("/")[2]
+                etag = resp.get("ETag")
+                self._check(f, int(total) if total.isdigit() else None,
+                            etag_version(etag) if etag and self.manifest.version_kind == "etag" else None)
+                return data  # type: ignore[no-any-return]
+            except FileNotFoundError:
+                raise self._gone(f) from None
+            except InputChangedError:
+                raise
+            except Exception as e:
+                if attempt == 2 or not is_transient(e):
+                    raise
+                await asyncio.sleep(0.2 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _stat(self, f: int) -> None:
+        try:
+            st = os.stat(self.manifest.path(f))
+        except FileNotFoundError:
+            raise self._gone(f) from None
+        self._check(f, st.st_size, mtime_version(st.st_mtime) if self.manifest.version_kind == "mtime" else None)
+
+    def _gone(self, f: int) -> InputChangedError:
+        return InputChangedError(f"{self.urls[f]} is gone: it was listed when the run's inputs were frozen")
+
+    def _check(self, f: int, size: Optional[int], version: Optional[int]) -> None:
+        expected = int(self.manifest.sizes[f])
+        if size is not None and expected >= 0 and size != expected:
+            raise InputChangedError(f"{self.urls[f]} changed since the run's inputs were frozen: it has {size} "
+                                    f"bytes, {expected} when listed")
+        listed = int(self.manifest.versions[f])
+        if version is not None and listed and version != listed:
+            what = "its ETag is not the one listed then" if self.manifest.version_kind == "etag" else "it was modified since"
+            raise InputChangedError(f"{self.urls[f]} changed since the run's inputs were frozen: {what}")
+
+    async def _head(self, f: int) -> Any:
+        """File ``f``'s footer (Parquet: offset, bytes, parsed metadata) or CSV header, once per process."""
+        got = self.heads.get(f)
+        if got is None:
+            if self.kind in ("local", "sync"):
+                got = await self._read_head(f)
+                self.heads[f] = got
+            else:
+                got = asyncio.ensure_future(self._read_head(f))
+                self.heads[f] = got
+            while len(self.heads) > 256:
+                self.heads.popitem(last=False)
+        if isinstance(got, asyncio.Future):
+            return await asyncio.shield(got)
+        return got
+
+    async def _read_head(self, f: int) -> Any:
+        size = int(self.manifest.sizes[f])
+        if self.plan.fmt[f] == _FORMAT_CODE["parquet"]:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            n = int(self.plan.footer[f])
+            data = await self._get(f, size - n, size)
+            try:
+                md = pq.read_metadata(pa.BufferReader(data))
+            except Exception as e:
+                raise InputChangedError(f"{self.urls[f]} changed since the run's inputs were frozen: its footer "
+                                        f"no longer reads ({e})") from None
+            return (size - n, data, md)
+        return await self._get(f, 0, int(self.plan.chunk_pos[self.plan.first_chunk(f)]))
+
+    async def _fetch(self, c: int) -> _Raw:
+        plan = self.plan
+        f = int(plan.chunk_file[c])
+        fmt = FORMATS[plan.fmt[f]]
+        if fmt == "parquet":
+            head = await self._head(f)
+            md = head[2]
+            g = int(plan.chunk_pos[c])
+            if g >= md.num_row_groups or md.row_group(g).num_rows != plan.chunk_row[c + 1] - plan.chunk_row[c]:
+                raise InputChangedError(f"{self.urls[f]} changed since the run's inputs were frozen: its row "
+                                        f"group {g} is not the one listed then")
+            start, end = _column_span(md.row_group(g), self.columns)
+            if self.kind == "local":  # pyarrow reads the same ranges itself, natively
+                self._stat(f)
+                return _Raw(start, b"", head)
+            return _Raw(start, await self._get(f, start, end), head)
+        start, end = plan.text_range(c)
+        if fmt == "csv":
+            header = await self._head(f)
+            return _Raw(start, await self._get(f, start, end), header)
+        return _Raw(start, await self._get(f, start, end), None)
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        if self.kind in ("local", "sync") or not len(indices):
+            return
+        chunks = list(dict.fromkeys(self.plan.chunks_of(indices).tolist()))
+        # And the chunk after the last one hinted: batches are much smaller than row groups, and
+        # the batches read ahead end inside the current one more often than not.
+        last = max(chunks)
+        chunks += [c for c in range(last + 1, min(last + 1 + CHUNKS_AHEAD, len(self.plan.chunk_file)))]
+        self.max_pending = max(self.max_pending, 2 * len(chunks))
+        for c in chunks:
+            if c not in self.pending and c not in self.decoded:
+                self.pending[c] = asyncio.run_coroutine_threadsafe(self._fetch(c), self.fs.loop)
+        while len(self.pending) > self.max_pending:
+            self.pending.popitem(last=False)[1].cancel()
+
+    def _raw(self, c: int) -> _Raw:
+        if self.kind in ("local", "sync"):
+            raw: _Raw = _drive(self._fetch(c))
+            return raw
+        future = self.pending.pop(c, None)
+        if future is None:
+            self.prefetch(self.plan.chunk_row[c:c + 1].tolist())
+            future = self.pending.pop(c)
+        return future.result()
+
+    # decoding
+
+    def _chunk(self, c: int, keep: int) -> Any:
+        """Chunk ``c`` decoded (a pyarrow Table, or a parsed text run), or the exception reading it raised."""
+        if c in self.decoded:
+            self.decoded.move_to_end(c)
+            return self.decoded[c]
+        try:
+            value: Any = self._decode(c, self._raw(c))
+        except Exception as e:
+            value = e
+        self.decoded[c] = value
+        while len(self.decoded) > max(DECODED_CHUNKS, keep):
+            self.decoded.popitem(last=False)
+        return value
+
+    def _decode(self, c: int, raw: _Raw) -> Any:
+        plan = self.plan
+        f = int(plan.chunk_file[c])
+        fmt = FORMATS[plan.fmt[f]]
+        expected = int(plan.chunk_row[c + 1] - plan.chunk_row[c])
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            foot_at, foot, md = raw.footer
+            if self.kind == "local":
+                return pq.ParquetFile(self.manifest.path(f), metadata=md).read_row_group(
+                    int(plan.chunk_pos[c]), columns=self.columns)
+            ranges = _Ranges(int(self.manifest.sizes[f]), [(raw.start, raw.data), (foot_at, foot)],
+                             lambda s, e: _drive_or_run(self, f, s, e))
+            table = pq.ParquetFile(pa.PythonFile(ranges, mode="r"), metadata=md).read_row_group(
+                int(plan.chunk_pos[c]), columns=self.columns)
+            return table
+        lines = _Lines(raw.data, fmt == "csv", raw.footer, self.urls[f])
+        if len(lines) != expected:
+            raise InputChangedError(f"{self.urls[f]} changed since the run's inputs were frozen: bytes "
+                                    f"{raw.start}-{raw.start + len(raw.data)} hold {len(lines)} rows, {expected} when listed")
+        return lines
+
+    def rows(self, indices: List[int]) -> List[Any]:
+        """The rows (dicts) of these global indices, or the exception each one raised."""
+        if not indices:
+            return []
+        self.prefetch(indices)
+        chunks = self.plan.chunks_of(indices)
+        order = list(dict.fromkeys(chunks.tolist()))
+        out: List[Any] = [None] * len(indices)
+        for c in order:
+            ks = np.flatnonzero(chunks == c)
+            value = self._chunk(c, len(order))
+            if isinstance(value, Exception):
+                for k in ks:
+                    out[k] = value
+                continue
+            local = [indices[k] - int(self.plan.chunk_row[c]) for k in ks]
+            for k, row in zip(ks, self._take(value, local)):
+                out[k] = row
+        return out
+
+    def _take(self, value: Any, local: List[int]) -> List[Any]:
+        if isinstance(value, _Lines):
+            return [value.row(r, self.columns) for r in local]
+        lo, hi = min(local), max(local) + 1
+        if hi - lo == len(local) and local == list(range(lo, hi)):
+            rows: List[Any] = value.slice(lo, hi - lo).to_pylist()
+        else:
+            import pyarrow as pa
+
+            rows = value.take(pa.array(local, type=pa.int64())).to_pylist()
+        return rows
+
+
+def _drive(coro: Any) -> Any:
+    """Run a coroutine that never suspends (the local and sync reads) to its end, without a loop."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    coro.close()
+    raise RuntimeError("a synchronous read suspended")
+
+
+def _drive_or_run(reader: _Reader, f: int, start: int, end: int) -> bytes:
+    """A read outside the fetched ranges, from the decoding thread."""
+    if reader.kind in ("local", "sync"):
+        data: bytes = _drive(reader._get(f, start, end))
+        return data
+    return asyncio.run_coroutine_threadsafe(reader._get(f, start, end), reader.fs.loop).result()
+
+
+def _column_span(rg: Any, columns: Optional[List[str]]) -> Tuple[int, int]:
+    """The bytes of a row group's column chunks (only ``columns``' when given): one range."""
+    start, end = None, 0
+    wanted = set(columns) if columns else None
+    for j in range(rg.num_columns):
+        col = rg.column(j)
+        if wanted is not None and col.path_in_schema.split(".")[0] not in wanted:
+            continue
+        s = col.dictionary_page_offset if col.has_dictionary_page and col.dictionary_page_offset else col.data_page_offset
+        s = min(s, col.data_page_offset)
+        start = s if start is None else min(start, s)
+        end = max(end, s + col.total_compressed_size)
+    return (0, 0) if start is None else (int(start), int(end))
+
+
+class _Lines:
+    """A run of text rows: their bytes and where each row starts and ends (the same rule as the
+    listing's count); JSON Lines rows are parsed on access, CSV rows all at once by pyarrow."""
+
+    def __init__(self, data: bytes, csv: bool, header: Optional[bytes], url: str) -> None:
+        self.data, self.url = data, url
+        buf = np.frombuffer(data, dtype=np.uint8)
+        ends, _ = _row_bounds(buf, csv, 0)
+        ends = np.concatenate([ends, [len(buf)]]).astype(np.int64) if not len(ends) or ends[-1] != len(buf) - 1 else ends
+        starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+        lengths = ends - starts
+        firsts = buf[np.clip(starts, 0, max(0, len(buf) - 1))] if len(buf) else np.zeros(len(starts), dtype=np.uint8)
+        content = (lengths > 1) | ((lengths == 1) & (firsts != 13))
+        self.starts, self.ends = starts[content], ends[content]
+        self.table: Optional[List[Dict[str, Any]]] = None
+        if csv:
+            import pyarrow.csv as pacsv
+
+            try:
+                self.table = pacsv.read_csv(io.BytesIO((header or b"").rstrip(b"\r\n") + b"\n" + data)).to_pylist()
+            except Exception as e:
+                raise ValueError(f"cannot read {url} bytes of rows: {e}") from None
+            if len(self.table) != len(self.starts):
+                raise ValueError(f"{url}: pyarrow read {len(self.table)} rows where the listing counted "
+                                 f"{len(self.starts)}")
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def row(self, r: int, columns: Optional[List[str]]) -> Any:
+        if self.table is not None:
+            row = self.table[r]
+        else:
+            try:
+                row = json.loads(self.data[self.starts[r]:self.ends[r]])
+            except ValueError as e:
+                return ValueError(f"{self.url}: not a JSON line ({e})")
+            if not isinstance(row, dict):
+                return ValueError(f"{self.url}: a JSON line must hold an object, this one holds "
+                                  f"{type(row).__name__}")
+        if columns is None:
+            return row
+        return {c: row.get(c) for c in columns}
+
+
+__all__ = ["TableRows", "FORMATS", "SUFFIXES", "ROWS_PER_OFFSET", "format_of"]
