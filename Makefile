@@ -1,17 +1,28 @@
 # The two commands of README.md. Each sets itself up: a virtual environment in .venv with the
-# pinned torch/torchvision (constraints.txt) and the project installed editable.
+# pinned torch/torchvision (constraints.txt) and the project installed editable. `make run` installs
+# only what the default experiment needs (classify_images.py: pyarrow, scikit-learn, pillow);
+# `make test` adds what the tests need (S3, pytest and mypy, the text examples' transformers and
+# chromadb), each behind a stamp of its own.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: run test typecheck bench chaos clean
 
-$(STAMP): setup.cfg constraints.txt pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[examples,s3,test,determined]"
-	touch $(STAMP)
+$(PY):
+	python3 -m venv $(VENV)
 
-run: $(STAMP)  ## the default experiment (experiment.yaml)
+$(RUN_STAMP): setup.cfg constraints.txt pyproject.toml | $(PY)
+	$(PIP) -e ".[examples]"
+	touch $(RUN_STAMP)
+
+$(TEST_STAMP): setup.cfg constraints.txt pyproject.toml | $(PY)
+	$(PIP) -e ".[examples,s3,test,texts]"
+	touch $(TEST_STAMP)
+
+run: $(RUN_STAMP)  ## the default experiment (experiment.yaml)
 	$(VENV)/bin/batchproc run experiment.yaml $(ARGS)
 
 # The suite runs on one worker more than there are cores (pytest-xdist): much of its time is spent
@@ -23,7 +34,7 @@ TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: typecheck  ## the type check, then the test suite
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=10 $(ARGS)
 
-typecheck: $(STAMP)  ## mypy --strict over the package and the launcher (settings: setup.cfg [mypy])
+typecheck: $(TEST_STAMP)  ## mypy --strict over the package and the launcher (settings: setup.cfg [mypy])
 	$(PY) -m mypy --strict batchproc launch
 
 clean:
