@@ -34,7 +34,7 @@ from batchproc.writers import RowWriter, list_outputs
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling example modules
 import text_data  # noqa: E402
 from text_jobs import (Options, as_bool, log, parse_options, report, resolve_model,  # noqa: E402
-                       run_dir_storage_options)
+                       run_dir_storage_options, token_limit)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader forks after the tokenizer ran
 ROWS = "embeddings"  # the RowWriter's name: outputs/embeddings.<tag>.parquet
@@ -90,7 +90,9 @@ class EmbedProcessor(TorchBatchProcessor):
 
         o = self.opts
         self.tokenizer = AutoTokenizer.from_pretrained(o["model_path"])
-        self.model = context.prepare_model_for_inference(AutoModel.from_pretrained(o["model_path"]))
+        model = AutoModel.from_pretrained(o["model_path"], dtype=getattr(torch, o["dtype"]))
+        self.model = context.prepare_model_for_inference(model)
+        self.max_length = token_limit(o["max_length"], self.tokenizer)
         self.count = context.wrap_reducer(Count())
         self.writer = RowWriter(context, ROWS, "parquet")
 
@@ -98,7 +100,7 @@ class EmbedProcessor(TorchBatchProcessor):
         o = self.opts
         texts = [str(t) for t in batch[o["text_column"]]]
         ids = [str(i) for i in batch[o["id_column"]]]
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=o["max_length"], return_tensors="pt")
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         enc = self.context.to_device(dict(enc))
         with torch.inference_mode():
             hidden = self.model(**enc).last_hidden_state

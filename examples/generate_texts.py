@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 import torch
 
@@ -36,7 +36,7 @@ from batchproc.writers import RowWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling example modules
 import text_data  # noqa: E402
-from text_jobs import Options, as_bool, log, parse_options, report, resolve_model  # noqa: E402
+from text_jobs import Options, as_bool, log, parse_options, report, resolve_model, token_limit  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader forks after the tokenizer ran
 ROWS = "completions"  # the RowWriter's name: outputs/completions.<tag>.<ext>
@@ -55,7 +55,6 @@ OPTIONS: Options = {
     "temperature": (float, 1.0, "with do_sample: the sampling temperature"),
     "top_p": (float, 1.0, "with do_sample: nucleus sampling's probability mass"),
     "seed": (int, 0, "with do_sample: global batch g samples with seed + g"),
-    "dtype": (str, "float32", "float32, bfloat16 or float16 (the latter two for GPUs)"),
     "format": (str, "parquet", "outputs: parquet or jsonl"),
 }
 
@@ -85,17 +84,23 @@ class TokenRate(MetricReducer):
         return total
 
 
-def completion_lengths(new_tokens: torch.Tensor, eos_id: Optional[int], pad_id: Optional[int]) -> List[int]:
-    """Tokens each row generated: up to and including its first end-of-text, else up to padding."""
+def completion_lengths(new_tokens: torch.Tensor, stop_ids: Set[int], pad_id: Optional[int]) -> List[int]:
+    """Tokens each row generated: up to and including its first stop token, else up to padding."""
     lengths = []
     for row in new_tokens.tolist():
-        n = len(row)
-        if eos_id is not None and eos_id in row:
-            n = row.index(eos_id) + 1
-        elif pad_id is not None and pad_id in row:
-            n = row.index(pad_id)
+        n = next((k + 1 for k, t in enumerate(row) if t in stop_ids), None)
+        if n is None:
+            n = row.index(pad_id) if pad_id is not None and pad_id in row else len(row)
         lengths.append(n)
     return lengths
+
+
+def stop_token_ids(tokenizer: Any, model: Any) -> Set[int]:
+    """The ids generate stops at: the tokenizer's end of text and the model's (some models have several)."""
+    ids: Set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        ids.update([value] if isinstance(value, int) else list(value or []))
+    return ids
 
 
 class GenerateProcessor(TorchBatchProcessor):
@@ -116,6 +121,8 @@ class GenerateProcessor(TorchBatchProcessor):
         self.tokenizer = tokenizer
         model = AutoModelForCausalLM.from_pretrained(o["model_path"], dtype=getattr(torch, o["dtype"]))
         self.model = context.prepare_model_for_inference(model)
+        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.max_prompt_tokens = token_limit(o["max_prompt_tokens"], tokenizer)
         self.rate = context.wrap_reducer(TokenRate())
         self.writer = RowWriter(context, ROWS, o["format"])
 
@@ -123,7 +130,7 @@ class GenerateProcessor(TorchBatchProcessor):
         o, tok = self.opts, self.tokenizer
         prompts = [str(p) for p in batch[o["prompt_column"]]]
         ids = [str(i) for i in batch[o["id_column"]]]
-        enc = tok(prompts, padding=True, truncation=True, max_length=o["max_prompt_tokens"], return_tensors="pt")
+        enc = tok(prompts, padding=True, truncation=True, max_length=self.max_prompt_tokens, return_tensors="pt")
         enc = self.context.to_device(dict(enc))
         sampling: Dict[str, Any] = {"do_sample": False}
         if o["do_sample"]:
@@ -135,11 +142,11 @@ class GenerateProcessor(TorchBatchProcessor):
                                       **sampling)
         new = out[:, enc["input_ids"].shape[1]:].cpu()  # the copy waits for the device: timed with it
         seconds = time.perf_counter() - started
-        lengths = completion_lengths(new, tok.eos_token_id, tok.pad_token_id)
+        lengths = completion_lengths(new, self.stop_ids, tok.pad_token_id)
         prompt_tokens = enc["attention_mask"].sum(dim=1).cpu().tolist()
         for j, index in enumerate(self.context.batch_indices):
             n = lengths[j]
-            stopped = n > 0 and tok.eos_token_id is not None and int(new[j, n - 1]) == tok.eos_token_id
+            stopped = n > 0 and int(new[j, n - 1]) in self.stop_ids
             self.writer.add_row({
                 "id": ids[j], "index": index, "prompt": prompts[j],
                 "completion": tok.decode(new[j, :n], skip_special_tokens=True),
@@ -158,8 +165,6 @@ def make_processor(opts: Dict[str, Any]) -> type:
 
 def main(argv: Optional[List[str]] = None) -> int:
     opts = parse_options("generate_texts", __doc__ or "", OPTIONS, argv)
-    if opts["dtype"] not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"generate_texts: dtype must be float32, bfloat16 or float16, got {opts['dtype']!r}")
     opts["model_path"] = resolve_model(opts["model"], text_data.ensure_tiny_causal_lm, opts["data_root"])
     data = opts["data"] or text_data.ensure_prompts(opts["data_root"], opts["data_format"])  # locks: any rank may
     dataset = TableRows(data, columns=[opts["id_column"], opts["prompt_column"]],

@@ -36,10 +36,17 @@ def as_bool(text: Any) -> bool:
     return value in ("true", "1", "yes")
 
 
+def as_dtype(text: Any) -> str:
+    if str(text) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"expected float32, bfloat16 or float16, got {text!r}")
+    return str(text)
+
+
 #: The options both examples take, after their own.
 COMMON: Options = {
     "data_root": (str, "data", "folder where the default corpus and tiny models are made on first use"),
     "data_storage_options": (as_json, {}, "fsspec options for reading the data, as JSON"),
+    "dtype": (as_dtype, "float32", "the model's weights: float32, bfloat16 or float16 (the latter two for GPUs)"),
     "batch_size": (int, 32, "rows per batch"),
     "checkpoint_interval": (int, 4, "batches per rank between checkpoints"),
     "max_batches": (opt_int, None, "cap on the batches each rank processes"),
@@ -94,6 +101,12 @@ def resolve_model(model: str, make_tiny: Callable[[str], str], data_root: str) -
         raise FileNotFoundError(f"model folder not found: {model} (use 'tiny', a folder written by "
                                 "save_pretrained, or a Hugging Face model name)")
     return model
+
+
+def token_limit(requested: int, tokenizer: Any) -> int:
+    """``requested``, or less when the tokenizer knows its model takes fewer tokens."""
+    known = getattr(tokenizer, "model_max_length", None)
+    return min(requested, known) if isinstance(known, int) and known > 0 else requested
 
 
 def run_dir_storage_options() -> Dict[str, Any]:

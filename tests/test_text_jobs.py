@@ -352,10 +352,20 @@ def test_text_data_is_the_standard_library_docstrings(text_root: Path) -> None:
     assert json_doc["title"] == json_doc["text"].splitlines()[0]
 
 
-def test_completion_lengths_stop_at_end_of_text_or_padding() -> None:
+def test_completion_lengths_stop_at_a_stop_token_or_padding() -> None:
     import torch
 
     import generate_texts
 
-    new = torch.tensor([[5, 6, 0, 9], [5, 6, 7, 8], [5, 1, 1, 1]])
-    assert generate_texts.completion_lengths(new, eos_id=0, pad_id=1) == [3, 4, 1]
+    new = torch.tensor([[5, 6, 0, 9], [5, 6, 7, 8], [5, 1, 1, 1], [2, 1, 1, 1]])
+    assert generate_texts.completion_lengths(new, {0, 2}, pad_id=1) == [3, 4, 1, 1]
+
+
+def test_bad_options_name_the_option_and_a_missing_model_folder_says_what_to_use(tmp_path: Path) -> None:
+    import text_jobs
+
+    with pytest.raises(ValueError, match="option 'dtype': expected float32, bfloat16 or float16, got 'int8'"):
+        text_jobs.parse_options("embed_texts", "", {}, [], {"dtype": "int8"})
+    with pytest.raises(FileNotFoundError, match=f"model folder not found: {tmp_path}/nope .*'tiny'"):
+        text_jobs.resolve_model(str(tmp_path / "nope"), text_data.ensure_tiny_encoder, str(tmp_path))
+    assert text_jobs.resolve_model("org/some-model", text_data.ensure_tiny_encoder, str(tmp_path)) == "org/some-model"
