@@ -1,17 +1,28 @@
 # The two commands of README.md. Each sets itself up: a virtual environment in .venv with the
-# pinned torch/torchvision (constraints.txt) and the project installed editable.
+# pinned torch/torchvision (constraints.txt) and the project installed editable. `make run` installs
+# only what the default experiment needs (classify_images.py: pyarrow, scikit-learn, pillow);
+# `make test` adds what the tests need (S3, pytest and mypy, the text examples' transformers and
+# chromadb), each behind a stamp of its own.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: run test test-slurm typecheck bench chaos clean
 
-$(STAMP): setup.cfg constraints.txt pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[examples,s3,test,determined]"
-	touch $(STAMP)
+$(PY):
+	python3 -m venv $(VENV)
 
-run: $(STAMP)  ## the default experiment (experiment.yaml)
+$(RUN_STAMP): setup.cfg constraints.txt pyproject.toml | $(PY)
+	$(PIP) -e ".[examples]"
+	touch $(RUN_STAMP)
+
+$(TEST_STAMP): setup.cfg constraints.txt pyproject.toml | $(PY)
+	$(PIP) -e ".[examples,s3,test,texts]"
+	touch $(TEST_STAMP)
+
+run: $(RUN_STAMP)  ## the default experiment (experiment.yaml)
 	$(VENV)/bin/batchproc run experiment.yaml $(ARGS)
 
 # The suite runs on one worker more than there are cores (pytest-xdist): much of its time is spent
@@ -26,13 +37,13 @@ test: typecheck  ## the type check, then the test suite
 # examples/deploy/slurm.sbatch on a real one-node Slurm cluster (tests/test_slurm.py, ~3 min). It needs
 # root and Debian's slurm-wlm and munge, installed here when missing; `make test` skips it.
 SLURM_BINARIES := munged slurmctld slurmd sbatch scontrol
-test-slurm: $(STAMP)  ## the Slurm cluster test (root; installs slurm-wlm and munge if missing)
+test-slurm: $(TEST_STAMP)  ## the Slurm cluster test (root; installs slurm-wlm and munge if missing)
 	@if [ "$$(id -u)" != 0 ]; then echo "make test-slurm: needs root (it starts munged, slurmctld and slurmd); skipped"; exit 0; fi; \
 	for b in $(SLURM_BINARIES); do command -v $$b >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; fi; \
 	BATCHPROC_TEST_SLURM=1 $(PY) -m pytest -q -rs tests/test_slurm.py $(ARGS)
 
-typecheck: $(STAMP)  ## mypy --strict over the package and the launcher (settings: setup.cfg [mypy])
+typecheck: $(TEST_STAMP)  ## mypy --strict over the package and the launcher (settings: setup.cfg [mypy])
 	$(PY) -m mypy --strict batchproc launch
 
 clean:

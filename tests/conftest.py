@@ -23,9 +23,9 @@ from tests.support import Procs, S3Server
 # (--no-loadscope-reorder keeps this order), so that no worker starts one of them at the end while
 # the others sit idle. Only the order depends on this list; a test missing from it runs anyway.
 SLOW_FIRST = (
-    "test_embeddings_",          # group determined-embeddings, ~120 s
+    "test_embed_texts_",         # group text-embed, ~220 s (its first test makes the tiny models)
+    "test_generate_texts_",      # group text-generate, ~140 s
     "test_digits_",              # group digits-reference, ~110 s
-    "test_cifar_",               # group determined-cifar, ~80 s
     "test_hung_rank_",           # ~65 s and ~35 s
     "test_lost_host_node_", "test_lost_node_started_again_", "test_a_cut_node_",  # ~100 s and ~75 s
     "test_damaged_latest_record_", "test_no_valid_record_",  # group stopped-twice, ~50 s
