@@ -18,6 +18,9 @@ at random, mixing in each attempt:
   no process of the job may outlive it by more than a checkpoint, and when ``batchproc run``
   itself was killed the next attempt starts at once, beside the dying job, which it must wait
   for rather than commit beside it;
+* on S3, a holder frozen past its lease (SIGSTOP of every process of the job, as a VM pause
+  would, with ``BATCHPROC_LEASE_TTL_S`` short), a rival job started meanwhile, then SIGCONT:
+  the rival takes the lease over, and the frozen job must stop without committing again;
 * a kill in the middle of a commit (``BATCHPROC_FAULT=kill-after-stage|kill-after-record@rank=R``);
 * a truncated latest checkpoint record (``checkpoints/ckpt-*.json``) between attempts;
 * batch faults, in every attempt of a scenario: global batches whose ``process_batch`` raises
@@ -64,12 +67,13 @@ if str(ROOT) not in sys.path:  # tests.support, when run as a script rather than
     sys.path.insert(0, str(ROOT))
 
 from batchproc.rundir import layout  # noqa: E402
-from batchproc.settings import ENV_FAULT  # noqa: E402
-from tests.support import (PY, S3Server, Tracked, base_env, children_map, config_text, s3_storage,  # noqa: E402
-                           shared_fs, sum_job_metrics)
+from batchproc.settings import ENV_FAULT, ENV_LEASE_TTL  # noqa: E402
+from tests.support import (PY, S3Server, Tracked, base_env, children_map, config_text, descendants,  # noqa: E402
+                           s3_storage, shared_fs, sum_job_metrics)
 
 NAME = "chaos"
 SLOW_ATTEMPT_S = 60.0  # reported (not counted as hung): an attempt this long deserves a look
+LEASE_TTL_S = 2.0  # in scenarios with a frozen holder
 ORPHAN_GRACE_S = 15.0  # a process still alive this long after its batchproc run ended is an orphan
 
 
@@ -148,6 +152,7 @@ class Attempt:
     truncate_after: bool = False            # truncate the latest record once the attempt ended
     kill9_target: Optional[str] = None      # SIGKILL "run", "launcher" or "torchrun" ...
     kill9_at: float = 0.0                   # ... this long after the first WORKER line
+    freeze_at: Optional[float] = None       # S3: SIGSTOP the whole job this long after the first WORKER line
 
     def describe(self) -> str:
         parts = [f"K{self.slots}", f"mr{self.max_restarts}"]
@@ -158,6 +163,8 @@ class Attempt:
             parts.append(f"kill(r{self.kill_rank})+{self.kill_delay:.1f}s")
         if self.kill9_target is not None:
             parts.append(f"kill9({self.kill9_target})+{self.kill9_at:.1f}s")
+        if self.freeze_at is not None:
+            parts.append(f"freeze(lease)+{self.freeze_at:.1f}s")
         if self.commit_fault:
             parts.append(self.commit_fault)
         if self.truncate_after:
@@ -186,6 +193,8 @@ class Scenario:
     def env(self) -> Dict[str, str]:
         """The batch faults, the same in every run of the scenario (they are properties of the data)."""
         env: Dict[str, str] = {}
+        if any(a.freeze_at is not None for a in self.attempts):
+            env[ENV_LEASE_TTL] = str(LEASE_TTL_S)  # a freeze of a few seconds outlives it
         if self.raise_batches:
             env.update(SUM_JOB_RAISE=",".join(map(str, self.raise_batches)), SUM_JOB_BAD_BATCHES="skip")
         if self.oom_above:
@@ -228,6 +237,8 @@ def make_scenario(rng: random.Random, index: int, s3: bool, max_faulty: int) -> 
         sc.batch_size, sc.oom_above = max(sc.batch_size, 2), 1
     if rng.random() < 0.3:  # batches that raise, skipped and recorded
         sc.raise_batches = sorted(rng.sample(range(-(-sc.n // sc.batch_size)), rng.choice([1, 2])))
+    if sc.storage == "s3" and rng.random() < 0.4:  # drawn last: the draws above stay what they were
+        sc.attempts.append(Attempt(slots=rng.randint(1, 3), freeze_at=round(rng.uniform(0.5, 3.0), 2)))
     return sc
 
 
@@ -248,6 +259,14 @@ class Outcome:
     def clean(self) -> bool:
         return not (self.lost or self.duplicated or self.metric_mismatch or self.hung or self.orphans
                     or self.stray or not self.completed)
+
+
+def _signal_all(pids: List[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _metrics_over(indices: List[int]) -> Dict[str, Any]:
@@ -392,9 +411,32 @@ class Campaign:
                     pid = kids[0] if kids else None
                 t.signal_descendant(pid, signal.SIGKILL)
             timers.append(threading.Thread(target=kill9, daemon=True))
+        rival: List[Tracked] = []
+        if a.freeze_at is not None:
+            def freeze() -> None:
+                while not t.worker_seen.wait(0.2):
+                    if t.p.poll() is not None:
+                        return
+                time.sleep(a.freeze_at)
+                if t.p.poll() is not None:
+                    return
+                frozen = [t.p.pid, *descendants(t.p.pid)]
+                _signal_all(frozen, signal.SIGSTOP)
+                try:
+                    time.sleep(LEASE_TTL_S * 2)  # past the lease
+                    rival.append(self.start(cmd[:-4], log.with_name(log.stem + "-rival.log"), env))
+                    time.sleep(4)  # the rival takes the lease over and commits
+                finally:
+                    _signal_all(frozen, signal.SIGCONT)
+            timers.append(threading.Thread(target=freeze, daemon=True))
         for th in timers:
             th.start()
         rc = self.finish(t, out, what, dying_ok=a.kill9_target == "run")
+        for th in timers:
+            th.join(timeout=60)
+        for r in rival:  # the frozen job stopped (lease lost) or ended; the rival goes on alone
+            rival_rc = self.finish(r, out, what + " (rival)")
+            out.rcs.append(f"rival:{rival_rc}")
         for th in timers:
             th.join(timeout=1)
         return rc
