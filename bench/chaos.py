@@ -74,6 +74,7 @@ from tests.support import (PY, S3Server, Tracked, base_env, children_map, config
 NAME = "chaos"
 SLOW_ATTEMPT_S = 60.0  # reported (not counted as hung): an attempt this long deserves a look
 LEASE_TTL_S = 2.0  # in scenarios with a frozen holder
+FREEZE_SLEEP_S = 0.4  # seconds per batch in the attempt that is frozen
 ORPHAN_GRACE_S = 15.0  # a process still alive this long after its batchproc run ended is an orphan
 
 
@@ -238,7 +239,8 @@ def make_scenario(rng: random.Random, index: int, s3: bool, max_faulty: int) -> 
     if rng.random() < 0.3:  # batches that raise, skipped and recorded
         sc.raise_batches = sorted(rng.sample(range(-(-sc.n // sc.batch_size)), rng.choice([1, 2])))
     if sc.storage == "s3" and rng.random() < 0.4:  # drawn last: the draws above stay what they were
-        sc.attempts.append(Attempt(slots=rng.randint(1, 3), freeze_at=round(rng.uniform(0.5, 3.0), 2)))
+        # First, and on slower batches, so that the freeze finds the job mid-run.
+        sc.attempts.insert(0, Attempt(slots=rng.randint(1, 3), freeze_at=round(rng.uniform(0.3, 1.5), 2)))
     return sc
 
 
@@ -365,6 +367,8 @@ class Campaign:
         cmd = [PY, "-m", "batchproc", "run", str(cfg), "--set", f"resources.slots_per_trial={a.slots}",
                "--set", f"max_restarts={a.max_restarts}"]
         extra = dict(env or {})
+        if a.freeze_at is not None:
+            extra["SUM_JOB_SLEEP"] = str(FREEZE_SLEEP_S)
         if a.commit_fault:
             extra[ENV_FAULT] = a.commit_fault
         t = self.start(cmd, log, extra)
