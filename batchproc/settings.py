@@ -25,6 +25,9 @@ ENV_HPARAMS = "BATCHPROC_HPARAMS"
 ENV_SLOTS = "BATCHPROC_SLOTS_PER_TRIAL"
 ENV_MAX_RESTARTS = "BATCHPROC_MAX_RESTARTS"
 ENV_PG_TIMEOUT = "BATCHPROC_PG_TIMEOUT_S"
+ENV_SCHEDULE = "BATCHPROC_SCHEDULE"
+#: torch_batch_process's schedules: Determined's lock-step round-robin, or ranks pulling batches.
+SCHEDULES = ("static", "dynamic")
 ENV_LOCK_HELD = "BATCHPROC_LOCK_HELD"
 #: "1": show rank 0's progress bar even though stderr is a pipe (the launcher's is a terminal).
 ENV_PROGRESS = "BATCHPROC_PROGRESS"
@@ -86,6 +89,7 @@ class RunSettings:
     max_restarts: int = 0
     pg_timeout_s: float = 1800.0
     lock_held: bool = False
+    schedule: Optional[str] = None  #: the experiment's ``schedule`` key (None: not given)
 
     def to_env(self) -> Dict[str, str]:
         env = {
@@ -102,6 +106,8 @@ class RunSettings:
             env[ENV_SLOTS] = str(self.slots_per_trial)
         if self.lock_held:
             env[ENV_LOCK_HELD] = "1"
+        if self.schedule is not None:
+            env[ENV_SCHEDULE] = self.schedule
         return env
 
     @classmethod
@@ -117,4 +123,5 @@ class RunSettings:
             max_restarts=int(env.get(ENV_MAX_RESTARTS) or 0),
             pg_timeout_s=float(env.get(ENV_PG_TIMEOUT) or 1800.0),
             lock_held=env.get(ENV_LOCK_HELD) == "1",
+            schedule=env.get(ENV_SCHEDULE) or None,
         )

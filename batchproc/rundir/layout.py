@@ -7,6 +7,8 @@ A run directory (``<storage root>/<experiment name>/``, any fsspec URL) holds::
     checkpoints/ckpt-<seq>.json the immutable checkpoint records (the commit points) ...
     checkpoints/ckpt-<seq>.states.pt   ... and the reducer states each one points to
     staging/<attempt>/r<rank>/u<n>/...  files written in upload_path(), not yet committed
+    dynamic/rank-<attempt>-r<rank>-<seq>.pt  schedule="dynamic": one rank's commit records ...
+    dynamic/folded-<gen>.pt     ... and the earlier attempts' records folded into one
     outputs/...                 published outputs, each name tagged <stem>.<attempt>-r<rank>-u<n>.<suffix>
     rejected/...                outputs and records set aside after a damaged record
     status.json  failures/      the run's state (one writer) and the ranks' failure reports
@@ -29,6 +31,7 @@ OUTPUTS = "outputs"
 STAGING = "staging"
 REJECTED = "rejected"
 RECORDS = "checkpoints"
+DYNAMIC_RECORDS = "dynamic"
 FINGERPRINT_FILE = "fingerprint.json"
 MANIFEST_FILE = "inputs/manifest.npz"
 STATUS_FILE = "status.json"
@@ -52,6 +55,8 @@ FINISH_TAG = "ffffffff"
 ANNOUNCED_RUN_DIR = "run_dir.announced"
 
 _RECORD_RE = re.compile(r"^ckpt-(\d{8})\.json$")
+_RANK_RECORD_RE = re.compile(r"^rank-([0-9a-f]{8})-r(\d{5})-(\d{8})\.pt$")
+_FOLDED_RE = re.compile(r"^folded-(\d{8})\.pt$")
 _TAG_RE = re.compile(r"\.([0-9a-f]{8})-r(\d+)-u(\d+)(\.|$)")
 
 
@@ -66,6 +71,27 @@ def states_name(seq: int) -> str:
 def record_seq(name: str) -> Optional[int]:
     """The seq of a record's file name (``ckpt-00000007.json`` -> 7); None for any other name."""
     m = _RECORD_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def rank_record_name(attempt: str, rank: int, seq: int) -> str:
+    """One commit of one rank under the dynamic schedule."""
+    return f"{DYNAMIC_RECORDS}/rank-{attempt}-r{rank:05d}-{seq:08d}.pt"
+
+
+def parse_rank_record(name: str) -> Optional[Tuple[str, int, int]]:
+    """``(attempt, rank, seq)`` of a rank record's file name; None for any other name."""
+    m = _RANK_RECORD_RE.match(name)
+    return (m.group(1), int(m.group(2)), int(m.group(3))) if m else None
+
+
+def folded_name(gen: int) -> str:
+    """The dynamic schedule's folded record of generation ``gen``."""
+    return f"{DYNAMIC_RECORDS}/folded-{gen:08d}.pt"
+
+
+def parse_folded(name: str) -> Optional[int]:
+    m = _FOLDED_RE.match(name)
     return int(m.group(1)) if m else None
 
 
