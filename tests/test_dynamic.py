@@ -165,3 +165,18 @@ def test_a_run_keeps_its_schedule(procs: Procs, tmp_path: Path) -> None:
     out = procs.run(job_cmd(0, *DYN, 9, 2, 1, "-", run_dir))
     assert out.rc != 0 and "schedule='static'" in out.out, out.out
     assert SCRIPTS.exists()
+
+
+def test_the_experiment_key_reaches_the_workers(tmp_path: Path) -> None:
+    from batchproc.control.config import load_config
+    from batchproc.errors import ConfigError
+    from batchproc.settings import RunSettings
+
+    good = tmp_path / "good.yaml"
+    good.write_text("name: x\nentrypoint: python3 job.py\nschedule: dynamic\n")
+    settings = load_config(str(good)).run_settings(lock_held=False)
+    assert RunSettings.from_env(settings.to_env()).schedule == "dynamic"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nentrypoint: python3 job.py\nschedule: fastest\n")
+    with pytest.raises(ConfigError, match="schedule"):
+        load_config(str(bad))
