@@ -5,7 +5,8 @@ Each batch sleeps a seeded cost (pure scheduling: no CPU contention between the 
 * ``uneven``: costs lognormal with sigma = 1, mean ``--mean-ms``;
 * ``straggler``: every batch costs the same, and rank 1 takes twice as long on each.
 
-The figure is the makespan (first batch started on any rank to the last rank's return), and the
+The figure is the makespan (first batch started on any rank to the last batch's end on any rank:
+the schedule's span, without the start-up and the end's meeting, which both schedules share), and the
 ratio is ``ideal / makespan``: the ideal is the total work divided by the ranks' summed capacity
 (uneven: ``sum(costs) / 2``; straggler: ``B * cost / 1.5``). Run ``python -m bench.schedule`` or
 row ``y`` of ``python -m bench``.
@@ -28,6 +29,7 @@ from typing import Any, Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGMA = 1.0
+INTERVAL = int(os.environ.get("BENCH_SCHEDULE_INTERVAL", "50"))  #: batches per rank between commits
 
 
 def costs(kind: str, batches: int, mean_ms: float) -> List[float]:
@@ -60,11 +62,12 @@ def worker(kind: str, schedule: str, batches: int, mean_ms: float, out_dir: str,
         def process_batch(self, batch: Any, batch_idx: int) -> None:
             first.setdefault("t", time.time())
             time.sleep(cost[self.context.global_batch_idx] * factor)
+            first["last"] = time.time()
 
-    torch_batch_process(Sleeper, torch.arange(batches), batch_size=1, checkpoint_interval=10,
+    torch_batch_process(Sleeper, torch.arange(batches), batch_size=1, checkpoint_interval=INTERVAL,
                         dataloader_kwargs={"num_workers": 0}, storage=storage, schedule=schedule)
     with open(os.path.join(out_dir, f"r{rank}.json"), "w") as f:
-        json.dump({"first": first.get("t"), "end": time.time()}, f)
+        json.dump({"first": first.get("t"), "last": first.get("last"), "end": time.time()}, f)
 
 
 def makespan(kind: str, schedule: str, batches: int, mean_ms: float) -> float:
@@ -76,7 +79,8 @@ def makespan(kind: str, schedule: str, batches: int, mean_ms: float) -> float:
     try:
         subprocess.run(cmd, env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         recs = [json.loads((Path(out) / f"r{r}.json").read_text()) for r in range(2)]
-        return max(r["end"] for r in recs) - min(r["first"] for r in recs if r["first"] is not None)
+        ran = [r for r in recs if r["first"] is not None]
+        return max(r["last"] for r in ran) - min(r["first"] for r in ran)
     finally:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(store, ignore_errors=True)
@@ -96,10 +100,10 @@ def schedule_rows(table: Any, runs: int, batches: int = 240, mean_ms: float = 20
         d, s = ideal / statistics.median(dyn), ideal / statistics.median(sta)
         found[kind] = (d, s)
         what = (f"{kind}: {batches} batches, " + ("lognormal sigma=1 sleeps" if kind == "uneven" else
-                "rank 1 2x slower on every batch") + f", mean {mean_ms:g} ms, 2 ranks; ratio = ideal / makespan")
+                "rank 1 2x slower on every batch") + f", mean {mean_ms:g} ms, commit every {INTERVAL}, 2 ranks; ratio = ideal / makespan")
         table.add("y", what + " (dynamic; baseline column: static)", f"{statistics.median(dyn):.2f} s",
                   f"{statistics.median(sta):.2f} s", d, f">= {targets[kind]} of ideal", d >= targets[kind])
-    return ("Schedule rows (y): makespan from the first batch to the last rank's return, median of "
+    return ("Schedule rows (y): makespan from the first batch started to the last batch ended, median of "
             f"{runs} alternated runs; ideal = total sleep / summed capacity. Static as a fraction of the "
             f"ideal: uneven {found['uneven'][1]:.3f}, straggler {found['straggler'][1]:.3f}.")
 
