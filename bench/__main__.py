@@ -265,7 +265,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                             nproc=2, threads=1), R)
         compare(table, "y", "uniform work, 2 ranks: dynamic vs static schedule (img/s)", [throughput(r) for r in dyn],
                 [throughput(r) for r in static], ">= 0.99", lambda x: x >= 0.99)
-        syn = ["synthetic", "--model", "tiny", "--bs", "4", "--n", "4000", "--max-batches", "150", "--interval", "1"]
+        syn = ["synthetic", "--model", "tiny", "--bs", "4", "--max-batches", "120", "--interval", "1"]
         static, dyn = alternate(lambda: run(syn, nproc=2, threads=1),
                                 lambda: run([*syn, "--schedule", "dynamic"], nproc=2, threads=1), R)
         compare(table, "y", "commit every batch, 2 ranks, local disk: dynamic vs static schedule (samples/s)",
