@@ -31,6 +31,9 @@ class WorkerEnv:
     device: torch.device
     restart_count: int
     owns_group: bool = False
+    #: The process group's key-value store (an in-process one in a world of one): the dynamic
+    #: schedule's claim counter and job-wide counts live there.
+    store: Any = None
 
     @property
     def is_chief(self) -> bool:
@@ -112,13 +115,20 @@ def init_worker(pg_timeout_s: float = 1800.0) -> WorkerEnv:
     env = WorkerEnv(rank, world_size, local_rank, local_world_size, device, restart_count)
     if world_size > 1 and not torch.distributed.is_initialized():
         timeout = datetime.timedelta(seconds=pg_timeout_s)
+        env.store = _worker_store(rank, world_size, restart_count, timeout)
         torch.distributed.init_process_group(
             backend="nccl" if use_cuda else "gloo",
-            store=_worker_store(rank, world_size, restart_count, timeout),
+            store=env.store,
             rank=rank, world_size=world_size, timeout=timeout,
             device_id=device if use_cuda else None,
         )
         env.owns_group = True
+    elif world_size > 1:  # the user's own process group: its store
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        env.store = _get_default_store()
+    else:
+        env.store = c10d.HashStore()
     return env
 
 

@@ -25,6 +25,9 @@ ENV_HPARAMS = "BATCHPROC_HPARAMS"
 ENV_SLOTS = "BATCHPROC_SLOTS_PER_TRIAL"
 ENV_MAX_RESTARTS = "BATCHPROC_MAX_RESTARTS"
 ENV_PG_TIMEOUT = "BATCHPROC_PG_TIMEOUT_S"
+ENV_SCHEDULE = "BATCHPROC_SCHEDULE"
+#: torch_batch_process's schedules: Determined's lock-step round-robin, or ranks pulling batches.
+SCHEDULES = ("static", "dynamic")
 ENV_LOCK_HELD = "BATCHPROC_LOCK_HELD"
 #: The id of the object-store lease a supervisor holds for its workers (rank 0 checks it before each record).
 ENV_LEASE_ID = "BATCHPROC_LEASE_ID"
@@ -91,6 +94,7 @@ class RunSettings:
     pg_timeout_s: float = 1800.0
     lock_held: bool = False
     lease_id: Optional[str] = None  #: the supervisor's object-store lease (ENV_LEASE_ID)
+    schedule: Optional[str] = None  #: the experiment's ``schedule`` key (None: not given)
 
     def to_env(self) -> Dict[str, str]:
         env = {
@@ -109,6 +113,8 @@ class RunSettings:
             env[ENV_LOCK_HELD] = "1"
         if self.lease_id is not None:
             env[ENV_LEASE_ID] = self.lease_id
+        if self.schedule is not None:
+            env[ENV_SCHEDULE] = self.schedule
         return env
 
     @classmethod
@@ -125,4 +131,5 @@ class RunSettings:
             pg_timeout_s=float(env.get(ENV_PG_TIMEOUT) or 1800.0),
             lock_held=env.get(ENV_LOCK_HELD) == "1",
             lease_id=env.get(ENV_LEASE_ID) or None,
+            schedule=env.get(ENV_SCHEDULE) or None,
         )

@@ -242,6 +242,7 @@ def main() -> None:
     p.add_argument("--interval", type=int, default=10**6)
     p.add_argument("--max-batches", type=int, default=None)
     p.add_argument("--contiguous", action="store_true", help="example: keep the model's default memory format")
+    p.add_argument("--schedule", default="static", choices=["static", "dynamic"])
     p.add_argument("--storage", default=None, help="run directory (default: from batchproc run)")
     ARGS = p.parse_args()
     MODEL = build_model(ARGS.model) if not ARGS.mode.startswith("gpu-") else None
@@ -258,7 +259,8 @@ def main() -> None:
         kwargs = {} if ARGS.nw is None else {"num_workers": ARGS.nw}
         cls = {"gpu-framework": GpuPredict, "pil-rows": Rows}.get(ARGS.mode, Predict)
         result = torch_batch_process(cls, ds, batch_size=ARGS.bs, checkpoint_interval=ARGS.interval,
-                                     max_batches=ARGS.max_batches, dataloader_kwargs=kwargs, storage=ARGS.storage)
+                                     max_batches=ARGS.max_batches, dataloader_kwargs=kwargs, storage=ARGS.storage,
+                                     schedule=ARGS.schedule)
         samples = result.metrics.get("samples", 0)
     end = time.time()
     record = json.dumps({

@@ -77,6 +77,8 @@ OPTIONS: Dict[str, tuple] = {
     "max_bad_samples": (_opt_int, None, "with skip: fail once more images than this were skipped"),
     "bad_batches": (str, "raise", "raise, or skip (a batch the model fails on is recorded in errors.jsonl)"),
     "max_bad_batches": (_opt_int, None, "with skip: fail once more batches than this were skipped"),
+    "schedule": (str, None, "static (lock-step round-robin, Determined's call counts) or dynamic (ranks pull "
+                 "batches: no rank waits for a slower one); default: the experiment's schedule key, else static"),
     "storage": (str, None, "run directory (path or fsspec URL); default from batchproc run, else ./runs/classify_images"),
 }
 
@@ -299,7 +301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         checkpoint_interval=opts["checkpoint_interval"], max_batches=opts["max_batches"],
         dataloader_kwargs=loader_kwargs, storage=opts["storage"], bad_samples=opts["bad_samples"],
         max_bad_samples=opts["max_bad_samples"], bad_batches=opts["bad_batches"],
-        max_bad_batches=opts["max_bad_batches"])
+        max_bad_batches=opts["max_bad_batches"], schedule=opts["schedule"])
     if result.preempted:
         log(f"preempted after {result.steps_completed}/{result.total_batches} batches; progress is saved "
             f"in {result.run_dir}: run the same command again to resume")

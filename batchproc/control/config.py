@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union, c
 import yaml
 
 from batchproc.errors import ConfigError
-from batchproc.settings import RunSettings
+from batchproc.settings import SCHEDULES, RunSettings
 
 DEFAULT_STORAGE_PATH = "./runs"
 _ENTRYPOINT = "a non-empty str or list of str (the command to run)"
@@ -144,6 +144,8 @@ class ExperimentConfig:
     process_group_timeout_s: float = 1800.0
     checkpoint_storage: StorageConfig = SharedFSStorage(host_path=DEFAULT_STORAGE_PATH)
     hyperparameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: torch_batch_process's default schedule for this experiment: "static" or "dynamic".
+    schedule: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_str("name", self.name)
@@ -166,6 +168,8 @@ class ExperimentConfig:
             raise _Invalid("process_group_timeout_s", f"expected a number > 0, got {_describe(t)}")
         object.__setattr__(self, "process_group_timeout_s", float(t))
         _check_mapping("hyperparameters", self.hyperparameters)
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise _Invalid("schedule", f"expected one of {', '.join(SCHEDULES)}, got {_describe(self.schedule)}")
 
     def entrypoint_argv(self) -> List[str]:
         """The entrypoint as an argv list (a string is split as a shell would)."""
@@ -191,6 +195,7 @@ class ExperimentConfig:
             max_restarts=self.max_restarts,
             pg_timeout_s=self.process_group_timeout_s,
             lock_held=lock_held,
+            schedule=self.schedule,
         )
 
 

@@ -78,24 +78,25 @@ class BatchRunner:
     watchdog: Optional["Watchdog"] = None
     skipped: List[ErrorRecord] = dataclasses.field(default_factory=list)  #: records since the last take
 
-    def run(self, batch: Any, indices: List[int], g: int) -> None:
-        self._run(batch, list(indices), g)
+    def run(self, batch: Any, indices: List[int], g: int, batch_idx: Optional[int] = None) -> None:
+        """``batch_idx`` is the worker's index of the batch (default: the static schedule's ``g // W``)."""
+        self._run(batch, list(indices), g, g // self.world_size if batch_idx is None else batch_idx)
 
     def take_records(self) -> List[ErrorRecord]:
         records, self.skipped = self.skipped, []
         return records
 
-    def _run(self, batch: Any, indices: List[int], g: int) -> None:
+    def _run(self, batch: Any, indices: List[int], g: int, batch_idx: int) -> None:
         engine = self.engine
         engine.begin_batch(g, indices)
         if self.watchdog is not None:
             self.watchdog.arm(g)
         try:
-            self.processor.process_batch(batch, g // self.world_size)
+            self.processor.process_batch(batch, batch_idx)
         except torch.OutOfMemoryError as e:
             engine.drop_batch()
             if self.splittable and len(indices) > 1 and batch_size_of(batch) == len(indices):
-                self._split(batch, indices, g, e)
+                self._split(batch, indices, g, batch_idx, e)
             else:
                 self._failed(e, indices, g)
         except Exception as e:
@@ -107,7 +108,7 @@ class BatchRunner:
             if self.watchdog is not None:
                 self.watchdog.disarm()
 
-    def _split(self, batch: Any, indices: List[int], g: int, error: BaseException) -> None:
+    def _split(self, batch: Any, indices: List[int], g: int, batch_idx: int, error: BaseException) -> None:
         half = len(indices) // 2
         print(f"batchproc: warning: rank {self.rank}: out of memory in global batch {g} with {len(indices)} "
               f"samples ({_describe(indices)}); retrying as {half} + {len(indices) - half} "
@@ -115,8 +116,8 @@ class BatchRunner:
               file=sys.stderr, flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the failed attempt's blocks
-        self._run(take(batch, 0, half), indices[:half], g)
-        self._run(take(batch, half, len(indices)), indices[half:], g)
+        self._run(take(batch, 0, half), indices[:half], g, batch_idx)
+        self._run(take(batch, half, len(indices)), indices[half:], g, batch_idx)
 
     def _failed(self, error: Exception, indices: List[int], g: int) -> None:
         name = type(self.processor).__name__

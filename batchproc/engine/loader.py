@@ -236,9 +236,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def build_loader(dataset: Dataset[Any], sampler: RankBatchSampler, dataloader_kwargs: Dict[str, Any],
+def build_loader(dataset: Dataset[Any], sampler: Any, dataloader_kwargs: Dict[str, Any],
                  samples: SkipPolicy, device: torch.device, local_world_size: int = 1) -> DataLoader[Any]:
-    """A DataLoader over this rank's remaining batches: prefetching workers, pinned memory for GPUs."""
+    """A DataLoader over this rank's remaining batches: prefetching workers, pinned memory for GPUs.
+
+    ``sampler`` is a batch sampler with ``__len__``: a :class:`RankBatchSampler` (static schedule;
+    its known order lets datasets fetch ahead) or the dynamic schedule's claiming one."""
     kwargs = dict(dataloader_kwargs)
     kwargs.pop("drop_last", None)  # applied to the dataset's length (see run._Job._open); the sampler is ours
     collate_fn = kwargs.pop("collate_fn", None) or default_collate
@@ -246,5 +249,6 @@ def build_loader(dataset: Dataset[Any], sampler: RankBatchSampler, dataloader_kw
     kwargs.setdefault("num_workers", default_num_workers(local_world_size) if len(sampler) > 1 else 0)
     if kwargs["num_workers"] > 0:
         kwargs["worker_init_fn"] = _WorkerInit(kwargs.get("worker_init_fn"))
-    return DataLoader(_IndexedDataset(dataset, samples, sampler), batch_sampler=sampler,
+    ahead = sampler if isinstance(sampler, RankBatchSampler) else None
+    return DataLoader(_IndexedDataset(dataset, samples, ahead), batch_sampler=sampler,
                       collate_fn=_Collate(collate_fn), **kwargs)

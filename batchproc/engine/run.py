@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Type, cast
 
 from torch.utils.data import Dataset, default_collate
 
-from batchproc.engine import checkpoint, sharding
+from batchproc.engine import checkpoint, dynamic, sharding
 from batchproc.distributed import WorkerEnv, init_worker
 from batchproc.engine import verdict
 from batchproc.engine import entry
@@ -39,7 +39,7 @@ from batchproc.rundir import lifecycle
 from batchproc.rundir.lifecycle import BEFORE_FIRST_BATCH, IN_ON_FINISH, Phase, RunState, Where
 from batchproc.rundir.layout import ERRORS_FILE, FINISH_TAG, METRICS_FILE, STAGING
 from batchproc.rundir.report import write_metrics
-from batchproc.settings import PREEMPTION_SIGNALS, RunSettings
+from batchproc.settings import PREEMPTION_SIGNALS, SCHEDULES, RunSettings
 from batchproc.lifeline import die_with_parent, under_torchrun
 from batchproc.rundir.job_lock import JobMembership, lock_root
 from batchproc.rundir.lifecycle import ExitCode
@@ -92,6 +92,7 @@ def torch_batch_process(
     bad_batches: str = "raise",
     max_bad_batches: Optional[int] = None,
     batch_timeout_s: Optional[float] = None,
+    schedule: Optional[str] = None,
 ) -> BatchProcessResult:
     """Run ``batch_processor_cls`` over ``dataset`` on every rank, checkpointed and resumable.
 
@@ -128,6 +129,10 @@ def torch_batch_process(
         max_bad_batches: with ``"skip"``, fail once more batches than this were skipped.
         batch_timeout_s: a rank whose batch runs longer dumps its threads' stacks and fails the
             job at once (off by default).
+        schedule: ``"static"`` (the loop above, Determined's call counts) or ``"dynamic"``: ranks
+            claim the remaining global batches one at a time, so a faster rank does more of them,
+            and each rank commits on its own (:mod:`batchproc.engine.dynamic`). ``None``: the
+            experiment's ``schedule`` key, else ``"static"``. A run keeps the schedule it started with.
     """
     loader_kwargs = check_dataloader_kwargs(dataloader_kwargs, batch_size is not None)
     if batch_size is None:
@@ -135,6 +140,7 @@ def torch_batch_process(
     max_batches = _check_arguments(dataset, batch_size, checkpoint_interval, max_batches)
     policy = BadWorkPolicy.from_arguments(bad_samples, max_bad_samples, bad_batches, max_bad_batches, batch_timeout_s)
     settings = RunSettings.from_env()
+    schedule = _check_schedule(schedule if schedule is not None else settings.schedule or "static")
     if under_torchrun():
         die_with_parent(started_by_supervisor=False)  # torchrun SIGKILLed: this worker checkpoints and stops
     env = init_worker(settings.pg_timeout_s)
@@ -154,7 +160,8 @@ def torch_batch_process(
         except OSError as e:  # a read-only or full run directory: named, not a traceback from os
             raise RunDirUnwritableError.wrap(run_dir.url, e) from None
         job = _Job(env, run_dir, settings, dataset, batch_processor_cls, batch_size,
-                   checkpoint_interval, max_batches, loader_kwargs, policy, _lease_check(run_dir, lock, settings))
+                   checkpoint_interval, max_batches, loader_kwargs, policy, _lease_check(run_dir, lock, settings),
+                   schedule)
         result = job.run()
         entry.returned()
         return result
@@ -236,6 +243,12 @@ def _check_arguments(dataset: Any, batch_size: Any, interval: Any, max_batches: 
     return max_batches
 
 
+def _check_schedule(schedule: Any) -> str:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
+    return str(schedule)
+
+
 def _check_distributed_context(context: Any, env: WorkerEnv) -> None:
     if context is None:
         return
@@ -267,20 +280,21 @@ class _Job:
     def __init__(self, env: WorkerEnv, run_dir: RunDir, settings: RunSettings, dataset: "Dataset[Any]",
                  processor_cls: Type[TorchBatchProcessor], batch_size: int, interval: int,
                  max_batches: Optional[int], loader_kwargs: Dict[str, Any],
-                 policy: BadWorkPolicy = BadWorkPolicy(), verify_lease: Callable[[], None] = lambda: None) -> None:
+                 policy: BadWorkPolicy = BadWorkPolicy(), verify_lease: Callable[[], None] = lambda: None,
+                 schedule: str = "static") -> None:
         self.env, self.run_dir, self.settings = env, run_dir, settings
         self.verify_lease = verify_lease
         self.dataset, self.processor_cls = dataset, processor_cls
         self.batch_size, self.interval, self.max_batches = batch_size, interval, max_batches
-        self.loader_kwargs, self.policy = loader_kwargs, policy
+        self.loader_kwargs, self.policy, self.schedule = loader_kwargs, policy, schedule
         self._watcher: Optional[PreemptionWatcher] = None
         self.hooks = fault_hooks(env.rank, self._stop_requested)  # test fault injection; a no-op otherwise
         self.phase: Where = BEFORE_FIRST_BATCH  #: where a failure happened, for its report
         self.attempt: Optional[str] = None
         self.tb_mirror: Optional[TensorBoardMirror] = None
 
-    def _open(self) -> "tuple[checkpoint.Resumed, checkpoint.Fingerprint, str]":
-        """Rank 0 reads the resume point; every rank receives it (or rank 0's error)."""
+    def _fingerprint(self) -> checkpoint.Fingerprint:
+        """The job's fingerprint, its inputs frozen (batchproc.data.inputs); every rank calls it."""
         recorded = checkpoint.recorded_inputs(self.run_dir) if self.env.is_chief else None
         frozen = freeze_inputs(self.dataset, self.run_dir, self.env, recorded)  # first: len() must not list the source
         n = len(self.dataset)  # type: ignore[arg-type]
@@ -293,13 +307,19 @@ class _Job:
         per_worker = -(-n // (self.batch_size * self.env.world_size))
         if self.max_batches is not None and self.max_batches > per_worker and self.env.is_chief:
             warnings.warn(f"max_batches={self.max_batches} is more than the {per_worker} batches each of the "
-                          f"{self.env.world_size} worker(s) has; processing the whole dataset", stacklevel=2)
+                          f"{self.env.world_size} worker(s) has; processing the whole dataset", stacklevel=3)
+        return fingerprint
+
+    def _open(self) -> "tuple[checkpoint.Resumed, checkpoint.Fingerprint, str]":
+        """Rank 0 reads the resume point; every rank receives it (or rank 0's error)."""
+        fingerprint = self._fingerprint()
         opened: Any = None
         if self.env.is_chief:
             try:
                 self.run_dir.makedirs("")
                 if self.settings.run_dir is None and verdict.verdict_dir() is not None:
                     verdict.announce_run_dir(self.run_dir.url, lifecycle.read_status(self.run_dir).updated)
+                dynamic.check_schedule(self.run_dir, "static")
                 resumed = checkpoint.open_run(self.run_dir, fingerprint, self.env.restart_count)
                 fingerprint.total_batches = resumed.total_batches
                 if not resumed.completed:
@@ -317,6 +337,8 @@ class _Job:
         return cast("tuple[checkpoint.Resumed, checkpoint.Fingerprint, str]", opened)
 
     def run(self) -> BatchProcessResult:
+        if self.schedule == "dynamic":
+            return dynamic.DynamicAttempt(self).run()
         resumed, fingerprint, attempt = self._open()
         self.attempt = attempt
         if resumed.completed:
@@ -373,6 +395,11 @@ class _Job:
         env = self.env
         sampler = sharding.RankBatchSampler(fingerprint.dataset_len, self.batch_size, resumed.total_batches,
                                             resumed.watermark, env.world_size, env.rank)
+        return self._iterate_loader(sampler)
+
+    def _iterate_loader(self, sampler: Any) -> Any:
+        """A loader over ``sampler``'s batches, its workers started."""
+        env = self.env
         loader = build_loader(self.dataset, sampler, self.loader_kwargs, self.policy.samples, env.device,
                               env.local_world_size)
         # Loader workers are forked with the preemption signals blocked: one arriving before a

@@ -7,6 +7,8 @@ A run directory (``<storage root>/<experiment name>/``, any fsspec URL) holds::
     checkpoints/ckpt-<seq>.json the checkpoint records (the commit points), each created once ...
     checkpoints/ckpt-<seq>.states.pt   ... and the reducer states each one points to
     staging/<attempt>/r<rank>/u<n>/...  files written in upload_path(), not yet committed
+    dynamic/rank-<attempt>-r<rank>-<seq>.pt  schedule="dynamic": one rank's commit records ...
+    dynamic/folded-<gen>.pt     ... and the earlier attempts' records folded into one
     outputs/...                 published outputs, each name tagged <stem>.<attempt>-r<rank>-u<n>.<suffix>
     rejected/...                outputs and records set aside after a damaged record
     status.json  failures/      the run's state (one writer) and the ranks' failure reports
@@ -30,6 +32,7 @@ OUTPUTS = "outputs"
 STAGING = "staging"
 REJECTED = "rejected"
 RECORDS = "checkpoints"
+DYNAMIC_RECORDS = "dynamic"
 FINGERPRINT_FILE = "fingerprint.json"
 MANIFEST_FILE = "inputs/manifest.npz"
 STATUS_FILE = "status.json"
@@ -55,6 +58,8 @@ ANNOUNCED_RUN_DIR = "run_dir.announced"
 
 _RECORD_RE = re.compile(r"^ckpt-(\d{8})\.json$")
 _ERRORS_PART_RE = re.compile(r"^err-(\d{8})-([0-9a-f]{8})\.jsonl$")
+_RANK_RECORD_RE = re.compile(r"^rank-([0-9a-f]{8})-r(\d{5})-(\d{8})\.pt$")
+_FOLDED_RE = re.compile(r"^folded-(\d{8})\.pt$")
 _TAG_RE = re.compile(r"\.([0-9a-f]{8})-r(\d+)-u(\d+)(\.|$)")
 
 
@@ -82,6 +87,25 @@ def errors_part_of(name: str) -> Optional[Tuple[int, str]]:
     """(seq, attempt) of an errors part's file name; None for any other name."""
     m = _ERRORS_PART_RE.match(name.rsplit("/", 1)[-1])
     return (int(m.group(1)), m.group(2)) if m else None
+def rank_record_name(attempt: str, rank: int, seq: int) -> str:
+    """One commit of one rank under the dynamic schedule."""
+    return f"{DYNAMIC_RECORDS}/rank-{attempt}-r{rank:05d}-{seq:08d}.pt"
+
+
+def parse_rank_record(name: str) -> Optional[Tuple[str, int, int]]:
+    """``(attempt, rank, seq)`` of a rank record's file name; None for any other name."""
+    m = _RANK_RECORD_RE.match(name)
+    return (m.group(1), int(m.group(2)), int(m.group(3))) if m else None
+
+
+def folded_name(gen: int) -> str:
+    """The dynamic schedule's folded record of generation ``gen``."""
+    return f"{DYNAMIC_RECORDS}/folded-{gen:08d}.pt"
+
+
+def parse_folded(name: str) -> Optional[int]:
+    m = _FOLDED_RE.match(name)
+    return int(m.group(1)) if m else None
 
 
 def rejected_name(rel: str) -> str:

@@ -90,6 +90,8 @@ class RunStatus:
     skipped_samples: int = 0
     skipped_batches: int = 0
     checkpoint_seq: Optional[int] = None
+    schedule: Optional[str] = None  #: "dynamic" when ranks pull batches (else static)
+    rank_batches: Dict[str, int] = dataclasses.field(default_factory=dict)  #: dynamic: rank -> batches this attempt
     metrics: Dict[str, Any] = dataclasses.field(default_factory=dict)
     reason: Optional[str] = None  #: PREEMPTED: what asked the run to stop
     error: Optional[str] = None  #: FAILED: the root cause, "Type: message"

@@ -37,6 +37,8 @@ def read_status(run_dir: RunDir) -> Dict[str, Any]:
         "skipped_samples": s.skipped_samples,
         "skipped_batches": s.skipped_batches,
         "world_size": s.world_size,
+        "schedule": s.schedule or "static",
+        "rank_batches": dict(s.rank_batches),
         "updated": s.updated,
         "exit_code": s.exit_code,
         "reason": s.reason,
@@ -55,6 +57,12 @@ def format_status(status: Dict[str, Any]) -> str:
         f"state:     {status['state']}",
         f"committed: {status['committed_batches']}/{total if total is not None else '?'} batches{pct}",
     ]
+    shares = status.get("rank_batches") or {}
+    if shares:
+        done = sum(shares.values()) or 1
+        lines.append("ranks:     " + "   ".join(f"r{r}: {n} ({100.0 * n / done:.0f}%)"
+                                                for r, n in sorted(shares.items(), key=lambda kv: int(kv[0])))
+                     + "   (batches committed by each rank this attempt, schedule=dynamic)")
     if status["samples_per_s"]:
         lines.append(f"rate:      {status['samples_per_s']:.1f} samples/s")
     if status["eta_s"] is not None:

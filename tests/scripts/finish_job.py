@@ -6,7 +6,7 @@ rank has published under ``outputs/`` and whether the metrics are final. Knobs (
 ``FINISH_JOB_SLEEP_IN_FINISH`` (seconds ``on_finish`` waits, printing ``IN_FINISH`` first) and
 ``FINISH_JOB_RAISE_AT`` (``RANK:G``: that rank raises in global batch G).
 
-Usage: finish_job.py N BATCH_SIZE INTERVAL [STORAGE|-]
+Usage: finish_job.py [--schedule S] N BATCH_SIZE INTERVAL [STORAGE|-]
 """
 
 import glob
@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from sum_job import Processor, Squares  # noqa: E402
+from sum_job import SCHEDULE, Processor, Squares  # noqa: E402
 
 from batchproc import torch_batch_process  # noqa: E402
 
@@ -68,7 +68,8 @@ class Instrumented(Processor):
 def main() -> None:
     n, bs, interval = (int(a) for a in sys.argv[1:4])
     storage = None if len(sys.argv) < 5 or sys.argv[4] == "-" else sys.argv[4]
-    result = torch_batch_process(Instrumented, Squares(n), bs, None, interval, storage=storage)
+    result = torch_batch_process(Instrumented, Squares(n), bs, None, interval, storage=storage,
+                                 **({"schedule": SCHEDULE} if SCHEDULE else {}))
     if int(os.environ.get("RANK", "0")) == 0:
         print("RESULT " + json.dumps({"completed": result.completed, "preempted": result.preempted,
                                       "steps_completed": result.steps_completed, "metrics": result.metrics,

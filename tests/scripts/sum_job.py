@@ -3,7 +3,11 @@
 Writes one JSON-lines file per checkpoint per rank (buffered rows flushed in on_checkpoint_start),
 records call counts per rank in <run_dir>/calls/, and prints the result as JSON on rank 0.
 
-Usage: sum_job.py N BATCH_SIZE INTERVAL [MAX_BATCHES|-] [STORAGE|-]
+Usage: sum_job.py [--schedule static|dynamic] [--slow-rank R] N BATCH_SIZE INTERVAL [MAX_BATCHES|-] [STORAGE|-]
+
+``--slow-rank R``: rank R sleeps three times as long per batch as the others (SUM_JOB_SLEEP, or
+0.02 s when it is not set). SUM_JOB_BAD_SAMPLES=i,j,...: those samples fail to load (run with
+bad_samples=skip and SUM_JOB_MAX_BAD_SAMPLES to bound them).
 """
 
 import json
@@ -25,6 +29,24 @@ BAD_BATCHES = os.environ.get("SUM_JOB_BAD_BATCHES", "raise")
 # A slow flush (a large upload) from a worker's second checkpoint on: a job stopped after its first
 # is still committing for this long.
 FLUSH_SLEEP = float(os.environ.get("SUM_JOB_FLUSH_SLEEP", "0"))
+BAD_SAMPLES = {int(i) for i in os.environ.get("SUM_JOB_BAD_SAMPLES", "").split(",") if i.strip()}
+MAX_BAD_SAMPLES = int(os.environ["SUM_JOB_MAX_BAD_SAMPLES"]) if os.environ.get("SUM_JOB_MAX_BAD_SAMPLES") else None
+
+
+def _flag(name, default=None):
+    """Take ``--name VALUE`` out of sys.argv (the positional arguments stay as they were)."""
+    if name in sys.argv:
+        i = sys.argv.index(name)
+        value = sys.argv[i + 1]
+        del sys.argv[i:i + 2]
+        return value
+    return default
+
+
+SCHEDULE = _flag("--schedule")
+SLOW_RANK = _flag("--slow-rank")
+if SLOW_RANK is not None and not SLEEP:
+    SLEEP = 0.02
 
 
 class Squares(torch.utils.data.Dataset):
@@ -35,6 +57,8 @@ class Squares(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i: int):
+        if i in BAD_SAMPLES:
+            raise OSError(f"chaos: sample {i} is unreadable")
         return {"index": i, "x": torch.tensor(float(i)), "label": i % 3}
 
 
@@ -93,7 +117,8 @@ class Processor(TorchBatchProcessor):
         if OOM_ABOVE and len(self.context.batch_indices) > OOM_ABOVE:
             raise torch.OutOfMemoryError(f"chaos: {len(self.context.batch_indices)} samples do not fit")
         if SLEEP:
-            time.sleep(SLEEP)
+            slow = SLOW_RANK is not None and int(SLOW_RANK) == self.context.get_distributed_rank()
+            time.sleep(SLEEP * (3 if slow else 1))
             if self.context.get_distributed_rank() == 0:
                 print(f"PROGRESS {self.context.global_batch_idx}", flush=True)
         self.sums.update(batch["x"])
@@ -123,7 +148,9 @@ def main() -> None:
     max_batches = None if len(sys.argv) < 5 or sys.argv[4] == "-" else int(sys.argv[4])
     storage = None if len(sys.argv) < 6 or sys.argv[5] == "-" else sys.argv[5]
     result = torch_batch_process(Processor, Squares(n), batch_size=bs, checkpoint_interval=interval,
-                                 max_batches=max_batches, storage=storage, bad_batches=BAD_BATCHES)
+                                 max_batches=max_batches, storage=storage, bad_batches=BAD_BATCHES,
+                                 bad_samples="skip" if BAD_SAMPLES else "raise", max_bad_samples=MAX_BAD_SAMPLES,
+                                 **({"schedule": SCHEDULE} if SCHEDULE else {}))
     calls_dir = os.environ.get("SUM_JOB_CALLS_DIR")
     if calls_dir:
         rank = int(os.environ.get("RANK", "0"))
