@@ -2,7 +2,7 @@
 
     python -m bench.chaos --scenarios 50 --seed 1 [--s3]
 
-CI runs a small slice of it (``.ci/run``: seed 1671's first four scenarios).
+CI runs a small slice of it (``.ci/run``: seed 1298's first four scenarios).
 
 Each scenario runs the test job (``tests/scripts/sum_job.py``: N samples, every output row written
 through ``upload_path()``, exact metrics) with ``batchproc run`` on a generated experiment yaml, on

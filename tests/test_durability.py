@@ -26,7 +26,8 @@ STRINGS = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 
 def _calls(trace: str) -> List[Tuple[str, List[str]]]:
-    """(syscall, path arguments) of each completed fsync and each started rename, in order."""
+    """(syscall, path arguments) of each completed fsync and each started rename or link (a
+    record's temp file is linked to its name, which fails if the name exists), in order."""
     calls = []
     for line in trace.splitlines():
         m = LINE.match(line)
@@ -37,7 +38,7 @@ def _calls(trace: str) -> List[Tuple[str, List[str]]]:
             fd = FD_PATH.match(rest)
             if fd and "= 0" in rest:
                 calls.append(("fsync", [fd.group(1)]))
-        elif name.startswith("rename"):
+        elif name.startswith("rename") or name in ("link", "linkat"):  # records are linked: never replaced
             calls.append(("rename", STRINGS.findall(rest)[:2]))
     return calls
 
@@ -46,7 +47,7 @@ def _calls(trace: str) -> List[Tuple[str, List[str]]]:
 def test_every_commit_fsyncs_data_before_the_record_and_folders_after_each_rename(tmp_path: Path) -> None:
     run = tmp_path / "run"
     trace_file = tmp_path / "trace.txt"
-    subprocess.run(["strace", "-f", "-qq", "-y", "-e", "trace=fsync,fdatasync,rename,renameat,renameat2",
+    subprocess.run(["strace", "-f", "-qq", "-y", "-e", "trace=fsync,fdatasync,rename,renameat,renameat2,link,linkat",
                     "-o", str(trace_file), PY, str(SCRIPTS / "sum_job.py"), "24", "2", "2", "-", str(run)],
                    env=base_env(), cwd=ROOT, check=True, capture_output=True, timeout=240)
     calls = _calls(trace_file.read_text())

@@ -399,9 +399,10 @@ def supervise(cmd: Sequence[str], settings: RunSettings, run_dir: Optional[RunDi
     if run_dir is not None and take_lock:
         try:
             lock = acquire_run_lock(run_dir, holder=holder, wait_for_earlier_job=True)
-            if not run_dir.is_local:
+            if not run_dir.is_local and lock.holder_died:
                 # The lease of a supervisor SIGKILLed on this machine is taken over at once (its
                 # pid is gone); the workers it left here must be gone too before anything starts.
+                # (A live holder past its lease, frozen or cut off, is fenced by the records.)
                 member = job_lock.take_over(job_lock.lock_root(run_dir))
         except RunDirLockedError as e:
             if lock is not None:

@@ -514,6 +514,8 @@ class RunLock:
         self._member: Any = None  # a batchproc.rundir.job_lock.JobMembership
         self._stop = threading.Event()
         self._heartbeat: Optional[threading.Thread] = None
+        #: The object-store lease was taken over from a holder whose process is gone.
+        self.holder_died = False
         self._etag: Optional[str] = None  # the lease version we wrote last (object stores)
         self._beat_lock = threading.Lock()  # a heartbeat in flight and release() never interleave
         #: Called once, from the heartbeat thread, with the message naming the job that took over.
@@ -571,6 +573,9 @@ class RunLock:
             if (held is not None and held.get("id") != self.info["id"]
                     and time.time() - float(held.get("heartbeat", 0)) < self.ttl_s and not self._holder_gone(held)):
                 raise RunDirLockedError(self._busy_message(held))
+            # A holder whose process is gone (SIGKILLed) may have left workers on this machine
+            # (batchproc.rundir.job_lock); a live one past its lease is fenced by the records.
+            self.holder_died = held is not None and self._holder_gone(held)
             try:
                 return rd.replace_if(layout.LEASE, body, etag)  # take over the stale (or unreadable) lease
             except (PreconditionFailed, FileNotFoundError):
