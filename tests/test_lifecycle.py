@@ -306,7 +306,7 @@ def test_signatures_match_determined() -> None:
     extra = [p for p in inspect.signature(torch_batch_process).parameters.values()
              if p.kind is inspect.Parameter.KEYWORD_ONLY]
     assert [p.name for p in extra] == ["storage", "storage_options", "bad_samples", "max_bad_samples",
-                                      "bad_batches", "max_bad_batches", "batch_timeout_s"]
+                                      "bad_batches", "max_bad_batches", "batch_timeout_s", "schedule"]
 
 
 def test_context_members_behave_as_determined(tmp_path: Path) -> None:
