@@ -323,29 +323,28 @@ class Campaign:
                 out.notes.append(f"{what}: slow ({t.elapsed:.0f}s)")
             # A SIGKILLed worker's DataLoader processes notice their parent is gone within ~5 s
             # (torch's watchdog); only what is still there after that grace is an orphan.
-            deadline = time.monotonic() + ORPHAN_GRACE_S
-            while (left := t.leftovers()) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            if left:
-                out.orphans += len(left)
-                out.notes.append(f"{what}: {len(left)} process(es) outlived it: {left}")
-                t.kill_all()
+            self.count_orphans(t, out, f"{what}: {{}} process(es) outlived it: {{}}")
         t.close()
         self.live.remove(t)
         return rc
+
+    @staticmethod
+    def count_orphans(t: Tracked, out: Outcome, note: str) -> None:
+        """Processes of ``t`` still alive after the orphan grace count as orphans, and are killed."""
+        deadline = time.monotonic() + ORPHAN_GRACE_S
+        while (left := t.leftovers()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if left:
+            out.orphans += len(left)
+            out.notes.append(note.format(len(left), left))
+            t.kill_all()
 
     def check_dying(self, out: Outcome) -> None:
         """The job of a SIGKILLed ``batchproc run`` must be gone within a checkpoint's time,
         while the attempt just started waits for it (batchproc.rundir.job_lock)."""
         while self.dying:
             t, what = self.dying.pop()
-            deadline = time.monotonic() + ORPHAN_GRACE_S
-            while (left := t.leftovers()) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            if left:
-                out.orphans += len(left)
-                out.notes.append(f"{what}: {len(left)} process(es) outlived its SIGKILLed batchproc run: {left}")
-                t.kill_all()
+            self.count_orphans(t, out, f"{what}: {{}} process(es) outlived its SIGKILLed batchproc run: {{}}")
             t.close()
             self.live.remove(t)
 
