@@ -27,6 +27,13 @@ at random, mixing in each attempt:
   (``bad_batches="skip"``: their samples must be in ``errors.jsonl`` once, not in ``outputs/``),
   and batches of more than one sample that run out of memory (split down to one sample);
 * a world-size change between attempts (``--set resources.slots_per_trial=K``, K in 1..3);
+* hostile files among the inputs: the samples are real image files (``sum_job.py --images``,
+  ``ImageFiles`` over a ``**`` glob), with a JPEG whose header claims 30000x30000 pixels, an
+  undecodable file whose name is not UTF-8, and a symlink loop back up the tree. Each unreadable
+  file must be named in ``errors.jsonl`` exactly once (``bad_samples="skip"``), the loop must not
+  list any file twice, and no attempt may be replayed for them;
+* the schedule: static (lock-step) or dynamic (claimed batches, per-rank records), drawn per
+  scenario; a dynamic scenario keeps its schedule in every attempt;
 * the run directory on the local disk, or (``--s3``: half of the scenarios) on S3, served by
   moto's server on 127.0.0.1 that this command starts.
 
@@ -53,6 +60,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -66,6 +74,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # tests.support, when run as a script rather than with -m from ROOT
     sys.path.insert(0, str(ROOT))
 
+from batchproc.data.inputs import printable as printable_name  # noqa: E402
 from batchproc.rundir import layout  # noqa: E402
 from batchproc.settings import ENV_FAULT, ENV_LEASE_TTL  # noqa: E402
 from tests.support import (PY, S3Server, Tracked, base_env, children_map, config_text, descendants,  # noqa: E402
@@ -184,11 +193,14 @@ class Scenario:
     final_slots: List[int]
     raise_batches: List[int] = dataclasses.field(default_factory=list)  # skipped (bad_batches="skip")
     oom_above: int = 0  # batches of more samples run out of memory (0: none do)
+    hostile: bool = False  # samples are image files, hostile ones among them (write_inputs)
+    schedule: str = "static"
 
     def describe(self) -> str:
         faults = (f" raise={self.raise_batches}" if self.raise_batches else "") + (
-            f" oom>{self.oom_above}" if self.oom_above else "")
-        return (f"n={self.n} bs={self.batch_size} interval={self.interval} storage={self.storage}{faults} "
+            f" oom>{self.oom_above}" if self.oom_above else "") + (" hostile" if self.hostile else "")
+        return (f"n={self.n} bs={self.batch_size} interval={self.interval} storage={self.storage} "
+                f"schedule={self.schedule}{faults} "
                 f"attempts=[{'; '.join(a.describe() for a in self.attempts)}]")
 
     def env(self) -> Dict[str, str]:
@@ -241,7 +253,41 @@ def make_scenario(rng: random.Random, index: int, s3: bool, max_faulty: int) -> 
     if sc.storage == "s3" and rng.random() < 0.4:  # drawn last: the draws above stay what they were
         # First, and on slower batches, so that the freeze finds the job mid-run.
         sc.attempts.insert(0, Attempt(slots=rng.randint(1, 3), freeze_at=round(rng.uniform(0.3, 1.5), 2)))
+    # Drawn after everything above, so that a seed's earlier draws (and CI's slice) stay the same.
+    if rng.random() < 0.3:  # image files with hostile ones among them; batch faults would name
+        sc.hostile, sc.raise_batches = True, []  # other samples (indices shift), so none here
+    frozen = any(a.freeze_at is not None for a in sc.attempts)
+    if rng.random() < 0.7 and not frozen:
+        sc.schedule = "dynamic"
     return sc
+
+
+HOSTILE = ("bomb.jpg", "broken\udcff\udcfe.jpg")  # the unreadable files (os.fsdecode'd names)
+
+
+def write_inputs(folder: Path, n: int) -> str:
+    """Sample value ``v`` as a real 2x2 PNG of gray level ``v`` (one named in Latin-1), beside the
+    hostile files of :data:`HOSTILE` and a symlink loop; returns the ``**`` glob that lists them."""
+    import io
+    from PIL import Image
+    sub = folder / "sub"
+    sub.mkdir(parents=True, exist_ok=True)
+    for v in range(n):
+        buf = io.BytesIO()
+        Image.new("L", (2, 2), v).save(buf, "PNG")
+        name = f"caf\udce9-{v:03d}.png" if v == n // 2 else f"v{v:03d}.png"  # b"caf\xe9..." on disk
+        (sub if v % 2 else folder).joinpath(name).write_bytes(buf.getvalue())
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, "JPEG")
+    bomb = bytearray(buf.getvalue())
+    sof = bomb.index(b"\xff\xc0")
+    bomb[sof + 5:sof + 9] = (30000).to_bytes(2, "big") * 2  # the frame header claims 30000 x 30000
+    (folder / HOSTILE[0]).write_bytes(bytes(bomb))
+    (sub / HOSTILE[1]).write_bytes(b"\xff\xd8 not a jpeg")
+    loop = sub / "loop"
+    if not loop.is_symlink():
+        loop.symlink_to(folder, target_is_directory=True)
+    return f"{folder}/**/*.*"
 
 
 @dataclasses.dataclass
@@ -358,7 +404,12 @@ class Campaign:
 
     def write_config(self, sc: Scenario, sdir: Path, store: Store) -> Path:
         cfg = sdir / "experiment.yaml"
-        cfg.write_text(config_text((sc.n, sc.batch_size, sc.interval), store.config(), name=NAME, slots=1, max_restarts=0))
+        args: List[Any] = [sc.n, sc.batch_size, sc.interval]
+        if sc.hostile:
+            args = ["--images", shlex.quote(write_inputs(sdir / "inputs", sc.n)), *args]
+        if sc.schedule != "static":
+            args = ["--schedule", sc.schedule, *args]
+        cfg.write_text(config_text(args, store.config(), name=NAME, slots=1, max_restarts=0))
         return cfg
 
     def run_attempt(self, cfg: Path, a: Attempt, log: Path, out: Outcome, what: str,
@@ -484,6 +535,22 @@ class Campaign:
         out.lost += sum(1 for g in sc.raise_batches if records[g] == 0)
         out.duplicated += sum(c - 1 for c in records.values() if c > 1)
         out.duplicated += sum(c for g, c in records.items() if g not in sc.raise_batches)
+        if sc.hostile:  # each unreadable file named once, and nothing else
+            named: collections.Counter = collections.Counter()
+            if store.exists(layout.ERRORS_FILE):
+                for line in store.read(layout.ERRORS_FILE).decode().splitlines():
+                    e = json.loads(line)
+                    if e.get("kind") is None:
+                        hit = [h for h in HOSTILE if printable_name(h) in e.get("sample", "")]
+                        named[hit[0] if hit else e.get("sample")] += 1
+            for h in HOSTILE:
+                if named[h] != 1:
+                    out.notes.append(f"{h!r} named {named[h]} times in errors.jsonl")
+                    out.lost += named[h] == 0
+                    out.duplicated += max(0, named[h] - 1)
+            for other in set(named) - set(HOSTILE):
+                out.notes.append(f"unexpected bad sample {other!r}")
+                out.duplicated += named[other]
         ref = sum_job_metrics(sc.n) if not skipped else _metrics_over([i for i in range(sc.n) if i not in skipped])  # what a clean run reports (tests/test_engine.py checks the closed form)
         metrics = json.loads(store.read(layout.METRICS_FILE)) if store.exists(layout.METRICS_FILE) else None
         if metrics != ref:

@@ -3,11 +3,14 @@
 Writes one JSON-lines file per checkpoint per rank (buffered rows flushed in on_checkpoint_start),
 records call counts per rank in <run_dir>/calls/, and prints the result as JSON on rank 0.
 
-Usage: sum_job.py [--schedule static|dynamic] [--slow-rank R] N BATCH_SIZE INTERVAL [MAX_BATCHES|-] [STORAGE|-]
+Usage: sum_job.py [--schedule static|dynamic] [--slow-rank R] [--images GLOB] N BATCH_SIZE INTERVAL [MAX_BATCHES|-] [STORAGE|-]
 
 ``--slow-rank R``: rank R sleeps three times as long per batch as the others (SUM_JOB_SLEEP, or
 0.02 s when it is not set). SUM_JOB_BAD_SAMPLES=i,j,...: those samples fail to load (run with
-bad_samples=skip and SUM_JOB_MAX_BAD_SAMPLES to bound them).
+bad_samples=skip and SUM_JOB_MAX_BAD_SAMPLES to bound them). ``--images GLOB``: the samples are
+real image files (``ImageFiles(GLOB)``), sample value ``v`` being the first pixel of its image
+(``bench.chaos`` writes one per value, hostile files among them); files that cannot be read are bad
+samples (``bad_samples="skip"``).
 """
 
 import json
@@ -44,6 +47,7 @@ def _flag(name, default=None):
 
 
 SCHEDULE = _flag("--schedule")
+IMAGES = _flag("--images")
 SLOW_RANK = _flag("--slow-rank")
 if SLOW_RANK is not None and not SLEEP:
     SLEEP = 0.02
@@ -60,6 +64,22 @@ class Squares(torch.utils.data.Dataset):
         if i in BAD_SAMPLES:
             raise OSError(f"chaos: sample {i} is unreadable")
         return {"index": i, "x": torch.tensor(float(i)), "label": i % 3}
+
+
+def _square(v: int):
+    return {"index": v, "x": torch.tensor(float(v)), "label": v % 3}
+
+
+if IMAGES is not None:  # only then: torchvision's import costs seconds
+    from batchproc.images import ImageFiles
+
+    class ImageSquares(ImageFiles):
+        """The sum job's samples read from image files: the listing, the pixel limit and the decode
+        path are the real ones, so a hostile file is a bad sample as in any image job."""
+
+        def load_samples(self, indices):
+            return [item if isinstance(item, BaseException) else _square(int(item["image"].flatten()[0]))
+                    for item in super().load_samples(indices)]
 
 
 class SumReducer(MetricReducer):
@@ -110,7 +130,8 @@ class Processor(TorchBatchProcessor):
 
     def process_batch(self, batch, batch_idx):
         batch = self.context.to_device(batch)
-        assert batch["index"].tolist() == self.context.batch_indices, (batch["index"], self.context.batch_indices)
+        if IMAGES is None:  # with --images, a sample's value is its image's, not its index
+            assert batch["index"].tolist() == self.context.batch_indices, (batch["index"], self.context.batch_indices)
         self.calls["process_batch"] += 1
         if self.context.global_batch_idx in RAISE:
             raise ValueError(f"chaos: batch {self.context.global_batch_idx} cannot be processed")
@@ -147,9 +168,11 @@ def main() -> None:
     n, bs, interval = (int(a) for a in sys.argv[1:4])
     max_batches = None if len(sys.argv) < 5 or sys.argv[4] == "-" else int(sys.argv[4])
     storage = None if len(sys.argv) < 6 or sys.argv[5] == "-" else sys.argv[5]
-    result = torch_batch_process(Processor, Squares(n), batch_size=bs, checkpoint_interval=interval,
+    dataset = Squares(n) if IMAGES is None else ImageSquares(IMAGES)
+    result = torch_batch_process(Processor, dataset, batch_size=bs, checkpoint_interval=interval,
                                  max_batches=max_batches, storage=storage, bad_batches=BAD_BATCHES,
-                                 bad_samples="skip" if BAD_SAMPLES else "raise", max_bad_samples=MAX_BAD_SAMPLES,
+                                 bad_samples="skip" if BAD_SAMPLES or IMAGES else "raise",
+                                 max_bad_samples=MAX_BAD_SAMPLES,
                                  **({"schedule": SCHEDULE} if SCHEDULE else {}))
     calls_dir = os.environ.get("SUM_JOB_CALLS_DIR")
     if calls_dir:
