@@ -25,28 +25,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import fnmatch
-import glob
 import io
 import operator
 import os
 import re
-import stat
 import struct
-import sys
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, overload
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import fsspec
-import fsspec.asyn
-import fsspec.utils
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
 from batchproc.errors import ImageTooLargeError, InputChangedError
-from batchproc.data.inputs import IntColumn, Manifest, StringColumn, etag_version, mtime_version, printable
+from batchproc.data.inputs import IntColumn, Manifest, etag_version, mtime_version, printable
+from batchproc.data.listing import MAX_IN_FLIGHT, FileSource, Found, PrefixedColumn, join_prefix, reader_kind, version_kind
+from batchproc.data.listing import S3_POOL_CONNECTIONS, glob_once as _glob_once  # noqa: F401  # their old home
 
 #: File name endings a folder listing keeps (a glob keeps whatever it matches).
 IMG_EXTENSIONS: Tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
@@ -55,14 +49,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LABEL_MODES = ("auto", "parent", "none")
 UNKNOWN_LABEL = -1
-#: Connections per process to S3 when ``storage_options`` do not say (aiobotocore's default is 10,
-#: too few to keep two batches of requests in flight).
-S3_POOL_CONNECTIONS = 64
-#: Requests one process keeps in flight. Fewer than the connections, and started in the order they
-#: were asked for: the files of the batch being loaded are not slowed down by those of the batches
-#: read ahead (at start-up all three batches are asked for at once, and a server answers the
-#: requests it holds together, not first come first served).
-MAX_IN_FLIGHT = 32
 #: Pixels an image's header may claim before it is refused undecoded (PIL's default error threshold,
 #: ``2 * PIL.Image.MAX_IMAGE_PIXELS``: a 13,377 x 13,377 image, 537 MB as RGB).
 DEFAULT_MAX_PIXELS = 178_956_970
@@ -73,11 +59,10 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning, module="torchvision.io.image")
 
 Transform = Callable[[torch.Tensor], Any]
-_MAGIC = re.compile(r"[*?\[]")
 _CPP_LOCATION = re.compile(r"^\w+, \S+\.cpp:\d+, ")  # "decode_jpeg, /__w/.../decode_jpeg.cpp:171, "
 
 
-class ImageFiles(Dataset[Dict[str, Any]]):
+class ImageFiles(FileSource, Dataset[Dict[str, Any]]):
     """Image files named by a folder, a glob, a single file, or any fsspec URL of those.
 
     Items are ``{"image": transform(uint8 CHW RGB tensor), "label": int, "path": str}``.
@@ -113,24 +98,10 @@ class ImageFiles(Dataset[Dict[str, Any]]):
             raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
         _check_max_pixels(max_pixels)
         self.max_pixels = max_pixels
-        self.source = os.fspath(source)
         self.transform = transform
-        self.storage_options = dict(storage_options or {})
         self.label_mode = labels
         self.extensions = tuple(e.lower() for e in extensions)
-        fs, root = fsspec.core.url_to_fs(self.source, **self._fs_options())
-        self._fs_cache: Any = fs
-        self._fs_pid: Optional[int] = os.getpid()
-        self._local = isinstance(fs, LocalFileSystem)
-        if self._local and root:
-            root = os.path.normpath(root)  # /a/./b, /a//b and /x/../a/b are one source
-        self._root: str = root
-        # A local folder named "photos [2024]" is that folder, not a glob. On object stores a
-        # wildcard always globs (a literal "[" is written "[[]"): checking costs a request per rank.
-        self._glob = bool(_MAGIC.search(root)) and not (self._local and os.path.exists(root))
-        if self._local and not self._glob and not os.path.exists(root):
-            # A stat, not a listing: cheap, and a typo is better reported here than at the first batch.
-            raise FileNotFoundError(f"no such file or folder: {root!r}")
+        self._open_source(source, storage_options)
         self._manifest: Optional[Manifest] = None
         self._listing: Optional[Manifest] = None  # this process's own listing, until a run freezes one
         self._classes: List[str] = []
@@ -141,7 +112,7 @@ class ImageFiles(Dataset[Dict[str, Any]]):
 
     def batchproc_source(self) -> str:
         """The normalized URL (an absolute path locally), plus the options that change the listing."""
-        where = self._root if self._local else self._fs().unstrip_protocol(self._root)
+        where = self._where()
         options = []
         if self.label_mode != "auto":
             options.append(f"labels={self.label_mode}")
@@ -152,11 +123,7 @@ class ImageFiles(Dataset[Dict[str, Any]]):
     def batchproc_list_inputs(self) -> Manifest:
         """List the source (once per process: a listing already made here is reused)."""
         if self._listing is None:
-            fs = self._fs()
-            self._listing = _list_images(fs, self._root, self.batchproc_source(), self.label_mode,
-                                         self.extensions, self._local, self._glob)
-            if not self._local:
-                fs.invalidate_cache()  # s3fs would keep every object's info dict alive
+            self._listing = _list_images(self, self.batchproc_source(), self.label_mode, self.extensions)
         if not len(self._listing):
             raise ValueError(f"no image files found at {self.source!r} "
                              f"(a folder is searched for {', '.join(self.extensions)}; a glob is taken as is)")
@@ -204,47 +171,26 @@ class ImageFiles(Dataset[Dict[str, Any]]):
     def files(self) -> "PrefixedColumn":
         """Paths as the filesystem names them."""
         m = self.manifest
-        return PrefixedColumn(_join_prefix(m.root), m.paths)
+        return PrefixedColumn(join_prefix(m.root), m.paths)
 
     @property
     def paths(self) -> "PrefixedColumn":
         """What ``path`` holds per item: a local path, or a full URL (``s3://...``)."""
         m = self.manifest
         if self._local:
-            return PrefixedColumn(_join_prefix(m.root), m.paths)
-        return PrefixedColumn(_join_prefix(self._fs().unstrip_protocol(m.root) if m.root else ""), m.paths)
+            return PrefixedColumn(join_prefix(m.root), m.paths)
+        return PrefixedColumn(join_prefix(self._fs().unstrip_protocol(m.root) if m.root else ""), m.paths)
 
     def __len__(self) -> int:
         return len(self.manifest)
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _fs_options(self) -> Dict[str, Any]:
-        options = dict(self.storage_options)
-        if fsspec.core.split_protocol(self.source)[0] in ("s3", "s3a"):
-            config = dict(options.get("config_kwargs") or {})
-            config.setdefault("max_pool_connections", S3_POOL_CONNECTIONS)
-            options["config_kwargs"] = config
-        return options
-
-    def _fs(self) -> Any:
-        # One filesystem per process: async clients (s3fs) must not be shared with forked workers.
-        if self._fs_pid != os.getpid():
-            self._fs_cache = fsspec.core.url_to_fs(self.source, **self._fs_options())[0]
-            self._fs_pid = os.getpid()
-            self._reader = None
-        return self._fs_cache
-
     def _get_reader(self) -> "_Reader":
         fs = self._fs()
         if self._reader is None:
             self._reader = _Reader(fs, self.manifest, self._local, self.paths)
         return self._reader
-
-    def __getstate__(self) -> Dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_fs_cache"], state["_fs_pid"], state["_reader"] = None, None, None  # rebuilt in the receiving process
-        return state
 
     def _index(self, i: int) -> int:
         n = len(self.manifest)
@@ -308,56 +254,7 @@ class ImageFiles(Dataset[Dict[str, Any]]):
         return f"ImageFiles({self.source!r}, {len(self)} files, {len(self._classes)} classes)"
 
 
-def _join_prefix(root: str) -> str:
-    return "" if not root else (root if root.endswith("/") else root + "/")
-
-
-class PrefixedColumn(Sequence[str]):
-    """``prefix + s`` for every ``s`` of a :class:`StringColumn`, computed on access."""
-
-    __slots__ = ("prefix", "column")
-
-    def __init__(self, prefix: str, column: StringColumn) -> None:
-        self.prefix = prefix
-        self.column = column
-
-    def __len__(self) -> int:
-        return len(self.column)
-
-    @overload
-    def __getitem__(self, i: int) -> str: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> List[str]: ...
-
-    def __getitem__(self, i: Union[int, slice]) -> Union[str, List[str]]:
-        if isinstance(i, slice):
-            return [self.prefix + s for s in self.column[i]]
-        return self.prefix + self.column[i]
-
-    def __iter__(self) -> Iterator[str]:
-        for s in self.column:
-            yield self.prefix + s
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"PrefixedColumn({self.prefix!r}, {len(self)} strings)"
-
-
 # -- reading files ---------------------------------------------------------------------------
-
-
-def _is_s3(fs: Any) -> bool:
-    # An S3FileSystem exists only once s3fs was imported: importing it here just to ask would cost
-    # every local job 0.4 s of CPU per process (s3fs pulls in botocore and aiohttp).
-    s3fs = sys.modules.get("s3fs")
-    return s3fs is not None and isinstance(fs, s3fs.S3FileSystem) and hasattr(fs, "_call_s3")
 
 
 async def _get_s3(fs: Any, path: str) -> Tuple[bytes, Optional[str]]:
@@ -402,7 +299,7 @@ class _Reader:
         self.fs = fs
         self.manifest = manifest
         self.urls = urls
-        self.kind = "local" if local else "s3" if _is_s3(fs) else "async" if getattr(fs, "async_impl", False) else "sync"
+        self.kind = reader_kind(fs, local)
         self.pending: "collections.OrderedDict[int, concurrent.futures.Future[Tuple[bytes, Optional[str]]]]" = \
             collections.OrderedDict()
         self.max_pending = self.MIN_PENDING
@@ -469,252 +366,29 @@ class _Reader:
                                     f"bytes, {expected} when listed")
 
 
-# -- listing ---------------------------------------------------------------------------------
-
-
-class _Found:
-    """Files found by a listing, as three parallel lists (transient: the manifest is columnar)."""
-
-    def __init__(self) -> None:
-        self.paths: List[str] = []
-        self.sizes: List[int] = []
-        self.versions: List[int] = []
-
-    def add(self, path: str, size: int, version: int) -> None:
-        self.paths.append(path)
-        self.sizes.append(size)
-        self.versions.append(version)
-
-    def keep(self, pred: Callable[[str], bool]) -> "_Found":
-        out = _Found()
-        for p, s, v in zip(self.paths, self.sizes, self.versions):
-            if pred(p):
-                out.add(p, s, v)
-        return out
-
-
-def _version_kind(fs: Any, local: bool) -> str:
-    return "mtime" if local else "etag" if _is_s3(fs) else "none"
-
-
-def _info_version(info: Dict[str, Any], kind: str) -> int:
-    if kind == "mtime":
-        mtime = info.get("mtime")
-        if info.get("islink"):  # fsspec reports the link's own time; reads see the target's
-            mtime = os.stat(info["name"]).st_mtime
-        return mtime_version(mtime) if mtime is not None else 0
-    if kind == "etag" and info.get("ETag"):
-        return etag_version(info["ETag"])
-    return 0
-
-
-def _s3_walk(fs: Any, root: str) -> _Found:
-    """Every object under ``root/``, one flat LIST page per 1,000 keys, streamed page by page (no
-    info dict is kept: ``find``/``glob`` would cache them all, and walk a glob folder by folder)."""
-    bucket, key, _ = fs.split_path(root)
-    prefix = key.rstrip("/") + "/" if key else ""
-    found = _Found()
-
-    async def walk() -> None:
-        async for info in fs._iterdir(bucket, prefix=prefix, delimiter=""):
-            name = info["name"]
-            if not name.endswith("/"):  # folder markers
-                found.add(name, int(info["size"]), etag_version(info["ETag"]) if info.get("ETag") else 0)
-
-    fsspec.asyn.sync(fs.loop, walk)
-    return found
-
-
-def _local_walk(root: str) -> _Found:
-    """Every file under a local folder, streamed (no info dict per file, as fsspec's ``find``
-    builds); hidden folders are not entered. Symlinks count as their targets, folders included (as
-    ImageFolder reads them), each real folder once; dangling ones are skipped."""
-    found = _Found()
-    stack = [root]
-    st = os.stat(root)
-    seen = {(st.st_dev, st.st_ino)}  # a link back up the tree must not loop
-    while stack:
-        with os.scandir(stack.pop()) as entries:
-            for e in entries:
-                if e.name.startswith("."):
-                    continue
-                if e.is_dir():
-                    st = e.stat()
-                    if (st.st_dev, st.st_ino) not in seen:
-                        seen.add((st.st_dev, st.st_ino))
-                        stack.append(e.path)
-                elif e.is_file():
-                    st = e.stat()
-                    found.add(e.path, st.st_size, mtime_version(st.st_mtime))
-    return found
-
-
-def _local_glob(pattern: str) -> _Found:
-    """A local glob as the shell and Python's ``glob`` read it (``**`` included): symlinked folders
-    are followed, wildcards skip hidden names, and dangling links are skipped.
-
-    Each real folder is listed once, as the folder walk enters each one once. Python's ``**``
-    follows a symlink back up the tree until the path is too long (a file under one loop matched
-    41 times; two loops make 2**40 paths), so ``**`` is expanded here (:func:`_glob_once`), and
-    matches are keyed by their folder's (device, inode) and name, the shortest path of each kept."""
-    best: Dict[Tuple[int, int, str], Tuple[str, os.stat_result]] = {}
-    folders: Dict[str, Optional[Tuple[int, int]]] = {}
-    for path in _glob_once(pattern):
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            continue
-        folder, _, name = path.rpartition("/")
-        if folder not in folders:
-            try:
-                fst = os.stat(folder or ("/" if path.startswith("/") else "."))
-                folders[folder] = (fst.st_dev, fst.st_ino)
-            except OSError:
-                folders[folder] = None
-        where = folders[folder]
-        key = (*where, name) if where is not None else (-1, len(best), path)
-        kept = best.get(key)
-        if kept is None or (path.count("/"), path) < (kept[0].count("/"), kept[0]):
-            best[key] = (path, st)
-    found = _Found()
-    for path, st in sorted(best.values(), key=lambda kept: kept[0]):
-        found.add(path, st.st_size, mtime_version(st.st_mtime))
-    return found
-
-
-def _glob_once(pattern: str) -> Iterator[str]:
-    """``glob.iglob(pattern, recursive=True)``, but each ``**`` enters every real folder once."""
-    parts = pattern.split("/")
-    if "**" not in parts:
-        yield from glob.iglob(pattern)
-        return
-    at = parts.index("**")
-    head, rest = "/".join(parts[:at]), "/".join(parts[at + 1:])
-    tops = glob.iglob(head) if head and _MAGIC.search(head) else [head]
-    for top in tops:
-        for folder in _folders_below(top or "."):
-            prefix = _as_prefix(folder, relative=not head)
-            if rest and ("/" in rest or not _MAGIC.search(rest)):
-                yield from _glob_once(glob.escape(prefix) + rest)
-            elif rest:  # one wildcard name, the usual last part ("*.jpg"): match this folder's names
-                try:
-                    with os.scandir(folder) as entries:
-                        names = [e.name for e in entries]
-                except OSError:
-                    continue
-                if not rest.startswith("."):
-                    names = [n for n in names if not n.startswith(".")]
-                yield from (prefix + name for name in fnmatch.filter(names, rest))
-            else:  # a trailing **: everything below, files included (hidden names excepted, as glob)
-                try:
-                    with os.scandir(folder) as entries:
-                        names = [e.name for e in entries if not e.name.startswith(".")]
-                except OSError:
-                    continue
-                yield from (prefix + name for name in names)
-
-
-def _as_prefix(folder: str, relative: bool) -> str:
-    """``folder`` as glob spells the start of the paths below it (``relative``: the pattern began
-    with ``**``, so they are relative to the current folder, without ``./``)."""
-    if relative:
-        folder = "" if folder == "." else folder[2:] if folder.startswith("./") else folder
-    return folder if not folder or folder.endswith("/") else folder + "/"
-
-
-def _folders_below(top: str) -> Iterator[str]:
-    """``top`` and every folder below it, symlinks followed, hidden ones skipped (as ``**`` skips
-    them), each real folder once, shallowest route first."""
-    try:
-        st = os.stat(top)
-    except OSError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        return
-    seen = {(st.st_dev, st.st_ino)}
-    queue = collections.deque([top])
-    while queue:
-        folder = queue.popleft()
-        yield folder
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-        except OSError:
-            continue
-        for e in entries:
-            try:
-                if not e.is_dir():
-                    continue
-                st = e.stat()
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                queue.append(e.path)
-
-
-def _from_infos(infos: Any, kind: str) -> _Found:
-    found = _Found()
-    for path, info in sorted(infos.items()):
-        if info.get("type") != "directory":
-            try:
-                version = _info_version(info, kind)
-            except FileNotFoundError:  # a dangling symlink: no file to read, as a folder walk skips it
-                continue
-            found.add(path, int(info.get("size") or 0) if info.get("size") is not None else -1, version)
-    return found
-
-
-def _list_images(fs: Any, root: str, source: str, label_mode: str, extensions: Tuple[str, ...],
-                 local: bool, is_glob: bool) -> Manifest:
-    """The manifest of ``root`` (a folder, a glob or a file on ``fs``), sorted by path."""
-    kind = _version_kind(fs, local)
-    s3 = _is_s3(fs)
-    magic = _MAGIC.search(root) if is_glob else None
-    if magic:
-        # Like a shell glob, wildcards do not match hidden names (".DS_Store", ".cache/").
-        base = root[:magic.start()].rsplit("/", 1)[0]
-        if s3:
-            pattern = re.compile(fsspec.utils.glob_translate(root))
-            matched = _s3_walk(fs, base).keep(lambda p: bool(pattern.match(p)))
-        elif local:
-            matched = _local_glob(root)
-        else:
-            matched = _from_infos(fs.glob(root, detail=True), kind)
-        matched = matched.keep(lambda p: not any(_hidden(c) for c in p[len(base) + 1:].split("/")))
-        classes = [_parent_name(p) for p in matched.paths] if label_mode == "parent" else []
-        return _manifest(source, base, matched, classes, kind)
-    root = root.rstrip("/") or root
-    found: Optional[_Found] = _s3_walk(fs, root) if s3 else None
-    if not found or not found.paths:
-        if fs.isfile(root):
-            info = fs.info(root)
-            single = _Found()
-            single.add(root, int(info.get("size", -1)), _info_version(info, kind))
-            classes = [_parent_name(root)] if label_mode == "parent" else []
-            return _manifest(source, root.rsplit("/", 1)[0] if "/" in root else "", single, classes, kind)
-        if s3 or not fs.isdir(root):
-            raise FileNotFoundError(f"no such file or folder: {fs.unstrip_protocol(root)!r}")
-        found = _local_walk(root) if local else _from_infos(fs.find(root, detail=True), kind)
-    cut = len(root) + 1 if root != "/" else 1
-    visible = found.keep(lambda p: not any(_hidden(c) for c in p[cut:].split("/")))
-    images = visible.keep(lambda p: p.lower().endswith(extensions))
+def _list_images(source: FileSource, where: str, label_mode: str, extensions: Tuple[str, ...]) -> Manifest:
+    """The manifest of ``source`` (a folder, a glob or a file), sorted by path."""
+    kind = version_kind(source._fs(), source._local)
+    base, found, named = source._find(_hidden)
+    if named:  # a glob or a single file: what it matched, as is
+        classes = [_parent_name(p) for p in found.paths] if label_mode == "parent" else []
+        return _manifest(where, base, found, classes, kind)
+    cut = len(base) + 1 if base != "/" else 1
+    images = found.keep(lambda p: p.lower().endswith(extensions))
     if label_mode == "parent":
         classes = [_parent_name(p) for p in images.paths]
-    elif (label_mode == "auto" and any("/" in p[cut:] for p in visible.paths)
+    elif (label_mode == "auto" and any("/" in p[cut:] for p in found.paths)
           and not any("/" not in p[cut:] for p in images.paths)):
         # ImageFolder layout: the first path component below the root is the class.
         classes = [p[cut:].split("/", 1)[0] for p in images.paths]
     else:
         classes = []
-    return _manifest(source, root, images, classes, kind)
+    return _manifest(where, base, images, classes, kind)
 
 
-def _manifest(source: str, root: str, found: _Found, class_of: List[str], kind: str) -> Manifest:
+def _manifest(source: str, root: str, found: Found, class_of: List[str], kind: str) -> Manifest:
     order = sorted(range(len(found.paths)), key=found.paths.__getitem__)
-    cut = len(_join_prefix(root))
+    cut = len(join_prefix(root))
     classes = sorted(set(class_of))
     index = {c: i for i, c in enumerate(classes)}
     return Manifest.build(

@@ -31,9 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from numpy.typing import NDArray
 from torch.utils.data import Dataset
 
-from batchproc.data.images import (_MAGIC, MAX_IN_FLIGHT, S3_POOL_CONNECTIONS, PrefixedColumn, _Found, _from_infos,
-                                   _info_version, _is_s3, _join_prefix, _local_glob, _local_walk, _s3_walk,
-                                   _version_kind)
+from batchproc.data.listing import MAX_IN_FLIGHT, FileSource, PrefixedColumn, join_prefix, reader_kind, version_kind
 from batchproc.data.inputs import Manifest, etag_version, mtime_version
 from batchproc.errors import InputChangedError
 
@@ -60,7 +58,7 @@ def format_of(path: str) -> Optional[str]:
     return next((f for s, f in SUFFIXES.items() if lower.endswith(s)), None)
 
 
-class TableRows(Dataset[Dict[str, Any]]):
+class TableRows(FileSource, Dataset[Dict[str, Any]]):
     """The rows of Parquet, JSON Lines or CSV files named by a file, a folder, a glob or any fsspec URL.
 
     ``columns``: the columns each row holds (all when None); ``format``: ``"parquet"``,
@@ -79,20 +77,9 @@ class TableRows(Dataset[Dict[str, Any]]):
             raise ValueError(f"format must be one of {FORMATS} or None (from each file's suffix), got {format!r}")
         if isinstance(columns, str):
             raise TypeError(f"columns must be a list of column names, got the string {columns!r}")
-        self.source = os.fspath(source)
         self.columns: Optional[List[str]] = None if columns is None else [str(c) for c in columns]
         self.format = format
-        self.storage_options = dict(storage_options or {})
-        fs, root = fsspec.core.url_to_fs(self.source, **self._fs_options())
-        self._fs_cache: Any = fs
-        self._fs_pid: Optional[int] = os.getpid()
-        self._local = isinstance(fs, LocalFileSystem)
-        if self._local and root:
-            root = os.path.normpath(root)
-        self._root: str = root
-        self._glob = bool(_MAGIC.search(root)) and not (self._local and os.path.exists(root))
-        if self._local and not self._glob and not os.path.exists(root):
-            raise FileNotFoundError(f"no such file or folder: {root!r}")
+        self._open_source(source, storage_options)
         self._manifest: Optional[Manifest] = None
         self._plan: Optional[_Plan] = None
         self._listing: Optional[Manifest] = None
@@ -102,17 +89,15 @@ class TableRows(Dataset[Dict[str, Any]]):
 
     def batchproc_source(self) -> str:
         """The normalized URL, plus ``format=`` when given (it changes what the files are)."""
-        where = self._root if self._local else self._fs().unstrip_protocol(self._root)
+        where = self._where()
         return f"{where} (format={self.format})" if self.format else where
 
     def batchproc_list_inputs(self) -> Manifest:
         """List the files and read their metadata (once per process)."""
         if self._listing is None:
-            fs = self._fs()
-            self._listing = _list_tables(fs, self._root, self.batchproc_source(), self.format, self.columns,
-                                         self._local, self._glob)
+            self._listing = _list_tables(self, self.batchproc_source(), self.format, self.columns)
             if not self._local:
-                fs.invalidate_cache()
+                self._fs().invalidate_cache()  # the footers' and text files' info dicts
         if not len(self._listing):
             raise ValueError(f"no table files found at {self.source!r} (a folder is searched for "
                              f"{', '.join(SUFFIXES)}; a glob is taken as is)")
@@ -147,7 +132,7 @@ class TableRows(Dataset[Dict[str, Any]]):
         """The files, in row order: local paths or full URLs."""
         m = self.manifest
         root = m.root if self._local or not m.root else self._fs().unstrip_protocol(m.root)
-        return PrefixedColumn(_join_prefix(root), m.paths)
+        return PrefixedColumn(join_prefix(root), m.paths)
 
     @property
     def rows_per_file(self) -> "NDArray[np.int64]":
@@ -158,31 +143,11 @@ class TableRows(Dataset[Dict[str, Any]]):
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _fs_options(self) -> Dict[str, Any]:
-        options = dict(self.storage_options)
-        if fsspec.core.split_protocol(self.source)[0] in ("s3", "s3a"):
-            config = dict(options.get("config_kwargs") or {})
-            config.setdefault("max_pool_connections", S3_POOL_CONNECTIONS)
-            options["config_kwargs"] = config
-        return options
-
-    def _fs(self) -> Any:
-        if self._fs_pid != os.getpid():  # async clients must not be shared with forked workers
-            self._fs_cache = fsspec.core.url_to_fs(self.source, **self._fs_options())[0]
-            self._fs_pid = os.getpid()
-            self._reader = None
-        return self._fs_cache
-
     def _get_reader(self) -> "_Reader":
         fs = self._fs()
         if self._reader is None:
             self._reader = _Reader(fs, self.manifest, self.plan, self._local, self.files, self.columns)
         return self._reader
-
-    def __getstate__(self) -> Dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_fs_cache"], state["_fs_pid"], state["_reader"] = None, None, None
-        return state
 
     def _index(self, i: int) -> int:
         n = len(self)
@@ -294,37 +259,6 @@ class _Plan:
 def _hidden(name: str) -> bool:
     base = name.rstrip("/").rsplit("/", 1)[-1]
     return base.startswith((".", "_"))
-
-
-def _find(fs: Any, root: str, local: bool, is_glob: bool) -> Tuple[str, _Found, bool]:
-    """(base, files, whether they came from a glob or a single file), sorted by path."""
-    kind = _version_kind(fs, local)
-    magic = _MAGIC.search(root) if is_glob else None
-    if magic:
-        import re
-
-        base = root[:magic.start()].rsplit("/", 1)[0]
-        if _is_s3(fs):
-            pattern = re.compile(fsspec.utils.glob_translate(root))
-            matched = _s3_walk(fs, base).keep(lambda p: bool(pattern.match(p)))
-        elif local:
-            matched = _local_glob(root)
-        else:
-            matched = _from_infos(fs.glob(root, detail=True), kind)
-        return base, matched.keep(lambda p: not any(_hidden(c) for c in p[len(base) + 1:].split("/"))), True
-    root = root.rstrip("/") or root
-    found: Optional[_Found] = _s3_walk(fs, root) if _is_s3(fs) else None
-    if not found or not found.paths:
-        if fs.isfile(root):
-            info = fs.info(root)
-            single = _Found()
-            single.add(root, int(info.get("size", -1)), _info_version(info, kind))
-            return root.rsplit("/", 1)[0] if "/" in root else "", single, True
-        if _is_s3(fs) or not fs.isdir(root):
-            raise FileNotFoundError(f"no such file or folder: {fs.unstrip_protocol(root)!r}")
-        found = _local_walk(root) if local else _from_infos(fs.find(root, detail=True), kind)
-    cut = len(root) + 1 if root != "/" else 1
-    return root, found.keep(lambda p: not any(_hidden(c) for c in p[cut:].split("/"))), False
 
 
 def _formats(fs: Any, paths: List[str], given: Optional[str], strict: bool) -> Tuple[List[int], List[str]]:
@@ -465,10 +399,10 @@ def _text_meta(fs: Any, path: str, fmt: str, columns: Optional[List[str]]) -> _F
     return _FileMeta(rows, positions.astype(np.int64), 0)
 
 
-def _list_tables(fs: Any, root: str, source: str, given: Optional[str], columns: Optional[List[str]],
-                 local: bool, is_glob: bool) -> Manifest:
-    kind = _version_kind(fs, local)
-    base, found, strict = _find(fs, root, local, is_glob)
+def _list_tables(src: FileSource, source: str, given: Optional[str], columns: Optional[List[str]]) -> Manifest:
+    fs = src._fs()
+    kind = version_kind(fs, src._local)
+    base, found, strict = src._find(_hidden)
     order = sorted(range(len(found.paths)), key=found.paths.__getitem__)
     paths = [found.paths[i] for i in order]
     keep, fmts = _formats(fs, paths, given, strict)
@@ -498,7 +432,7 @@ def _list_tables(fs: Any, root: str, source: str, given: Optional[str], columns:
         firsts = [file_row0[k] + np.arange(len(m.positions), dtype=np.int64) * ROWS_PER_OFFSET
                   for k, m in enumerate(metas)]
         chunk_row = np.concatenate(firsts + [np.asarray([rows.sum()], dtype=np.int64)]).astype(np.int64)
-    cut = len(_join_prefix(base))
+    cut = len(join_prefix(base))
     extra: Dict[str, Any] = {"fmt": np.asarray([_FORMAT_CODE[f] for f in fmts], dtype=np.int8), "rows": rows,
              "footer": np.asarray([m.footer for m in metas], dtype=np.int64), "chunk_row": chunk_row,
              "chunk_file": chunk_file, "chunk_pos": chunk_pos}
@@ -562,7 +496,7 @@ class _Reader:
     def __init__(self, fs: Any, manifest: Manifest, plan: _Plan, local: bool, urls: PrefixedColumn,
                  columns: Optional[List[str]]) -> None:
         self.fs, self.manifest, self.plan, self.urls, self.columns = fs, manifest, plan, urls, columns
-        self.kind = "local" if local else "s3" if _is_s3(fs) else "async" if getattr(fs, "async_impl", False) else "sync"
+        self.kind = reader_kind(fs, local)
         self.pending: "collections.OrderedDict[int, concurrent.futures.Future[_Raw]]" = collections.OrderedDict()
         self.max_pending = self.MIN_PENDING
         self.decoded: "collections.OrderedDict[int, Any]" = collections.OrderedDict()
