@@ -266,11 +266,11 @@ def _touch_every_entry(worker_id: int) -> None:
         json.dump(_memory(os.getpid()), f)
 
 
-def cmd_rss(source: str, storage: str) -> Dict[str, Any]:
-    """2 batches of the data path over a run whose manifest the driver wrote; peak memory of this
-    rank and of its 2 loader workers (each reads every manifest entry first)."""
+def watched_run(ds: Any, storage: str, batch_size: int, touch: Callable[[int], None]) -> Dict[str, Any]:
+    """2 batches of ``ds`` (run directory ``storage``) through torch_batch_process with 2 loader workers (``touch`` their
+    ``worker_init_fn``, writing its own measure to ``$BENCH_RSS_DIR/worker<id>.json``): peak
+    memory of this rank and of its workers, and the workers' own measures."""
     from batchproc import TorchBatchProcessor, torch_batch_process
-    from batchproc.images import ImageFiles, standard_preprocess
 
     workers: Dict[int, Dict[str, float]] = {}
 
@@ -285,31 +285,61 @@ def cmd_rss(source: str, storage: str) -> Dict[str, Any]:
                 for k, v in m.items():
                     seen[k] = max(seen[k], v)
 
-    ds = ImageFiles(source, transform=standard_preprocess())
     os.environ["BENCH_RSS_DIR"] = tempfile.mkdtemp(prefix="bench-rss-workers-")
-    result = torch_batch_process(Watch, ds, batch_size=32, max_batches=2, storage=storage,
-                                 dataloader_kwargs={"num_workers": 2, "worker_init_fn": _touch_every_entry,
-                                                    "prefetch_factor": 1})
+    result = torch_batch_process(Watch, ds, batch_size=batch_size, max_batches=2, storage=storage,
+                                 dataloader_kwargs={"num_workers": 2, "worker_init_fn": touch, "prefetch_factor": 1})
     after_touch = [json.loads(p.read_text()) for p in sorted(Path(os.environ["BENCH_RSS_DIR"]).glob("worker*.json"))]
     shutil.rmtree(os.environ["BENCH_RSS_DIR"], ignore_errors=True)
     return {"entries": len(ds), "rank": _memory(os.getpid()), "workers": list(workers.values()),
             "workers_after_touch": after_touch, "completed": result.completed}
 
 
+def cmd_rss(source: str, storage: str) -> Dict[str, Any]:
+    """2 batches of the data path over a run whose manifest the driver wrote; peak memory of this
+    rank and of its 2 loader workers (each reads every manifest entry first)."""
+    from batchproc.images import ImageFiles, standard_preprocess
+
+    return watched_run(ImageFiles(source, transform=standard_preprocess()), storage, 32, _touch_every_entry)
+
+
+def memory_rows(table: Any, row: str, label: str, many: List[Dict[str, Any]], few: List[Dict[str, Any]],
+                touched: str, compare: Callable[..., float], med: Callable[[List[float]], float]) -> None:
+    """The rows of :func:`watched_run`'s measures, ``many`` against ``few`` (the target is on the
+    difference, not the ratio: at most 100 MiB more)."""
+    picks: List[Tuple[str, Callable[[Dict[str, Any]], float]]] = [
+        ("rank peak RSS", lambda r: float(r["rank"]["hwm_mb"])),
+        ("loader worker peak RSS", lambda r: max(float(w["hwm_mb"]) for w in r["workers"])),
+        (f"loader worker private memory (USS) after {touched}",
+         lambda r: max(float(w["private_mb"]) for w in r["workers_after_touch"]))]
+    for what, pick in picks:
+        ours, base = [pick(r) for r in many], [pick(r) for r in few]
+        diff = med(ours) - med(base)
+
+        def within(_ratio: float, d: float = diff) -> bool:
+            return d <= 100
+
+        compare(table, row, f"{what}, {label} (MiB; {diff:+.0f} MiB)", ours, base, "<= +100 MiB", within, "{:.0f}")
+
+
 # -- the driver (called by python -m bench) ---------------------------------------------------
 
 
-def _measure(sub: List[str], env: Dict[str, str], timeout: float = 900) -> Dict[str, Any]:
-    """Run ``python -m bench.manifest SUB...`` in a fresh process; its JSON result."""
+def measure(module: str, sub: List[str], env: Optional[Dict[str, str]] = None, timeout: float = 900) -> Dict[str, Any]:
+    """Run ``python -m MODULE SUB...`` in a fresh process (2 threads, no batchproc or torchrun
+    variables of ours); its JSON result, from its last ``RESULT`` line."""
     full = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHPROC_", "TORCHELASTIC_"))}
     full.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
-    full.update(env)
-    out = subprocess.run([PY, "-m", "bench.manifest", *sub], cwd=ROOT, env=full, capture_output=True, text=True,
+    full.update(env or {})
+    out = subprocess.run([PY, "-m", module, *sub], cwd=ROOT, env=full, capture_output=True, text=True,
                          timeout=timeout)
     lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
-        raise RuntimeError(f"bench.manifest {sub} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{module} {sub} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])  # type: ignore[no-any-return]
+
+
+def _measure(sub: List[str], env: Dict[str, str], timeout: float = 900) -> Dict[str, Any]:
+    return measure("bench.manifest", sub, env, timeout)
 
 
 def _synthetic_manifest(data: str, entries: int) -> Any:
@@ -435,20 +465,7 @@ def _rss_rows(table: Any, runs: int, jpegs: str, compare: Callable[..., float],
 
     big_n = int(os.environ.get("BENCH_MANIFEST_BIG", "1000000"))
     small, big = alternate(lambda: rss(1000), lambda: rss(big_n), max(1, runs // 2 + 1))
-    picks: List[Tuple[str, Callable[[Dict[str, Any]], float]]] = [
-        ("rank peak RSS", lambda r: float(r["rank"]["hwm_mb"])),
-        ("loader worker peak RSS", lambda r: max(float(w["hwm_mb"]) for w in r["workers"])),
-        ("loader worker private memory (USS) after reading every entry",
-         lambda r: max(float(w["private_mb"]) for w in r["workers_after_touch"]))]
-    for what, pick in picks:
-        ours, base = [pick(r) for r in big], [pick(r) for r in small]
-        diff = med(ours) - med(base)
-
-        def within(_ratio: float, d: float = diff) -> bool:
-            return d <= 100  # the target is on the difference, not the ratio
-
-        compare(table, "m", f"{what}, {big_n // 1000}k vs 1k entries (MiB; {diff:+.0f} MiB)", ours, base,
-                "<= +100 MiB", within, "{:.0f}")
+    memory_rows(table, "m", f"{big_n // 1000}k vs 1k entries", big, small, "reading every entry", compare, med)
     notes.append(f"Row m, memory: 2 loader workers per rank, each read all {big_n:,} entries (paths, labels, "
                  f"sizes) before loading its first batch; their USS (memory not shared with the rank) is taken "
                  f"then, before any image is in flight. Peak RSS counts the pages a worker shares with its "

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -106,7 +105,7 @@ def cmd_pyarrow(source: str, bs: int, columns: Optional[List[str]]) -> Dict[str,
     n = 0
     for path in sorted(Path(source).rglob("*.parquet")):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=bs, columns=columns):
-            default_collate(batch.to_pylist())
+            default_collate(batch.to_pylist())  # type: ignore[no-untyped-call]
             n += batch.num_rows
     return {"rows": n, "start": start, "end": time.time()}
 
@@ -143,51 +142,25 @@ def _touch_manifest(worker_id: int) -> None:
 
 def cmd_rss(source: str, storage: str) -> Dict[str, Any]:
     """2 batches over a run whose manifest was listed before; peak memory of this rank and its 2 workers."""
-    from bench.manifest import _children, _memory
-    from batchproc import TorchBatchProcessor, torch_batch_process
+    from bench.manifest import watched_run
     from batchproc.tables import TableRows
 
-    workers: Dict[int, Dict[str, float]] = {}
-
-    class Watch(TorchBatchProcessor):
-        def process_batch(self, batch: Any, batch_idx: int) -> None:
-            for pid in _children(os.getpid()):
-                try:
-                    m = _memory(pid)
-                except OSError:
-                    continue
-                seen = workers.setdefault(pid, m)
-                for k, v in m.items():
-                    seen[k] = max(seen[k], v)
-
-    os.environ["BENCH_RSS_DIR"] = tempfile.mkdtemp(prefix="bench-rss-workers-")
-    ds = TableRows(source)
-    result = torch_batch_process(Watch, ds, batch_size=1000, max_batches=2, storage=storage,
-                                 dataloader_kwargs={"num_workers": 2, "worker_init_fn": _touch_manifest,
-                                                    "prefetch_factor": 1})
-    after = [json.loads(p.read_text()) for p in sorted(Path(os.environ["BENCH_RSS_DIR"]).glob("worker*.json"))]
-    shutil.rmtree(os.environ["BENCH_RSS_DIR"], ignore_errors=True)
-    return {"rows": len(ds), "rank": _memory(os.getpid()), "workers": list(workers.values()),
-            "workers_after_touch": after, "completed": result.completed}
+    result = watched_run(TableRows(source), storage, 1000, _touch_manifest)
+    result["rows"] = result.pop("entries")
+    return result
 
 
 # -- the driver ---------------------------------------------------------------------------------
 
 
 def _measure(sub: List[str], env: Optional[Dict[str, str]] = None, timeout: float = 1800) -> Dict[str, Any]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHPROC_", "TORCHELASTIC_"))}
-    full.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
-    full.update(env or {})
-    out = subprocess.run([PY, "-m", "bench.tables", *sub], cwd=ROOT, env=full, capture_output=True, text=True,
-                         timeout=timeout)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"bench.tables {sub} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])  # type: ignore[no-any-return]
+    from bench.manifest import measure
+
+    return measure("bench.tables", sub, env, timeout)
 
 
 def _rate(r: Dict[str, Any]) -> float:
-    return float(r["rows"]) / (r["end"] - r["start"])
+    return float(r["rows"]) / (float(r["end"]) - float(r["start"]))
 
 
 def _store() -> str:
@@ -198,7 +171,7 @@ def table_rows(table: Any, runs: int, compare: Callable[..., float],
                alternate: Callable[..., Tuple[List[Any], List[Any]]], med: Callable[[List[float]], float]) -> str:
     """Row t; returns its notes. ``BENCH_TABLES_PARTS`` (``s3,local,manifest,resume``) picks parts,
     ``BENCH_TABLES_FILES`` the big manifest's file count (10,000)."""
-    from bench.manifest import LatencyProxy, Moto
+    from bench.manifest import LatencyProxy, Moto, memory_rows
 
     parts = os.environ.get("BENCH_TABLES_PARTS", "s3,local,manifest,resume").split(",")
     docs = make_docs(DATA / "docs-20x5000")
@@ -245,16 +218,7 @@ def table_rows(table: Any, runs: int, compare: Callable[..., float],
                 shutil.rmtree(store, ignore_errors=True)
 
         few, many = alternate(lambda: rss(small), lambda: rss(big), max(1, runs // 2 + 1))
-        picks: List[Tuple[str, Callable[[Dict[str, Any]], float]]] = [
-            ("rank peak RSS", lambda r: float(r["rank"]["hwm_mb"])),
-            ("loader worker peak RSS", lambda r: max(float(w["hwm_mb"]) for w in r["workers"])),
-            ("loader worker private memory (USS) after reading the manifest",
-             lambda r: max(float(w["private_mb"]) for w in r["workers_after_touch"]))]
-        for what, pick in picks:
-            ours, base = [pick(r) for r in many], [pick(r) for r in few]
-            diff = med(ours) - med(base)
-            compare(table, "t", f"{what}, {n_files:,} vs 10 files (MiB; {diff:+.0f} MiB)", ours, base,
-                    "<= +100 MiB", lambda _r, d=diff: d <= 100, "{:.0f}")
+        memory_rows(table, "t", f"{n_files:,} vs 10 files", many, few, "reading the manifest", compare, med)
     if "resume" in parts:
         mid = make_ints(DATA / "ints-100", 100)  # 1M rows: 977 batches of 1,024
         total = -(-1_000_000 // 1024)
