@@ -207,3 +207,22 @@ def test_on_s3_a_fallback_and_a_resume_leave_each_skip_once(s3_server: Dict[str,
     assert sorted(r["global_batch"] for r in rows) == BAD
     for rec in fs.ls(f"{run}/checkpoints", detail=False):
         assert b"ValueError" not in fs.cat_file(rec)
+
+
+def test_on_s3_errors_jsonl_names_every_skip_when_an_attempt_ends_past_a_bound(
+        s3_server: Dict[str, Any], s3_bucket: str, procs: Procs) -> None:
+    """On an object store errors.jsonl is written in doubling steps, not at every commit; an attempt
+    that ends (here: past max_bad_batches, after several commits with skips) still leaves it naming
+    every committed skip, and a rerun with a higher bound completes with each named once."""
+    fs = s3_server["server"].fs()
+    run = f"{s3_bucket}/run-bound"
+    env = {"FAULTY_RAISE": ",".join(map(str, BAD)), "FAULTY_POLICY": "skip", "FAULTY_MAX_BAD": "3"}
+    cmd = [PY, "tests/scripts/faulty_job.py", str(N), str(BS), str(INTERVAL), run]
+    over = procs.run(cmd, env, timeout=120)
+    assert over.rc != 0 and "max_bad_batches=3" in over.out, over.out
+    rows = [json.loads(l) for l in fs.cat_file(f"{run}/errors.jsonl").decode().splitlines()]
+    assert sorted(r["global_batch"] for r in rows) == BAD, rows  # 4 > 3: committed, then failed
+    done = procs.run(cmd, dict(env, FAULTY_MAX_BAD="4"), timeout=120)
+    assert done.rc == 0, done.out
+    rows = [json.loads(l) for l in fs.cat_file(f"{run}/errors.jsonl").decode().splitlines()]
+    assert sorted(r["global_batch"] for r in rows) == BAD

@@ -463,6 +463,7 @@ class Checkpointer:
         self.errors_count = resumed.errors_count
         self.errors_bytes = resumed.errors_bytes
         self.errors_last_part = resumed.errors_last_part
+        self.errors_file = errors_log.Appender(run_dir, resumed.errors_bytes)
         self.commits = {a: list(s) for a, s in resumed.commits.items()}
         #: Samples and batches the whole job skipped so far: the counts the records carry.
         self.skipped_samples = resumed.skipped_samples
@@ -524,6 +525,16 @@ class Checkpointer:
         for staged, final in pairs:
             self.run_dir.publish(staged, final)
 
+    def flush_errors(self) -> None:
+        """Bring ``errors.jsonl`` up to the latest record (it may lag on an object store) before
+        an attempt ends in an error. Best effort: the error that ends it must not be masked, and
+        the next start rebuilds the file from the parts anyway."""
+        try:
+            self.errors_file.flush()
+        except Exception as e:
+            print(f"batchproc: warning: could not bring {self.run_dir.url}/{ERRORS_FILE} up to date "
+                  f"({type(e).__name__}: {e}); the next run rebuilds it", file=sys.stderr, flush=True)
+
     def _write_record(self, watermark: int, gathered: List[Dict[str, Any]], state: RunState) -> None:
         seq = self.seq + 1
         slots = {k: list(v) for k, v in self.resumed.slots.items()}
@@ -562,7 +573,9 @@ class Checkpointer:
             self.run_dir.rm(old)
         if new_errors:
             self.hooks.at("kill-before-errors")
-            errors_log.append(self.run_dir, self.errors_bytes, part)
+            self.errors_file.add(part)
+        if state is not RunState.RUNNING:  # the attempt ends here: errors.jsonl names every skip
+            self.errors_file.flush()
         self.errors_count, self.errors_bytes, self.errors_last_part = record.errors_count, record.errors_bytes, last_part
         self.commits = commits
         elapsed = max(1e-9, time.time() - self.started)

@@ -161,7 +161,7 @@ def torch_batch_process(
             raise RunDirUnwritableError.wrap(run_dir.url, e) from None
         job = _Job(env, run_dir, settings, dataset, batch_processor_cls, batch_size,
                    checkpoint_interval, max_batches, loader_kwargs, policy, _lease_check(run_dir, lock, settings),
-                   schedule)
+                   schedule, lock.lease_id if lock is not None else settings.lease_id)
         result = job.run()
         entry.returned()
         return result
@@ -281,9 +281,10 @@ class _Job:
                  processor_cls: Type[TorchBatchProcessor], batch_size: int, interval: int,
                  max_batches: Optional[int], loader_kwargs: Dict[str, Any],
                  policy: BadWorkPolicy = BadWorkPolicy(), verify_lease: Callable[[], None] = lambda: None,
-                 schedule: str = "static") -> None:
+                 schedule: str = "static", lease_id: Optional[str] = None) -> None:
         self.env, self.run_dir, self.settings = env, run_dir, settings
         self.verify_lease = verify_lease
+        self.lease_id = lease_id  #: the object-store lease this job holds (its id), for every rank's check
         self.dataset, self.processor_cls = dataset, processor_cls
         self.batch_size, self.interval, self.max_batches = batch_size, interval, max_batches
         self.loader_kwargs, self.policy, self.schedule = loader_kwargs, policy, schedule
@@ -465,6 +466,7 @@ class _Job:
                     failed, stopping, bad_samples, bad_batches = env.sum_ints(
                         [failure is not None, watcher.requested is not None and not last, *bad])
                     if failed:
+                        ckpt.flush_errors()
                         raise failure or PeerFailedError(
                             f"rank {env.rank} stops: another rank failed in step {step} (its error is the cause)")
                     # Past a bound, every rank commits what the job did so far (errors.jsonl then names
@@ -481,6 +483,7 @@ class _Job:
                             self.tb_mirror.sync()
                     if over_budget is not None:
                         self.phase = Where(Phase.OVER_BOUND, f"after step {done}, past a bound on skipped work")
+                        ckpt.flush_errors()
                         raise over_budget
                     if stop:
                         return done, True, watcher.requested

@@ -3,8 +3,13 @@
 Each checkpoint that has new skips writes ``errors/err-<seq>-<attempt>.jsonl`` (durable) before
 its record; the record keeps only counts, the name of the newest part and which seqs each attempt
 committed, so its size does not grow with the number of skips. ``errors.jsonl`` is the
-concatenation, in seq order, of the committed parts: each commit appends its part to it (locally;
-an object store has no append, so there it is written again, and only when a commit has new skips).
+concatenation, in seq order, of the committed parts: each commit appends its part to it locally.
+An object store has no append, and writing the whole file again at every commit with new skips
+would make a commit's cost grow with the job (quadratic bytes over it), so there :class:`Appender`
+holds committed parts back and writes the file whole only once they add up to what it already
+holds (all writes together then stay within twice its final size), and at the commit that ends an
+attempt (final, preempting, or past a bound). In between it may lag the record, as after a crash;
+``status.json`` keeps the exact counts, and the next start rebuilds it from the parts.
 
 On resume the file is checked against the record (its size, and the newest part at its end): a
 file cut short, missing or edited is rebuilt from the parts; one that goes on past the record
@@ -75,6 +80,36 @@ def append(run_dir: RunDir, size: int, blob: bytes) -> None:
     # Object stores cannot append: the file is written whole, but only at commits with new skips.
     head = run_dir.read_bytes(ERRORS_FILE)[:size] if size else b""
     run_dir.write_atomic(ERRORS_FILE, head + blob)
+
+
+class Appender:
+    """``errors.jsonl`` as commits extend it: at once on a local disk, in doubling steps on an
+    object store (see the module docstring); :meth:`flush` writes what is held back."""
+
+    MIN_BATCH = 1 << 20  #: on an object store, bytes held back before a write, at least
+
+    def __init__(self, run_dir: RunDir, committed: int) -> None:
+        self.run_dir = run_dir
+        self.written = committed  # what the file holds (the resume made it the committed parts)
+        self.held: List[bytes] = []
+
+    def add(self, blob: bytes, *, flush: bool = False) -> None:
+        """Extend the file by a committed part (after its record)."""
+        if self.run_dir.is_local:
+            append(self.run_dir, self.written, blob)
+            self.written += len(blob)
+            return
+        self.held.append(blob)
+        if flush or sum(map(len, self.held)) >= max(self.written, self.MIN_BATCH):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.held:
+            return
+        blob = b"".join(self.held)
+        append(self.run_dir, self.written, blob)
+        self.written += len(blob)
+        self.held = []
 
 
 def reconcile(run_dir: RunDir, parts: List[str], size: int, newest: str) -> None:
