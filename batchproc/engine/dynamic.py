@@ -19,9 +19,10 @@ any record, so the next attempt's fold leaves it in the remaining batches and it
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
 
 from torch.utils.data import default_collate
 
@@ -30,7 +31,8 @@ from batchproc.engine import checkpoint, verdict
 from batchproc.engine.batch_faults import BatchRunner, Watchdog
 from batchproc.engine.policy import ErrorRecord, Skipped
 from batchproc.engine.preempt import PreemptionWatcher, clear_stop_request
-from batchproc.engine.rank_records import Folded, RankRecord, Remaining, count, fold, merge, of_batches, write_rank_record
+from batchproc.engine.rank_records import (FOLD_EVERY, Folded, LiveFold, RankRecord, Remaining, count, merge, of_batches,
+                                           open_fold, write_rank_record)
 from batchproc.engine.sharding import batch_indices
 from batchproc.errors import PeerFailedError, TooManyBadBatchesError, TooManyBadSamplesError, UserCodeError
 from batchproc.plain import to_plain
@@ -38,7 +40,7 @@ from batchproc.reducer import ReducerRegistry
 from batchproc.rundir import lifecycle
 from batchproc.rundir.layout import DYNAMIC_RECORDS, RECORDS, STAGING
 from batchproc.rundir.lifecycle import Phase, RunState, Where
-from batchproc.rundir.storage import RunDir, Stager
+from batchproc.rundir.storage import RunDir, Stager, check_lease
 
 if TYPE_CHECKING:
     from batchproc.engine.run import BatchProcessResult, _Job
@@ -130,9 +132,13 @@ class RankCommitter:
     """One rank's commits: on_checkpoint_start, uploads joined, its record, publication."""
 
     def __init__(self, job: "_Job", stager: Stager, reducers: ReducerRegistry, claims: Claims,
-                 folded: Folded, total: int, attempt: str, dataset_len: int) -> None:
+                 folded: Folded, total: int, attempt: str, dataset_len: int, verify_lease: Callable[[], None],
+                 live: Optional[LiveFold]) -> None:
         self.job, self.stager, self.reducers, self.claims = job, stager, reducers, claims
         self.folded, self.total, self.attempt, self.dataset_len = folded, total, attempt, dataset_len
+        #: Before each record: LeaseLostError once another job holds the run (object stores).
+        self.verify_lease = verify_lease
+        self.live = live  #: rank 0's folds during the attempt; None on the other ranks
         self.seq = 0
         self.committed: List[int] = []  #: global batches this rank committed in this attempt
         self.slots: Optional[Dict[str, Any]] = None  #: its slot state as its last record holds it
@@ -157,17 +163,30 @@ class RankCommitter:
             committed_samples=sum(len(batch_indices(g, *fp)) for g in batches),
             slots=self.reducers.slot_states())
         self.job.hooks.at("kill-after-stage")
-        write_rank_record(run_dir, record)  # the commit point of these batches
+        self.verify_lease()
+        write_rank_record(run_dir, record)  # the commit point of these batches (created once)
         self.seq += 1
         self.committed.extend(batches)
         self.slots = record.slots
         self.job.hooks.at("kill-after-record")
         for staged, final in pairs:
             run_dir.publish(staged, final)
+        self.claims.add(f"records/r{env.rank}", 1)  # published: rank 0 may fold it
         done = self.claims.add("committed", len(batches))
         self.claims.add(f"committed/r{env.rank}", len(batches))
         if env.is_chief:  # the status file has one writer; it learns the others' counts from the store
             self._status(done)
+            self._fold_some()
+
+    def _fold_some(self) -> None:
+        """Rank 0: fold the records published so far once there are :data:`FOLD_EVERY` of them,
+        so that the next start reads at most about that many, however long this attempt runs."""
+        live = self.live
+        if live is None:
+            return
+        published = [self.claims.add(f"records/r{r}", 0) for r in range(self.job.env.world_size)]
+        if sum(published) - live.held() >= FOLD_EVERY:
+            live.fold(published)
 
     def _status(self, done_this_attempt: int) -> None:
         env, run_dir = self.job.env, self.job.run_dir
@@ -190,7 +209,7 @@ class DynamicAttempt:
 
     # -- open: rank 0 folds, the others wait --------------------------------------------------
 
-    def _open(self) -> Tuple[Folded, checkpoint.Fingerprint, str, bool]:
+    def _open(self) -> Tuple[Folded, checkpoint.Fingerprint, str, bool, Optional[str]]:
         job, env = self.job, self.job.env
         fingerprint = job._fingerprint()
         opened: Any = None
@@ -203,7 +222,9 @@ class DynamicAttempt:
                 check_schedule(run_dir, "dynamic")
                 recorded = checkpoint.check_fingerprint(run_dir, fingerprint)
                 fingerprint.total_batches = recorded.total_batches
-                folded = fold(run_dir)
+                attempt = uuid.uuid4().hex[:8]
+                # Object stores: the fold fences the attempt before, in case it was only frozen.
+                folded = open_fold(run_dir, attempt, env.world_size, fence=not run_dir.is_local)
                 status = lifecycle.read_status(run_dir)
                 finished = status.state is RunState.COMPLETED
                 done = count(folded.committed)
@@ -215,13 +236,13 @@ class DynamicAttempt:
                         world_size=env.world_size, committed_batches=done, total_batches=recorded.total_batches,
                         skipped_samples=folded.skipped_samples, skipped_batches=folded.skipped_batches,
                         schedule="dynamic", rank_batches={})
-                opened = (folded, fingerprint, uuid.uuid4().hex[:8], finished)
+                opened = (folded, fingerprint, attempt, finished, job.lease_id)
             except BaseException as e:
                 opened = e
         opened = env.broadcast(opened)  # the others wait here until the fold is done
         if isinstance(opened, BaseException):
             raise opened
-        return cast("Tuple[Folded, checkpoint.Fingerprint, str, bool]", opened)
+        return cast("Tuple[Folded, checkpoint.Fingerprint, str, bool, Optional[str]]", opened)
 
     # -- the attempt ------------------------------------------------------------------------
 
@@ -230,7 +251,7 @@ class DynamicAttempt:
         from batchproc.processor import EngineHandle, TensorBoardMirror, TorchBatchProcessorContext
 
         job, env = self.job, self.job.env
-        folded, fingerprint, attempt, finished = self._open()
+        folded, fingerprint, attempt, finished, lease_id = self._open()
         job.attempt = attempt
         total = fingerprint.total_batches
         done_before = count(folded.committed)
@@ -254,15 +275,17 @@ class DynamicAttempt:
             if len(remaining):
                 batches = job._iterate_loader(ClaimingBatchSampler(claims, fingerprint.dataset_len, job.batch_size))
             processor = _user_call(job.processor_cls, f"{job.processor_cls.__name__}.__init__", context)
+            live = LiveFold(job.run_dir, folded, attempt) if env.is_chief else None
             if not len(remaining):  # every batch committed, on_finish did not complete: only on_finish
-                metrics = self._final_metrics(reducers, folded, [])
+                metrics = self._final_metrics(reducers, live, folded)
                 return job._finish(processor, engine, total, metrics, steps=0)
-            committer = RankCommitter(job, stager, reducers, claims, folded, total, attempt, fingerprint.dataset_len)
+            committer = RankCommitter(job, stager, reducers, claims, folded, total, attempt, fingerprint.dataset_len,
+                                      self._lease_check(lease_id), live)
             try:
                 steps, stopped, failure = self._process(processor, engine, committer, claims, batches)
             finally:
                 stager.close()
-            return self._meet(processor, engine, committer, folded, total, steps, stopped, failure, reducers)
+            return self._meet(processor, engine, committer, folded, total, steps, stopped, failure, reducers, live)
         finally:
             getattr(batches, "_shutdown_workers", lambda: None)()
             engine.close()
@@ -372,39 +395,57 @@ class DynamicAttempt:
 
     # -- the end: all ranks meet once ---------------------------------------------------------
 
-    def _final_metrics(self, reducers: ReducerRegistry, folded: Folded, slots: List[Dict[str, Any]]) -> Dict[str, Any]:
-        """Rank 0: cross_slot_reduce over every slot (folded ones and this attempt's); on every rank."""
-        env = self.job.env
+    def _lease_check(self, lease_id: Optional[str]) -> Callable[[], None]:
+        """What each rank calls before its records: rank 0 the job's own check (its lock, or the
+        supervisor's lease), the others the lease by the id rank 0 sent (one GET on object stores)."""
+        job = self.job
+        if job.env.is_chief:
+            return job.verify_lease
+        if job.run_dir.is_local or lease_id is None:
+            return lambda: None
+        return lambda: check_lease(job.run_dir, lease_id, f"rank {job.env.rank} of the job of {' '.join(sys.argv)}")
+
+    def _metrics(self, reducers: ReducerRegistry, live: Optional[LiveFold]) -> Dict[str, Any]:
+        """Rank 0: ``cross_slot_reduce`` over every slot folded so far (earlier attempts' and this
+        one's), as the static schedule reduces its record's slots; on every rank."""
         metrics: Any = None
-        if env.is_chief:
-            every = {k: list(v) for k, v in folded.slots.items()}
-            for s in slots:
-                for key, value in s.items():
-                    every.setdefault(key, []).append(value)
-            metrics = folded.metrics if folded.metrics is not None and not slots else \
-                to_plain(reducers.reduce(every), for_metrics=True)
-            if folded.metrics is None or slots:
-                fold(self.job.run_dir, final_metrics=metrics)  # the final record
-        return cast(Dict[str, Any], env.broadcast(metrics))
+        if live is not None:
+            metrics = to_plain(reducers.reduce(live.folded.every_slot()), for_metrics=True)
+        return cast(Dict[str, Any], self.job.env.broadcast(metrics))
+
+    def _final_metrics(self, reducers: ReducerRegistry, live: Optional[LiveFold], folded: Folded) -> Dict[str, Any]:
+        """The final metrics on every rank; rank 0 writes the final record unless it exists."""
+        metrics: Any = None
+        if live is not None:
+            metrics = folded.metrics
+            if metrics is None or live.held():
+                metrics = to_plain(reducers.reduce(live.folded.every_slot()), for_metrics=True)
+                live.write(final_metrics=metrics)  # the final record
+        return cast(Dict[str, Any], self.job.env.broadcast(metrics))
 
     def _meet(self, processor: Any, engine: Any, committer: RankCommitter, folded: Folded, total: int,
               steps: int, stopped: Optional[str], failure: Optional[BaseException],
-              reducers: ReducerRegistry) -> "BatchProcessResult":
+              reducers: ReducerRegistry, live: Optional[LiveFold]) -> "BatchProcessResult":
         job, env = self.job, self.job.env
         job.phase = Where(Phase.FINAL, "meeting the other ranks after its last commit")
         error = None if failure is None else (type(failure).__name__, str(failure))
-        mine = {"batches": of_batches(committer.committed), "slots": committer.slots, "stopped": stopped,
-                "error": error, "count": len(committer.committed)}
+        mine = {"batches": of_batches(committer.committed), "stopped": stopped, "error": error,
+                "count": len(committer.committed), "records": committer.seq}
         gathered = env.gather(mine)
         decision: Any = None
         if env.is_chief:
-            assert gathered is not None
+            assert gathered is not None and live is not None
             committed = merge(list(folded.committed) + [tuple(i) for o in gathered for i in o["batches"]])
             errors = [(r, o["error"]) for r, o in enumerate(gathered) if o["error"] is not None]
             shares = {str(r): o["count"] for r, o in enumerate(gathered)}
             reasons = [o["stopped"] for o in gathered if o["stopped"]]
             decision = {"errors": errors, "done": count(committed), "shares": shares,
                         "reason": next((r for r in reasons if r != "another rank stopped"), reasons[0] if reasons else None)}
+            # Every rank has published its last record: the rest of this attempt's records are read,
+            # so that the next start has none of them to read.
+            live.absorb([o["records"] for o in gathered])
+            if decision["done"] < total and not errors:
+                live.write()
         decision = env.broadcast(decision)
         if decision["errors"]:
             if failure is not None:
@@ -415,15 +456,16 @@ class DynamicAttempt:
             raise PeerFailedError(f"rank {env.rank} stops: rank {rank} failed ({kind}; its error is the cause)")
         done = decision["done"]
         if done >= total:
-            slots = [o["slots"] for o in (gathered or []) if o["slots"] is not None]
             if env.is_chief:
                 lifecycle.transition(job.run_dir, RunState.RUNNING, committed_batches=total, total_batches=total,
                                      committed_samples=min(committer.dataset_len, total * job.batch_size),
                                      rank_batches=decision["shares"], schedule="dynamic")
-            metrics = self._final_metrics(reducers, folded, slots)
+            metrics = self._final_metrics(reducers, live, folded)
             return job._finish(processor, engine, total, metrics, steps=steps)
+        metrics = self._metrics(reducers, live)  # what is committed so far, as the static schedule returns
         if env.is_chief:
             job.run_dir.rm(STAGING, recursive=True)  # every rank has published; what is left, no record lists
             lifecycle.transition(job.run_dir, RunState.PREEMPTED, reason=decision["reason"] or "stopped",
-                                 committed_batches=done, total_batches=total, rank_batches=decision["shares"])
-        return job._result(done, total, {}, preempted=True, steps=steps)
+                                 committed_batches=done, total_batches=total, rank_batches=decision["shares"],
+                                 metrics=metrics)
+        return job._result(done, total, metrics, preempted=True, steps=steps)
