@@ -61,11 +61,17 @@ def _freeze(t: Tracked, sig: int) -> List[int]:
     return pids
 
 
-@pytest.mark.parametrize("holder", ["batchproc run", "rank 0"])
+@pytest.mark.parametrize("holder,frozen_at", [("batchproc run", "two records"), ("rank 0", "two records"),
+                                              ("batchproc run", "its first batch")])
 def test_a_holder_frozen_past_its_lease_commits_nothing_after_another_job_took_over(
-        holder: str, procs: Procs, s3_server: Dict[str, Any], s3_bucket: str, tmp_path: Path) -> None:
-    """``batchproc run`` holds the lease for its workers; a script run alone holds it on rank 0."""
-    n, bs, interval = 48, 2, 1  # 24 batches on 2 slots: 12 steps, a record after each
+        holder: str, frozen_at: str, procs: Procs, s3_server: Dict[str, Any], s3_bucket: str,
+        tmp_path: Path) -> None:
+    """``batchproc run`` holds the lease for its workers; a script run alone holds it on rank 0.
+    Frozen at its first batch, the job has not committed yet: a run's first attempt on an object
+    store writes record 0 at watermark 0 (the fence of a fresh run), so its own first commit can
+    only take a name that the job which took over has claimed already."""
+    # 24 batches on 2 slots: 12 steps, a record after each (after every 6th when frozen early)
+    n, bs, interval = 48, 2, 1 if frozen_at == "two records" else 6
     bucket = s3_bucket.removeprefix("s3://")
     cfg = write_config(tmp_path / "job.yaml", [n, bs, interval], s3_storage(bucket, "runs", s3_server["endpoint"]),
                        name="frozen", slots=2)
@@ -74,7 +80,11 @@ def test_a_holder_frozen_past_its_lease_commits_nothing_after_another_job_took_o
     fs = _fs()
     cmd = [PY, "-m", "batchproc", "run", str(cfg)] if holder == "batchproc run" else job_cmd(0, n, bs, interval, "-", url)
     first = procs.start(cmd, env=env)
-    _wait(lambda: len(_records(fs, url)) >= 2 or first.poll() is not None, what="the first job's commits")
+    if frozen_at == "two records":
+        _wait(lambda: len(_records(fs, url)) >= 2 or first.poll() is not None, what="the first job's commits")
+    else:
+        _wait(lambda: "PROGRESS 0" in first.output or first.poll() is not None, what="the first job's first batch")
+        assert len(_records(fs, url)) <= 1, _records(fs, url)  # at most the fence: nothing committed yet
     assert first.poll() is None, first.output
     frozen = _freeze(first, signal.SIGSTOP)
     try:

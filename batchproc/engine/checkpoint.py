@@ -365,9 +365,26 @@ def _fence(run_dir: RunDir, record: CheckpointRecord, slots: Dict[str, List[Any]
     fence = dataclasses.replace(record, seq=seq, time=time.time(), states_file=states_name(seq),
                                 states_sha256=hashlib.sha256(blob).hexdigest())
     create_record(run_dir, seq, blob, fence.sealed())
-    for old in (record_name(seq - KEEP_RECORDS), states_name(seq - KEEP_RECORDS)):
-        run_dir.rm(old)
+    _drop_old_records(run_dir, seq)
     return fence
+
+
+def _first_fence(run_dir: RunDir, recorded: Fingerprint) -> CheckpointRecord:
+    """Object stores, a run with no record yet: record 0 at watermark 0, so that a job frozen
+    before its first record (whose first record is record 0) is fenced off too (:func:`_fence`)."""
+    empty = CheckpointRecord(
+        seq=-1, attempt="", attempts=0, restarts=0, time=time.time(), watermark=0,
+        total_batches=recorded.total_batches, world_size=0, fingerprint=recorded.to_json(), states_file="",
+        states_sha256="", publish=[], upload_counters={}, skipped_samples=0, committed_samples=0, metrics={})
+    return _fence(run_dir, empty, {})
+
+
+def _drop_old_records(run_dir: RunDir, seq: int) -> None:
+    """Keep the last few records only (the one before the latest is the fallback if the latest is
+    damaged): storage stays bounded and listing them on resume stays O(1)."""
+    if seq >= KEEP_RECORDS:  # no record has a negative seq
+        for old in (record_name(seq - KEEP_RECORDS), states_name(seq - KEEP_RECORDS)):
+            run_dir.rm(old)
 
 
 def create_record(run_dir: RunDir, seq: int, blob: bytes, sealed: Dict[str, Any]) -> None:
@@ -407,7 +424,8 @@ def open_run(run_dir: RunDir, fingerprint: Fingerprint, restart_count: int) -> R
         _clear_orphan_states(run_dir, 0)
         errors_log.set_aside(run_dir, errors_log.split_parts(run_dir, -1, {})[1])
         run_dir.rm(ERRORS_FILE)
-        return Resumed(total_batches=recorded.total_batches, attempts=1, restarts=restart_count)
+        seq = -1 if run_dir.is_local else _first_fence(run_dir, recorded).seq
+        return Resumed(seq=seq, total_batches=recorded.total_batches, attempts=1, restarts=restart_count)
     record, slots, damaged = latest
     record, slots = _beyond_listing(run_dir, record, slots, damaged)
     if damaged:
@@ -567,10 +585,7 @@ class Checkpointer:
             errors_last_part=last_part, commits=commits)
         self.verify_lease()
         create_record(self.run_dir, seq, blob, record.sealed())
-        # Keep the last few records only (the one before the latest is the fallback if the
-        # latest is damaged): storage stays bounded and listing them on resume stays O(1).
-        for old in (record_name(seq - KEEP_RECORDS), states_name(seq - KEEP_RECORDS)):
-            self.run_dir.rm(old)
+        _drop_old_records(self.run_dir, seq)
         if new_errors:
             self.hooks.at("kill-before-errors")
             self.errors_file.add(part)
