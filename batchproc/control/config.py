@@ -64,13 +64,28 @@ def _join(root: str, name: str) -> str:
     return os.path.join(root, name) if _is_local_path(root) else root.rstrip("/") + "/" + name
 
 
+#: ``slots_per_trial: auto`` (or the key left out): one process per GPU, one process on a host without.
+AUTO_SLOTS = "auto"
+
+
 @dataclasses.dataclass(frozen=True)
 class Resources:
-    slots_per_trial: Optional[int] = None
+    """``slots_per_trial``: processes per node, an int, or ``auto`` (the default): one per GPU, and
+    one on a CPU-only host, where a second process on the same cores measured slower than one
+    (docs/SCALING.md). The launcher counts the GPUs (:func:`batchproc.control.launcher.gpu_count`)."""
+
+    slots_per_trial: Union[int, str, None] = None
 
     def __post_init__(self) -> None:
-        if self.slots_per_trial is not None:
-            _check_int("slots_per_trial", self.slots_per_trial, 1)
+        slots = self.slots_per_trial
+        if slots is not None and slots != AUTO_SLOTS:
+            if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+                raise _Invalid("slots_per_trial", f"expected an int >= 1 or {AUTO_SLOTS!r}, "
+                                                  f"got {_describe(self.slots_per_trial)}")
+
+    def slots(self) -> Optional[int]:
+        """The processes per node asked for; None for ``auto`` (the launcher decides)."""
+        return None if self.slots_per_trial in (None, AUTO_SLOTS) else cast(int, self.slots_per_trial)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +206,7 @@ class ExperimentConfig:
             run_dir=self.run_dir(),
             storage_options=options,
             hparams=dict(self.hyperparameters),
-            slots_per_trial=self.resources.slots_per_trial,
+            slots_per_trial=self.resources.slots(),
             max_restarts=self.max_restarts,
             pg_timeout_s=self.process_group_timeout_s,
             lock_held=lock_held,

@@ -1,7 +1,7 @@
 """``python -m launch.torch_distributed [TORCHRUN_OVERRIDES... --] SCRIPT...``
 
 Starts ``SCRIPT`` on every slot through torchrun (``python -m torch.distributed.run``) with the
-run's settings: ``--nproc-per-node`` (slots_per_trial, else the GPU count, else 1),
+run's settings: ``--nproc-per-node`` (slots_per_trial, else (``auto``) the GPU count, else 1),
 ``--max-restarts``, SIGUSR1 among the forwarded signals (Slurm), rank-prefixed output lines,
 ``--standalone`` on one node, where every listener binds 127.0.0.1. On several nodes every
 listener binds the node's own address (:func:`node_address`; see :mod:`batchproc.control.loopback`
@@ -15,6 +15,8 @@ The command line itself is built in :mod:`batchproc.control.torchrun_args`. ``la
 
 from __future__ import annotations
 
+import glob
+import os
 import shlex
 import sys
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -31,7 +33,19 @@ if TYPE_CHECKING:
     from batchproc.rundir.storage import RunDir
 
 
-def _gpu_count() -> int:
+#: The device nodes of the GPU drivers torch.cuda works with: NVIDIA's, ROCm's, WSL's.
+GPU_DEVICE_NODES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/dxg")
+
+
+def gpu_count() -> int:
+    """The GPUs torch would use here: ``torch.cuda.device_count()``, but 0 without importing torch
+    (2-3 s before the job can start, on a 2-core VM) on a host with none of the GPU drivers' device
+    nodes, or with ``CUDA_VISIBLE_DEVICES`` empty or ``-1``, where torch sees none either."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    if not any(glob.glob(pattern) for pattern in GPU_DEVICE_NODES):
+        return 0
     import torch
 
     return torch.cuda.device_count()
@@ -64,7 +78,7 @@ def _launch(argv: Optional[Sequence[str]], signals: PreemptionSignals) -> int:
     try:
         nproc_value = nproc_override(overrides)
         counts_gpus = settings.slots_per_trial is None or (nproc_value and not nproc_value.isdigit())
-        gpus = _gpu_count() if counts_gpus else 0
+        gpus = gpu_count() if counts_gpus else 0
         single_node = max_nodes(overrides) == 1
         node_addr = None if single_node else node_address(overrides)
         cmd = create_launch_cmd(settings, overrides, script, gpus, node_addr)
