@@ -58,3 +58,18 @@ def under_torchrun(environ: Optional[MutableMapping[str, str]] = None) -> bool:
     """Whether this process is a worker that torchrun's agent started (its parent is the agent)."""
     env = os.environ if environ is None else environ
     return "TORCHELASTIC_RUN_ID" in env and "LOCAL_RANK" in env
+
+
+def exit_without_collecting() -> None:
+    """Spare the ending process the garbage collection of everything it still holds.
+
+    Call it where nothing is left but the interpreter's own exit. Python's finalization collects
+    the whole heap, and with torch imported that heap is millions of objects: a process that
+    imported torch takes 1.5-2.5 s to exit on a 2-core VM, 0.4 s after this (docs/SCALING.md).
+    ``gc.freeze()`` moves every object into the permanent generation, which no collection visits;
+    objects are still freed by their reference counts, files flushed and closed, ``atexit``
+    handlers run (and what they allocate is collected as usual).
+    """
+    import gc
+
+    gc.freeze()

@@ -24,7 +24,7 @@ import sys
 from types import TracebackType
 from typing import List, Optional
 
-from batchproc import settings as _settings
+from batchproc import lifeline, settings as _settings
 from batchproc.rundir.lifecycle import Phase, Where
 
 #: The attribute ``torch_batch_process`` sets on an exception it has reported and decided about.
@@ -97,6 +97,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         if not getattr(e, REPORTED, False):
             _report(e.with_traceback(_from_the_script(e.__traceback__)))
         raise
+    finally:
+        # The script has ended: only the interpreter's exit is left, which the launcher waits for.
+        lifeline.exit_without_collecting()
 
 
 def _from_the_script(tb: Optional[TracebackType]) -> Optional[TracebackType]:
