@@ -27,14 +27,13 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from batchproc import MetricReducer, TorchBatchProcessor, TorchBatchProcessorContext, torch_batch_process
-from batchproc.tables import TableRows
+from batchproc import MetricReducer, TorchBatchProcessor, TorchBatchProcessorContext
 from batchproc.writers import RowWriter, list_outputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling example modules
 import text_data  # noqa: E402
-from text_jobs import (Options, as_bool, log, parse_options, report, resolve_model,  # noqa: E402
-                       run_dir_storage_options, token_limit)
+from text_jobs import (Options, as_bool, log, parse_options, resolve_model,  # noqa: E402
+                       run_dir_storage_options, run_text_job, token_limit)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader forks after the tokenizer ran
 ROWS = "embeddings"  # the RowWriter's name: outputs/embeddings.<tag>.parquet
@@ -82,7 +81,7 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class EmbedProcessor(TorchBatchProcessor):
     """One embedding per document; rank 0 loads them all into Chroma in ``on_finish``."""
 
-    opts: Dict[str, Any]  # set on a subclass by make_processor (the engine constructs the processor)
+    opts: Dict[str, Any]  # set on a subclass by text_jobs.run_text_job (the engine constructs the processor)
 
     def __init__(self, context: TorchBatchProcessorContext) -> None:
         super().__init__(context)
@@ -173,25 +172,13 @@ def upsert_rows(collection: Any, rows: List[Dict[str, Any]]) -> None:
 # -- main ------------------------------------------------------------------------------------
 
 
-def make_processor(opts: Dict[str, Any]) -> type:
-    return type("EmbedProcessor", (EmbedProcessor,), {"opts": opts})
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     opts = parse_options("embed_texts", __doc__ or "", OPTIONS, argv)
     opts["model_path"] = resolve_model(opts["model"], text_data.ensure_tiny_encoder, opts["data_root"])
     data = opts["data"] or text_data.ensure_documents(opts["data_root"])  # every rank may call it: it locks
-    dataset = TableRows(data, columns=[opts["id_column"], opts["text_column"]],
-                        storage_options=opts["data_storage_options"] or None)
     log(f"embed_texts: embedding the rows of {data} with {opts['model_path']}")
-    loader_kwargs: Dict[str, Any] = {}
-    if opts["num_workers"] is not None:
-        loader_kwargs["num_workers"] = opts["num_workers"]
-    result = torch_batch_process(
-        make_processor(opts), dataset, batch_size=opts["batch_size"], checkpoint_interval=opts["checkpoint_interval"],
-        max_batches=opts["max_batches"], dataloader_kwargs=loader_kwargs, storage=opts["storage"],
-        bad_batches=opts["bad_batches"], max_bad_batches=opts["max_bad_batches"])
-    return report("embed_texts", result, "embeddings (Parquet)")
+    return run_text_job("embed_texts", EmbedProcessor, opts, data,
+                        [opts["id_column"], opts["text_column"]], "embeddings (Parquet)")
 
 
 if __name__ == "__main__":

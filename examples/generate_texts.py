@@ -30,13 +30,12 @@ from typing import Any, Dict, List, Optional, Set
 
 import torch
 
-from batchproc import MetricReducer, TorchBatchProcessor, TorchBatchProcessorContext, torch_batch_process
-from batchproc.tables import TableRows
+from batchproc import MetricReducer, TorchBatchProcessor, TorchBatchProcessorContext
 from batchproc.writers import RowWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling example modules
 import text_data  # noqa: E402
-from text_jobs import Options, as_bool, log, parse_options, report, resolve_model, token_limit  # noqa: E402
+from text_jobs import Options, as_bool, log, parse_options, resolve_model, run_text_job, token_limit  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader forks after the tokenizer ran
 ROWS = "completions"  # the RowWriter's name: outputs/completions.<tag>.<ext>
@@ -106,7 +105,7 @@ def stop_token_ids(tokenizer: Any, model: Any) -> Set[int]:
 class GenerateProcessor(TorchBatchProcessor):
     """One completion per prompt, with its token counts; tokens/s in the metrics."""
 
-    opts: Dict[str, Any]  # set on a subclass by make_processor (the engine constructs the processor)
+    opts: Dict[str, Any]  # set on a subclass by text_jobs.run_text_job (the engine constructs the processor)
 
     def __init__(self, context: TorchBatchProcessorContext) -> None:
         super().__init__(context)
@@ -159,25 +158,13 @@ class GenerateProcessor(TorchBatchProcessor):
         self.writer.flush()
 
 
-def make_processor(opts: Dict[str, Any]) -> type:
-    return type("GenerateProcessor", (GenerateProcessor,), {"opts": opts})
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     opts = parse_options("generate_texts", __doc__ or "", OPTIONS, argv)
     opts["model_path"] = resolve_model(opts["model"], text_data.ensure_tiny_causal_lm, opts["data_root"])
     data = opts["data"] or text_data.ensure_prompts(opts["data_root"], opts["data_format"])  # locks: any rank may
-    dataset = TableRows(data, columns=[opts["id_column"], opts["prompt_column"]],
-                        storage_options=opts["data_storage_options"] or None)
     log(f"generate_texts: continuing the prompts of {data} with {opts['model_path']}")
-    loader_kwargs: Dict[str, Any] = {}
-    if opts["num_workers"] is not None:
-        loader_kwargs["num_workers"] = opts["num_workers"]
-    result = torch_batch_process(
-        make_processor(opts), dataset, batch_size=opts["batch_size"], checkpoint_interval=opts["checkpoint_interval"],
-        max_batches=opts["max_batches"], dataloader_kwargs=loader_kwargs, storage=opts["storage"],
-        bad_batches=opts["bad_batches"], max_bad_batches=opts["max_bad_batches"])
-    return report("generate_texts", result, "completions")
+    return run_text_job("generate_texts", GenerateProcessor, opts, data,
+                        [opts["id_column"], opts["prompt_column"]], "completions")
 
 
 if __name__ == "__main__":

@@ -116,6 +116,25 @@ def run_dir_storage_options() -> Dict[str, Any]:
     return dict(RunSettings.from_env().storage_options)
 
 
+def run_text_job(name: str, processor: type, opts: Dict[str, Any], data: str, columns: List[str],
+                 rows: str) -> int:
+    """Both examples' run: the rows of ``data`` (``columns`` only) through ``processor``, which
+    reads ``opts`` from a class attribute (the engine constructs the processor), then :func:`report`."""
+    from batchproc import torch_batch_process
+    from batchproc.tables import TableRows
+
+    dataset = TableRows(data, columns=columns, storage_options=opts["data_storage_options"] or None)
+    loader_kwargs: Dict[str, Any] = {}
+    if opts["num_workers"] is not None:
+        loader_kwargs["num_workers"] = opts["num_workers"]
+    result = torch_batch_process(
+        type(processor.__name__, (processor,), {"opts": opts}), dataset, batch_size=opts["batch_size"],
+        checkpoint_interval=opts["checkpoint_interval"], max_batches=opts["max_batches"],
+        dataloader_kwargs=loader_kwargs, storage=opts["storage"], bad_batches=opts["bad_batches"],
+        max_bad_batches=opts["max_bad_batches"])
+    return report(name, result, rows)
+
+
 def report(name: str, result: Any, rows: str) -> int:
     """The run's last lines on rank 0; the exit code (0 also when preempted: the launcher reports
     that from the run state, and a non-zero code would make torchrun restart the job)."""
