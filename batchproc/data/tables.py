@@ -43,6 +43,8 @@ SUFFIXES: Dict[str, str] = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "
 ROWS_PER_OFFSET = 1024
 #: Decoded chunks a process keeps (at least those of the batch being served).
 DECODED_CHUNKS = 4
+#: Local Parquet files a process keeps open (a batch's row groups come from one or two files).
+OPEN_FILES = 4
 #: Chunks fetched ahead past the last one the loader's read-ahead hints name (object stores).
 CHUNKS_AHEAD = 1
 #: Files whose metadata the listing reads at once.
@@ -501,6 +503,7 @@ class _Reader:
         self.max_pending = self.MIN_PENDING
         self.decoded: "collections.OrderedDict[int, Any]" = collections.OrderedDict()
         self.heads: "collections.OrderedDict[int, Any]" = collections.OrderedDict()  # per-file footers / headers
+        self.open_files: "collections.OrderedDict[int, Any]" = collections.OrderedDict()  # local Parquet files
         self.limit: Optional[asyncio.Semaphore] = None
 
     # fetching
@@ -673,6 +676,20 @@ class _Reader:
             self.decoded.popitem(last=False)
         return value
 
+    def _open_parquet(self, f: int, md: Any) -> Any:
+        """Local file ``f`` as an open ``ParquetFile`` (the last :data:`OPEN_FILES` kept): opening
+        one per row group cost more than reading the row group."""
+        import pyarrow.parquet as pq
+
+        pf = self.open_files.get(f)
+        if pf is None:
+            pf = self.open_files[f] = pq.ParquetFile(self.manifest.path(f), metadata=md)
+            while len(self.open_files) > OPEN_FILES:
+                self.open_files.popitem(last=False)[1].close()
+        else:
+            self.open_files.move_to_end(f)
+        return pf
+
     def _decode(self, c: int, raw: _Raw) -> Any:
         plan = self.plan
         f = int(plan.chunk_file[c])
@@ -683,13 +700,13 @@ class _Reader:
             import pyarrow.parquet as pq
 
             foot_at, foot, md = raw.footer
-            if self.kind == "local":
-                return pq.ParquetFile(self.manifest.path(f), metadata=md).read_row_group(
-                    int(plan.chunk_pos[c]), columns=self.columns)
+            if self.kind == "local":  # the file stays open for its next row groups; stat-checked per chunk
+                return self._open_parquet(f, md).read_row_group(int(plan.chunk_pos[c]), columns=self.columns,
+                                                                use_threads=False)
             ranges = _Ranges(int(self.manifest.sizes[f]), [(raw.start, raw.data), (foot_at, foot)],
                              lambda s, e: _drive_or_run(self, f, s, e))
             table = pq.ParquetFile(pa.PythonFile(ranges, mode="r"), metadata=md).read_row_group(
-                int(plan.chunk_pos[c]), columns=self.columns)
+                int(plan.chunk_pos[c]), columns=self.columns, use_threads=False)
             return table
         lines = _Lines(raw.data, fmt == "csv", raw.footer, self.urls[f])
         if len(lines) != expected:
