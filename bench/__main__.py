@@ -193,7 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument("--runs", type=int, default=5, help="alternating runs per side (medians)")
     p.add_argument("--images", type=int, default=320, help="JPEG files (batches of 32)")
-    p.add_argument("--rows", default="abcdefghkmosy")
+    p.add_argument("--rows", default="abcdefghkmnosy")
     p.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     args = p.parse_args(argv)
     jpegs = str(make_jpegs(DATA / f"jpeg500-{args.images}", args.images))
@@ -252,6 +252,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         notes.append(outside_rows(table, R, jpegs))
     if "h" in args.rows:
         notes.append(gpu_rows(table, R))
+    if "n" in args.rows:  # the shipped job: default resources and 2 slots vs one process (bench/slots.py)
+        from bench import slots
+        notes.append(slots.slots_rows(table, R, jpegs, compare))
     if "k" in args.rows:  # a commit after 50k recorded skips vs after none (bench/commit_cost.py)
         from bench import commit_cost
         notes.append(commit_cost.commit_cost_rows(table, R, compare, alternate))
