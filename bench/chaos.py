@@ -256,8 +256,7 @@ def make_scenario(rng: random.Random, index: int, s3: bool, max_faulty: int) -> 
     # Drawn after everything above, so that a seed's earlier draws (and CI's slice) stay the same.
     if rng.random() < 0.3:  # image files with hostile ones among them; batch faults would name
         sc.hostile, sc.raise_batches = True, []  # other samples (indices shift), so none here
-    frozen = any(a.freeze_at is not None for a in sc.attempts)
-    if rng.random() < 0.7 and not frozen:
+    if rng.random() < 0.7:
         sc.schedule = "dynamic"
     return sc
 
