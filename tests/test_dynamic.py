@@ -181,3 +181,107 @@ def test_the_experiment_key_reaches_the_workers(tmp_path: Path) -> None:
     bad.write_text("name: x\nentrypoint: python3 job.py\nschedule: fastest\n")
     with pytest.raises(ConfigError, match="schedule"):
         load_config(str(bad))
+
+
+def test_a_preempted_run_returns_the_metrics_of_what_it_committed(procs: Procs, tmp_path: Path) -> None:
+    """As the static schedule does: the result of a preempted attempt carries the metrics of every
+    batch committed so far (earlier attempts' too), and so does status.json."""
+    n, run_dir = 40, tmp_path / "run"
+    env = {"BATCHPROC_FAULT": "stop@rank=1@step=3", "SUM_JOB_SLEEP": "0.05"}
+    first = procs.run(job_cmd(2, *DYN, n, 2, 2, "-", run_dir), env=env)
+    second = procs.run(job_cmd(2, *DYN, n, 2, 2, "-", run_dir), env=dict(env, BATCHPROC_FAULT="stop@rank=0@step=2"))
+    for out in (first, second):
+        assert out.rc == 0 and out.result()["preempted"], out.out
+    done = sorted(r["index"] for r in output_rows(run_dir))
+    assert 0 < len(done) < n and len(set(done)) == len(done)
+    total = float(sum(done))
+    expected = {"sum": total, "count": len(done), "mean": total / len(done),
+                "accuracy": sum(1 for i in done if (i * i) % 3 == i % 3) / len(done)}
+    assert second.result()["metrics"] == expected
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted" and status["metrics"] == expected, status
+    assert procs.run(job_cmd(2, *DYN, n, 2, 2, "-", run_dir)).result()["metrics"] == sum_job_metrics(n)
+
+
+def test_frozen_image_inputs(procs: Procs, tmp_path: Path) -> None:
+    """ImageFiles under the dynamic schedule: listed once, by the first attempt; files added later
+    are not part of the run, a file replaced since is a bad sample named in errors.jsonl."""
+    from tests.test_manifest import JOB, ORIGINAL, bmp, check_exactly_once, original_files, write_files
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    originals = original_files()
+    write_files(data, originals)
+    args = [str(JOB), str(data), str(run), "2", "2"]
+    env = {"BATCHPROC_SCHEDULE": "dynamic"}
+    first = procs.run(torchrun_cmd(2, *args), env=dict(env, BATCHPROC_FAULT="stop@rank=0@step=1"))
+    assert first.rc == 0 and '"preempted": true' in first.out, first.out
+    assert not list((run / "checkpoints").glob("ckpt-*")) and list((run / "dynamic").glob("folded-*"))
+    published = {json.loads(line)["index"] for f in (run / "outputs").rglob("*.jsonl") for line in f.read_text().splitlines()}
+    replaced = next(name for i, name in enumerate(ORIGINAL) if i not in published)
+    write_files(data, {"img500.bmp": bmp(500), replaced: bmp(999)})  # one added, one not yet output replaced
+    second = procs.run([PY, *args], env=env)  # an elastic resume: 1 process
+    assert second.rc == 0 and '"completed": true' in second.out, second.out
+    errors = [json.loads(line) for line in (run / "errors.jsonl").read_text().splitlines()]
+    check_exactly_once(str(run), lambda name: str(data / name), originals, [replaced], errors)
+
+
+def _faulty_config(tmp_path: Path) -> Path:
+    from tests.test_batch_faults import _config
+
+    cfg = _config(tmp_path)
+    cfg.write_text(cfg.read_text() + "schedule: dynamic\n")
+    return cfg
+
+
+def test_bad_batches_are_bounded_job_wide(procs: Procs, tmp_path: Path) -> None:
+    """max_bad_batches counts the whole job's failed batches (in the store), whichever ranks ran
+    them: 2 > 1 fails the job, naming both in errors.jsonl; a rerun with a higher bound finishes."""
+    from tests.test_batch_faults import N as FN, _batch, _errors, _indices, _run, _run_dir
+
+    config = _faulty_config(tmp_path)
+    env = {"FAULTY_RAISE": "2,3", "FAULTY_POLICY": "skip", "FAULTY_MAX_BAD": "1"}
+    done = _run(procs, config, env)
+    run_dir = _run_dir(tmp_path)
+    assert done.rc != 0, done.out
+    assert f"2 batches failed in process_batch, more than max_bad_batches=1; each is named in {run_dir}/errors.jsonl" \
+        in done.out, done.out
+    assert done.out.count("WORKER rank=0") <= 1, "a deterministic failure must not be restarted"
+    assert sorted(e["global_batch"] for e in _errors(run_dir)) == [2, 3]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed", status
+    again = _run(procs, config, dict(env, FAULTY_MAX_BAD="2"))
+    assert again.rc == 0, again.out
+    assert _indices(run_dir) == sorted(set(range(FN)) - _batch(2) - _batch(3))
+    assert sorted(e["global_batch"] for e in _errors(run_dir)) == [2, 3]
+
+
+def _finish_config(tmp_path: Path) -> Path:
+    from tests.test_lifecycle import _config
+
+    cfg = _config(tmp_path)
+    cfg.write_text(cfg.read_text() + "schedule: dynamic\n")
+    return cfg
+
+
+def test_a_stop_during_on_finish_is_resumed_by_running_on_finish_again(procs: Procs, tmp_path: Path) -> None:
+    from tests.test_lifecycle import _assert_rerun_runs_only_on_finish
+
+    config = _finish_config(tmp_path)
+    env = {"FINISH_JOB_LOG": str(tmp_path / "log"), "FINISH_JOB_SLEEP_IN_FINISH": "60"}
+    t = procs.start([PY, "-m", "batchproc", "run", str(config)], env)
+    t.wait_for(r"IN_FINISH", timeout=90)
+    os.killpg(t.pid, signal.SIGTERM)  # as Kubernetes would: the whole group of `batchproc run`
+    first = procs.finish(t, timeout=90)
+    assert first.rc == 75, first.out
+    _assert_rerun_runs_only_on_finish(tmp_path, procs, config)
+
+
+def test_sigkill_during_on_finish_reruns_only_on_finish(procs: Procs, tmp_path: Path) -> None:
+    from tests.test_lifecycle import _assert_rerun_runs_only_on_finish, _run
+
+    config = _finish_config(tmp_path)
+    first = _run(procs, config, {"FINISH_JOB_LOG": str(tmp_path / "log"), "BATCHPROC_FAULT": "kill-in-finish@rank=1"})
+    assert first.rc not in (0, 75), first.out
+    status = json.loads((tmp_path / "runs" / "fin" / "status.json").read_text())
+    assert status["state"] == "failed" and status["phase"] == "in on_finish", status
+    _assert_rerun_runs_only_on_finish(tmp_path, procs, config)

@@ -444,8 +444,8 @@ class DynamicAttempt:
             # Every rank has published its last record: the rest of this attempt's records are read,
             # so that the next start has none of them to read.
             live.absorb([o["records"] for o in gathered])
-            if decision["done"] < total and not errors:
-                live.write()
+            if decision["done"] < total or errors:  # (the final record is written below)
+                live.write()  # errors.jsonl names every committed skip, also when the job fails
         decision = env.broadcast(decision)
         if decision["errors"]:
             if failure is not None:
