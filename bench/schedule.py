@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGMA = 1.0
@@ -108,6 +109,193 @@ def schedule_rows(table: Any, runs: int, batches: int = 240, mean_ms: float = 20
             f"ideal: uneven {found['uneven'][1]:.3f}, straggler {found['straggler'][1]:.3f}.")
 
 
+# -- uniform work: ResNet-18 over the bench images ------------------------------------------------
+
+
+def uniform_rows(table: Any, runs: int, jpegs: str, run: Any, throughput: Any, compare: Any, alternate: Any,
+                 bs: int = 8) -> str:
+    """Row y: uniform work (ResNet-18 over the bench images, 2 ranks, 1 thread each), dynamic vs
+    static. Batches of 8, so that the ranks have tens of batches each: at 10 batches of 32 (the first
+    version of this row) one batch more on one rank was 10-20% of the run."""
+    img = ["--data", jpegs, "--model", "resnet18", "--bs", str(bs), "--nw", "0", "--interval", "5"]
+    static, dyn = alternate(lambda: run(["framework", *img], nproc=2, threads=1),
+                            lambda: run(["framework", *img, "--schedule", "dynamic"], nproc=2, threads=1), runs)
+    compare(table, "y", f"uniform work, 2 ranks: ResNet-18 over the bench images, batch {bs}, dynamic vs static "
+            "schedule (img/s)", [throughput(r) for r in dyn], [throughput(r) for r in static], ">= 0.99",
+            lambda x: x >= 0.99)
+    return (f"Uniform row (y): `bench.workload framework` over the bench images in batches of {bs}, commit every 5 "
+            f"batches, {runs} alternated pairs; img/s from the first rank's start to the last rank's end.")
+
+
+# -- the commit's cost: dynamic vs static ------------------------------------------------------
+
+
+def commit_worker(schedule: str, batches: int, out_dir: str, storage: str) -> None:
+    """A commit after every batch (one small output file each), nothing else: the time between a
+    rank's consecutive batches is its commit (and, under the static schedule, the step's agreement)."""
+    import torch
+
+    from batchproc import TorchBatchProcessor, torch_batch_process
+
+    rank = int(os.environ.get("RANK", "0"))
+    stamps: List[float] = []
+
+    class Committer(TorchBatchProcessor):
+        rows: List[int] = []
+
+        def process_batch(self, batch: Any, batch_idx: int) -> None:
+            stamps.append(time.perf_counter())
+            self.rows.append(self.context.global_batch_idx)
+
+        def on_checkpoint_start(self) -> None:
+            if self.rows:
+                with self.context.upload_path() as path:
+                    (path / "rows.jsonl").write_text("".join(f'{{"g": {g}}}\n' for g in self.rows))
+                self.rows = []
+
+    torch_batch_process(Committer, torch.arange(batches), batch_size=1, checkpoint_interval=1,
+                        dataloader_kwargs={"num_workers": 0}, storage=storage, schedule=schedule)
+    gaps = [b - a for a, b in zip(stamps[3:], stamps[4:])]  # the first commits warm caches and folders
+    with open(os.path.join(out_dir, f"r{rank}.json"), "w") as f:
+        json.dump({"ms": statistics.median(gaps) * 1000 if gaps else None}, f)
+
+
+def _torchrun(args: List[str], out: str, extra_env: Optional[Dict[str, str]] = None,
+              check: bool = True) -> List[Dict[str, Any]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHPROC_", "TORCHELASTIC_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1", **(extra_env or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "bench.schedule", *args]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0 and check:
+        raise RuntimeError(f"{cmd} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return [json.loads((Path(out) / f"r{r}.json").read_text()) for r in range(2) if (Path(out) / f"r{r}.json").exists()]
+
+
+def commit_ms(schedule: str, batches: int, storage: str, env: Optional[Dict[str, str]] = None) -> float:
+    """Median ms between a rank's consecutive batches (a commit after each), median over the ranks."""
+    out = tempfile.mkdtemp(prefix="bench-commit-")
+    try:
+        recs = _torchrun(["commit", schedule, str(batches), out, storage], out, env)
+        return statistics.median(r["ms"] for r in recs if r["ms"] is not None)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def commit_rows(table: Any, runs: int, batches: int = 200) -> str:
+    """Row y: a commit under the dynamic schedule costs what a static commit costs (2 ranks, local
+    disk and S3 on moto's server on 127.0.0.1)."""
+    from bench.manifest import Moto
+
+    found: Dict[str, Tuple[float, float]] = {}
+    moto = Moto(objects=["benchsched/none:0"])
+    try:
+        for where in ("local disk", "S3 (moto)"):
+            dyn: List[float] = []
+            sta: List[float] = []
+            for i in range(runs):  # alternated
+                for schedule, into in (("static", sta), ("dynamic", dyn)):
+                    if where == "local disk":
+                        root = tempfile.mkdtemp(prefix="bench-commit-run-")
+                        try:
+                            into.append(commit_ms(schedule, batches, root + "/run"))
+                        finally:
+                            shutil.rmtree(root, ignore_errors=True)
+                    else:
+                        into.append(commit_ms(schedule, batches, f"s3://benchsched/{schedule}-{i}-{time.time_ns()}",
+                                              moto.env()))
+            d, s = statistics.median(dyn), statistics.median(sta)
+            found[where] = (d, s)
+            table.add("y", f"commit after every batch, 2 ranks, {where}: ms between a rank's batches "
+                      f"({batches} batches, one output file per commit; dynamic; baseline column: static)",
+                      f"{d:.1f} ms", f"{s:.1f} ms", d / s, "<= 1.0 (no dearer than static)", d / s <= 1.0)
+    finally:
+        moto.stop()
+    return (f"Commit rows (y): `bench/schedule.py` commit, median over {runs} alternated runs of each rank's median "
+            "gap between consecutive batches with checkpoint_interval=1 (static: the step's all-reduce, the gather, "
+            "rank 0's record and every rank's publication; dynamic: the claim, the lease check on S3, the rank's "
+            "own record and publication, and rank 0's fold every 32 records).")
+
+
+# -- resume cost: time to first batch after many per-rank records ----------------------------------
+
+
+def ttfb_worker(batches: int, out_dir: str, storage: str) -> None:
+    """A commit after every batch; writes when torch_batch_process was called and when its first batch
+    ran (BATCHPROC_FAULT stops the job where the caller wants it)."""
+    import torch
+
+    from batchproc import TorchBatchProcessor, torch_batch_process
+
+    rank = int(os.environ.get("RANK", "0"))
+    seen: Dict[str, float] = {}
+
+    kill_at = int(os.environ.get("BENCH_KILL_AT", "-1"))
+
+    class First(TorchBatchProcessor):
+        def process_batch(self, batch: Any, batch_idx: int) -> None:
+            seen.setdefault("first", time.time())
+            if 0 <= kill_at <= self.context.global_batch_idx:  # a crash: nothing after it is committed
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    seen["call"] = time.time()
+    result = torch_batch_process(First, torch.arange(batches), batch_size=1, checkpoint_interval=1,
+                                 dataloader_kwargs={"num_workers": 0}, storage=storage, schedule="dynamic")
+    with open(os.path.join(out_dir, f"r{rank}.json"), "w") as f:
+        json.dump(dict(seen, committed=result.steps_completed), f)
+
+
+def resume_ttfb(records: int, runs: int, batches: int) -> Tuple[List[float], List[float], int, int]:
+    """Seconds from torch_batch_process's call to the first batch of a resume, ``runs`` times, after
+    a job that committed about ``records`` per-rank records and then crashed (its ranks SIGKILLed,
+    so no meeting folded its last records); and how many batches were committed, and how many rank
+    records its run directory held when the resumes began. The seconds from the launch too."""
+    root = tempfile.mkdtemp(prefix="bench-ttfb-")
+    try:
+        setup, out = Path(root, "setup"), Path(root, "out")
+        out.mkdir()
+        # a rank that claims global batch ``records`` dies there, and so does the other at its next
+        # claim: together they commit the batches before it, a record each
+        _torchrun(["ttfb", str(batches), str(out), str(setup)], str(out), {"BENCH_KILL_AT": str(records)}, check=False)
+        left = len(list((setup / "dynamic").glob("rank-*")))
+        times: List[float] = []
+        from_launch: List[float] = []
+        committed = 0
+        for i in range(runs):
+            copy = Path(root, f"resume-{i}")
+            shutil.copytree(setup, copy)
+            for f in out.glob("*.json"):
+                f.unlink()
+            launched = time.time()
+            recs = _torchrun(["ttfb", str(batches), str(out), str(copy)], str(out), {"BATCHPROC_FAULT": "stop@rank=0@step=0"})
+            first = min(r["first"] for r in recs if "first" in r)
+            times.append(first - min(r["call"] for r in recs))
+            from_launch.append(first - launched)
+            committed = min(r["committed"] for r in recs) - 2  # less the resume's own (one batch per rank)
+            shutil.rmtree(copy, ignore_errors=True)
+        return times, from_launch, committed, left
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def resume_rows(table: Any, runs: int, many: int = 10_000, few: int = 10) -> str:
+    batches = many + 200
+    few_t, few_l, few_n, few_left = resume_ttfb(few, runs, batches)
+    many_t, many_l, many_n, many_left = resume_ttfb(many, runs, batches)
+    m, f = statistics.median(many_t), statistics.median(few_t)
+    table.add("y", f"resume: time to first batch after about {many_n:,} per-rank records vs after {few_n} "
+              "(s from torch_batch_process's call, 2 ranks, local disk)", f"{m:.2f} s", f"{f:.2f} s", m / f,
+              "<= 1.2", m / f <= 1.2)
+    ml, fl = statistics.median(many_l), statistics.median(few_l)
+    table.add("y", f"resume: the same, from the launch (torchrun, imports)", f"{ml:.2f} s", f"{fl:.2f} s", ml / fl,
+              "<= 1.2", ml / fl <= 1.2)
+    return (f"Resume rows (y): `bench/schedule.py` ttfb; each side one job committing a record per batch, then "
+            f"{runs} resumes of copies of its run directory after both ranks were SIGKILLed (no meeting folded the "
+            f"last records). Rank records left for the resume to read: {many_left} after {many_n:,} commits (rank 0 "
+            f"folds every 32 during the attempt), {few_left} after {few_n}. From the call: "
+            f"{', '.join(f'{t:.2f}' for t in many_t)} s vs {', '.join(f'{t:.2f}' for t in few_t)} s.")
+
+
 class _Print:
     def add(self, row: str, what: str, ours: str, base: str, ratio: float, target: str, ok: bool) -> None:
         print(f"{row} | {what} | {ours} | {base} | {ratio:.3f} | {target} | {'yes' if ok else 'no'}", flush=True)
@@ -117,5 +305,13 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["worker"]:
         k, sch, b, m, o, st = sys.argv[2:8]
         worker(k, sch, int(b), float(m), o, st)
+    elif sys.argv[1:2] == ["commit"]:
+        commit_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    elif sys.argv[1:2] == ["ttfb"]:
+        ttfb_worker(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    elif sys.argv[1:2] == ["commit-rows"]:
+        print(commit_rows(_Print(), int(sys.argv[2]) if len(sys.argv) > 2 else 3))
+    elif sys.argv[1:2] == ["resume-rows"]:
+        print(resume_rows(_Print(), int(sys.argv[2]) if len(sys.argv) > 2 else 3))
     else:
         print(schedule_rows(_Print(), int(sys.argv[1]) if len(sys.argv) > 1 else 3))
