@@ -16,7 +16,7 @@ import s3fs
 
 from batchproc.rundir import layout
 from tests.support import PY, Procs, assert_exactly_once, job_cmd, s3_storage, write_config
-from tests.test_lease import TTL_S, _freeze, _wait
+from tests.test_lease import TTL_S, _freeze, _thaw, _wait
 
 
 def _names(fs: Any, url: str, folder: str) -> List[str]:
@@ -62,12 +62,7 @@ def test_a_frozen_dynamic_holder_commits_no_rank_record_after_another_job_took_o
         before = _attempt_outputs(fs, url, firsts)
         assert before
     finally:
-        for pid in frozen:
-            try:
-                import os
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        _thaw(frozen)
     a = procs.finish(first, timeout=180)
     b = procs.finish(second, timeout=240)
     assert b.rc == 0, b.out

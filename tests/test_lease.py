@@ -61,6 +61,15 @@ def _freeze(t: Tracked, sig: int) -> List[int]:
     return pids
 
 
+def _thaw(pids: List[int]) -> None:
+    """SIGCONT to the processes :func:`_freeze` stopped (those still there)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.parametrize("holder,frozen_at", [("batchproc run", "two records"), ("rank 0", "two records"),
                                               ("batchproc run", "its first batch")])
 def test_a_holder_frozen_past_its_lease_commits_nothing_after_another_job_took_over(
@@ -96,11 +105,7 @@ def test_a_holder_frozen_past_its_lease_commits_nothing_after_another_job_took_o
         # What the first job (and any attempt before it) had committed: none of it may grow from here on.
         latest = json.loads(fs.cat_file(_records(fs, url)[-1]))
     finally:
-        for pid in frozen:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        _thaw(frozen)
     a = procs.finish(first, timeout=180)
     b = procs.finish(second, timeout=240)
     assert b.rc == 0, b.out
