@@ -79,8 +79,8 @@ def test_a_holder_frozen_past_its_lease_commits_nothing_after_another_job_took_o
     Frozen at its first batch, the job has not committed yet: a run's first attempt on an object
     store writes record 0 at watermark 0 (the fence of a fresh run), so its own first commit can
     only take a name that the job which took over has claimed already."""
-    # 24 batches on 2 slots: 12 steps, a record after each (after every 6th when frozen early)
-    n, bs, interval = 48, 2, 1 if frozen_at == "two records" else 6
+    # 24 batches on 2 slots: 12 steps, a record after each (after the 8th and the last when frozen early)
+    n, bs, interval = 48, 2, 1 if frozen_at == "two records" else 8
     bucket = s3_bucket.removeprefix("s3://")
     cfg = write_config(tmp_path / "job.yaml", [n, bs, interval], s3_storage(bucket, "runs", s3_server["endpoint"]),
                        name="frozen", slots=2)
@@ -92,11 +92,14 @@ def test_a_holder_frozen_past_its_lease_commits_nothing_after_another_job_took_o
     if frozen_at == "two records":
         _wait(lambda: len(_records(fs, url)) >= 2 or first.poll() is not None, what="the first job's commits")
     else:
+        # Only the output is polled here: a listing on a loaded machine can outlast the batches
+        # before the first commit (8 batches, 3.2 s). The check that nothing was committed follows the freeze.
         _wait(lambda: "PROGRESS 0" in first.output or first.poll() is not None, what="the first job's first batch")
-        assert len(_records(fs, url)) <= 1, _records(fs, url)  # at most the fence: nothing committed yet
     assert first.poll() is None, first.output
     frozen = _freeze(first, signal.SIGSTOP)
     try:
+        if frozen_at == "its first batch":
+            assert len(_records(fs, url)) <= 1, _records(fs, url)  # at most the fence: nothing committed yet
         time.sleep(TTL_S * 2)  # past the lease: the second job may take it over
         second = procs.start(cmd, env=env)
         top = _records(fs, url)[-1]
