@@ -43,6 +43,9 @@ ENV_FAULT = "BATCHPROC_FAULT"
 #: reason a restart cannot fix (an error in user code, bad data, a stuck batch) leaves its verdict
 #: before exiting cleanly, so that torchrun does not replay the failure (see batchproc.engine.verdict).
 ENV_VERDICT_DIR = "BATCHPROC_VERDICT_DIR"
+#: ``torchrun``: start a one-node, one-slot job under torchrun's agent too, instead of the agent
+#: of our own that spares its torch import (:mod:`batchproc.control.solo_agent`).
+ENV_AGENT = "BATCHPROC_AGENT"
 #: Set by torchrun in each worker: how many times its agent restarted the worker group.
 ENV_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
 

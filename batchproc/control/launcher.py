@@ -3,7 +3,9 @@
 Starts ``SCRIPT`` on every slot through torchrun (``python -m torch.distributed.run``) with the
 run's settings: ``--nproc-per-node`` (slots_per_trial, else (``auto``) the GPU count, else 1),
 ``--max-restarts``, SIGUSR1 among the forwarded signals (Slurm), rank-prefixed output lines,
-``--standalone`` on one node, where every listener binds 127.0.0.1. On several nodes every
+``--standalone`` on one node, where every listener binds 127.0.0.1. A job of one node and one
+local slot without overrides runs under :mod:`batchproc.control.solo_agent` instead, which
+starts the worker as torchrun would, without torchrun's torch import. On several nodes every
 listener binds the node's own address (:func:`node_address`; see :mod:`batchproc.control.loopback`
 and :mod:`batchproc.netaddr`). Overrides before ``--`` are torchrun flags checked against
 torchrun's own parser; each replaces our default for the same flag. The exit code is 0 completed,
@@ -21,13 +23,15 @@ import shlex
 import sys
 from typing import TYPE_CHECKING, Optional, Sequence
 
+from batchproc.control import solo_agent
 from batchproc.control.supervisor import PreemptionSignals, supervise
 from batchproc.lifeline import die_with_parent
 from batchproc.control.torchrun_args import (DEFAULT_RDZV_PORT, MODULE, nproc_override, create_launch_cmd, local_addr_override,
-                                             local_world_size, max_nodes, parse_args, rendezvous_endpoint)
+                                             local_world_size, max_nodes, parse_args, rendezvous_endpoint,
+                                             worker_command)
 from batchproc.netaddr import interface_of, source_address
 from batchproc.rundir.lifecycle import ExitCode
-from batchproc.settings import ENV_PROGRESS, RunSettings, cpu_count
+from batchproc.settings import ENV_AGENT, ENV_PROGRESS, RunSettings, cpu_count
 
 if TYPE_CHECKING:
     from batchproc.rundir.storage import RunDir
@@ -81,8 +85,12 @@ def _launch(argv: Optional[Sequence[str]], signals: PreemptionSignals) -> int:
         gpus = gpu_count() if counts_gpus else 0
         single_node = max_nodes(overrides) == 1
         node_addr = None if single_node else node_address(overrides)
-        cmd = create_launch_cmd(settings, overrides, script, gpus, node_addr)
         nproc = local_world_size(settings, overrides, gpus)
+        if single_node and nproc == 1 and not overrides and os.environ.get(ENV_AGENT) != "torchrun":
+            # Nothing to rendezvous: our own agent, which starts the worker without torchrun's torch import.
+            cmd = solo_agent.command(worker_command(script), settings.max_restarts)
+        else:
+            cmd = create_launch_cmd(settings, overrides, script, gpus, node_addr)
     except ValueError as e:
         print(f"{MODULE}: error: {e}", file=sys.stderr)
         return ExitCode.USAGE

@@ -108,6 +108,24 @@ def _script_args(script: Sequence[str]) -> Tuple[List[Tuple[str, str]], List[str
     return [], words
 
 
+def _under_entry(given: Dict[str, Optional[str]], script: Sequence[str]) -> Tuple[List[Tuple[str, str]], List[str]]:
+    """:func:`_script_args`, with a Python script or module run under batchproc.engine.entry, which
+    reports an error raised outside torch_batch_process and keeps the agent from replaying a
+    deterministic one."""
+    flags, argv = _script_args(script)
+    if "no_python" not in given and "no_python" not in dict(flags):
+        module = "module" in given or "module" in dict(flags)
+        flags, argv = [("module", "--module")], [ENTRY, *(["-m"] if module else []), *argv]
+    return flags, argv
+
+
+def worker_command(script: Sequence[str]) -> List[str]:
+    """The command torchrun would start as a worker for ``script`` (no overrides): ``python -u -m
+    batchproc.engine.entry ...`` for a Python script or module, else the executable itself."""
+    flags, argv = _under_entry({}, script)
+    return [sys.executable, "-u", "-m", *argv] if ("module", "--module") in flags else argv
+
+
 def _flag_value(overrides: Sequence[str], *flags: str) -> Optional[str]:
     """The last value given to any spelling of a flag, without torch's parser (``batchproc`` uses it)."""
     value = None
@@ -193,12 +211,7 @@ def create_launch_cmd(settings: RunSettings, overrides: Sequence[str], script: S
     and the rendezvous names this node by it. Without it, torchrun binds as it does by itself.
     """
     given = _parse_overrides(overrides)
-    flags, argv = _script_args(script)
-    if "no_python" not in given and "no_python" not in dict(flags):
-        # A Python script or module runs under batchproc.engine.entry, which reports an error raised
-        # outside torch_batch_process and keeps torchrun from replaying a deterministic one.
-        module = "module" in given or "module" in dict(flags)
-        flags, argv = [("module", "--module")], [ENTRY, *(["-m"] if module else []), *argv]
+    flags, argv = _under_entry(given, script)
     defaults = [
         ("nproc_per_node", ["--nproc-per-node", str(settings.slots_per_trial or gpu_count or 1)]),
         ("max_restarts", ["--max-restarts", str(settings.max_restarts)]),
