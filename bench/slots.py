@@ -146,7 +146,7 @@ def rounds(hparams: Dict[str, object], runs: int, sides: Sequence[str] = SIDES,
 
 def _kind(proc: Dict[str, object]) -> str:
     words = " ".join(proc.get("cmdline") or proc.get("argv") or [])  # type: ignore[arg-type]
-    if "control.loopback" in words or "torch.distributed.run" in words or "control.agent" in words:
+    if "control.loopback" in words or "torch.distributed.run" in words or "control.solo_agent" in words:
         return "agent"
     if "launch.torch_distributed" in words or "control.launcher" in words:
         return "launcher"
@@ -172,7 +172,7 @@ def stages(result: Dict[str, object]) -> Dict[str, float]:
         s["batchproc run: start -> launcher process starts"] = by["launcher"][0]["start"] - t0
     if "agent" in by:
         a = by["agent"][0]
-        s["launcher -> torchrun agent process starts"] = a["start"] - by["launcher"][0]["start"]
+        s["launcher -> agent process starts (torchrun's, or ours for one slot)"] = a["start"] - by["launcher"][0]["start"]
         s["agent: import torch"] = imp(a, "torch")
         s["agent: start -> first worker process starts"] = workers[0]["start"] - a["start"]
     else:
