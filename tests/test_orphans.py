@@ -35,10 +35,12 @@ def _victim(pid: int, level: str) -> int:
     return children_map()[launcher][0]  # torchrun (our loopback wrapper around its main)
 
 
-@pytest.mark.parametrize("level", ["run", "launcher", "torchrun"])
+@pytest.mark.parametrize("level,slots", [("run", 2), ("launcher", 2), ("torchrun", 2), ("run", 1), ("torchrun", 1)])
 def test_a_sigkilled_supervisor_leaves_no_orphans_and_a_rerun_outputs_every_sample_once(
-        procs: Procs, tmp_path: Path, level: str) -> None:
-    config = write_config(tmp_path / "exp.yaml", (N, BS, 4), shared_fs(tmp_path / "runs"), name="orphans")
+        procs: Procs, tmp_path: Path, level: str, slots: int) -> None:
+    """With one slot, "torchrun" is the agent of our own that stands in for it (batchproc.control.solo_agent)."""
+    config = write_config(tmp_path / "exp.yaml", (N, BS, 4), shared_fs(tmp_path / "runs"), name="orphans",
+                          slots=slots)
     run_dir = tmp_path / "runs" / "orphans"
     first = procs.start([PY, "-m", "batchproc", "run", str(config)], env=SLOW)
     procs.wait_for(first, r"PROGRESS 8\b")
