@@ -116,3 +116,11 @@ def listening_socket(host: str, port: int) -> Optional[socket.socket]:
             continue
         return sock
     return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port of ``host`` that was free a moment ago (torchrun's ``--standalone`` picks one so)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ import time
 from typing import IO, Dict, List, Optional, Sequence, Tuple
 
 from batchproc import lifeline
+from batchproc.netaddr import free_port
 from batchproc.settings import ENV_RESTART_COUNT, FORWARDED_SIGNALS
 
 MODULE = "batchproc.control.solo_agent"
@@ -53,13 +53,6 @@ USAGE = f"usage: python -m {MODULE} [--max-restarts N] -- WORKER_CMD..."
 def command(worker: Sequence[str], max_restarts: int) -> List[str]:
     """The agent's command line for ``worker`` (what the launcher runs in torchrun's place)."""
     return [sys.executable, "-m", MODULE, "--max-restarts", str(max_restarts), "--", *worker]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def worker_env(base: Dict[str, str], run_id: str, restart: int, max_restarts: int, port: int) -> Dict[str, str]:
@@ -160,7 +153,7 @@ def run(worker_cmd: Sequence[str], max_restarts: int) -> int:
     for restart in range(max_restarts + 1):
         if stop.signum is not None:
             break  # asked to stop before this worker started: start nothing
-        env = lifeline.child_env(worker_env(base, run_id, restart, max_restarts, _free_port()))
+        env = lifeline.child_env(worker_env(base, run_id, restart, max_restarts, free_port()))
         # A session of its own, as torchrun's workers have: a terminal's Ctrl-C reaches it once, through us.
         worker = subprocess.Popen(list(worker_cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   start_new_session=True)
