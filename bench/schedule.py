@@ -9,7 +9,9 @@ The figure is the makespan (first batch started on any rank to the last batch's 
 the schedule's span, without the start-up and the end's meeting, which both schedules share), and the
 ratio is ``ideal / makespan``: the ideal is the total work divided by the ranks' summed capacity
 (uneven: ``sum(costs) / 2``; straggler: ``B * cost / 1.5``). Run ``python -m bench.schedule`` or
-row ``y`` of ``python -m bench``.
+row ``y`` of ``python -m bench`` (:func:`all_rows`: these, uniform ResNet-18 work, the transformer over
+texts in ``bench/schedule_text.py``, commit cost and resume cost). ``python -m bench.schedule
+breakdown uneven dynamic [RUNS]`` says where the ranks' time inside the makespan went.
 
 Worker: ``python -m bench.schedule worker KIND SCHEDULE BATCHES MEAN_MS OUT_DIR STORAGE``.
 """
@@ -57,21 +59,23 @@ def worker(kind: str, schedule: str, batches: int, mean_ms: float, out_dir: str,
     cost = costs(kind, batches, mean_ms)
     rank = int(os.environ.get("RANK", "0"))
     factor = 2.0 if kind == "straggler" and rank == 1 else 1.0
-    first: Dict[str, float] = {}
+    spans: List[Tuple[int, float, float]] = []  #: (global batch, its sleep's start, its end)
 
     class Sleeper(TorchBatchProcessor):
         def process_batch(self, batch: Any, batch_idx: int) -> None:
-            first.setdefault("t", time.time())
-            time.sleep(cost[self.context.global_batch_idx] * factor)
-            first["last"] = time.time()
+            g, t = self.context.global_batch_idx, time.time()
+            time.sleep(cost[g] * factor)
+            spans.append((g, t, time.time()))
 
     torch_batch_process(Sleeper, torch.arange(batches), batch_size=1, checkpoint_interval=INTERVAL,
                         dataloader_kwargs={"num_workers": 0}, storage=storage, schedule=schedule)
     with open(os.path.join(out_dir, f"r{rank}.json"), "w") as f:
-        json.dump({"first": first.get("t"), "last": first.get("last"), "end": time.time()}, f)
+        json.dump({"first": spans[0][1] if spans else None, "last": spans[-1][2] if spans else None,
+                   "end": time.time(), "spans": spans}, f)
 
 
-def makespan(kind: str, schedule: str, batches: int, mean_ms: float) -> float:
+def spans_of(kind: str, schedule: str, batches: int, mean_ms: float) -> List[Dict[str, Any]]:
+    """One 2-rank job of ``kind``; each rank's record (its batches' spans among them)."""
     out, store = tempfile.mkdtemp(prefix="bench-sched-"), tempfile.mkdtemp(prefix="bench-sched-run-")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHPROC_", "TORCHELASTIC_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1")
@@ -79,12 +83,44 @@ def makespan(kind: str, schedule: str, batches: int, mean_ms: float) -> float:
            "-m", "bench.schedule", "worker", kind, schedule, str(batches), str(mean_ms), out, store + "/run"]
     try:
         subprocess.run(cmd, env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        recs = [json.loads((Path(out) / f"r{r}.json").read_text()) for r in range(2)]
-        ran = [r for r in recs if r["first"] is not None]
-        return max(r["last"] for r in ran) - min(r["first"] for r in ran)
+        return [json.loads((Path(out) / f"r{r}.json").read_text()) for r in range(2)]
     finally:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(store, ignore_errors=True)
+
+
+def makespan_of(recs: List[Dict[str, Any]]) -> float:
+    ran = [r for r in recs if r["first"] is not None]
+    return float(max(r["last"] for r in ran) - min(r["first"] for r in ran))
+
+
+def makespan(kind: str, schedule: str, batches: int, mean_ms: float) -> float:
+    return makespan_of(spans_of(kind, schedule, batches, mean_ms))
+
+
+def breakdown(recs: List[Dict[str, Any]], kind: str, batches: int, mean_ms: float) -> Dict[str, float]:
+    """Where the ranks' time inside the makespan went, in rank-seconds (they add up to 2 x makespan):
+    the sleeps asked for, their overshoot (the OS waking the sleeper late), the gaps between a rank's
+    batches (claim, load, collate; ``commit gaps`` those after each rank's ``INTERVAL``-th batch),
+    and the idle time before a rank's first batch and after its last (the tail)."""
+    cost = costs(kind, batches, mean_ms)
+    ran = [r for r in recs if r["spans"]]
+    t0, t1 = min(r["first"] for r in ran), max(r["last"] for r in ran)
+    parts = dict.fromkeys(("work asked", "sleep overshoot", "loop gaps", "commit gaps", "start skew", "tail idle"), 0.0)
+    for rank, r in enumerate(recs):
+        factor = 2.0 if kind == "straggler" and rank == 1 else 1.0
+        spans = r["spans"]
+        if not spans:
+            parts["tail idle"] += t1 - t0
+            continue
+        for i, (g, a, b) in enumerate(spans):
+            parts["work asked"] += cost[g] * factor
+            parts["sleep overshoot"] += (b - a) - cost[g] * factor
+            if i + 1 < len(spans):
+                parts["commit gaps" if (i + 1) % INTERVAL == 0 else "loop gaps"] += spans[i + 1][1] - b
+        parts["start skew"] += spans[0][1] - t0
+        parts["tail idle"] += t1 - spans[-1][2]
+    return parts
 
 
 def schedule_rows(table: Any, runs: int, batches: int = 240, mean_ms: float = 20.0) -> str:
@@ -296,6 +332,30 @@ def resume_rows(table: Any, runs: int, many: int = 10_000, few: int = 10) -> str
             f"{', '.join(f'{t:.2f}' for t in many_t)} s vs {', '.join(f'{t:.2f}' for t in few_t)} s.")
 
 
+PARTS = ("sleeps", "uniform", "text", "commit", "resume")
+
+
+def all_rows(table: Any, runs: int, jpegs: str, run: Any, throughput: Any, compare: Any, alternate: Any) -> str:
+    """Row y of ``python -m bench``; ``BENCH_SCHEDULE_PARTS`` (a comma list of :data:`PARTS`, all
+    by default) picks the parts, and ``BENCH_SCHEDULE_SMALL=1`` runs each at a size that only
+    checks it works (tests/test_bench.py)."""
+    parts = os.environ.get("BENCH_SCHEDULE_PARTS", ",".join(PARTS)).split(",")
+    small = os.environ.get("BENCH_SCHEDULE_SMALL") == "1"
+    notes = []
+    if "sleeps" in parts:
+        notes.append(schedule_rows(table, runs, batches=24 if small else 240, mean_ms=5.0 if small else 20.0))
+    if "uniform" in parts:
+        notes.append(uniform_rows(table, runs, jpegs, run, throughput, compare, alternate))
+    if "text" in parts:
+        from bench import schedule_text
+        notes.append(schedule_text.text_rows(table, runs, small=small))
+    if "commit" in parts:
+        notes.append(commit_rows(table, runs, batches=12 if small else 200))
+    if "resume" in parts:
+        notes.append(resume_rows(table, runs, many=40 if small else 10_000, few=4 if small else 10))
+    return "\n\n".join(notes)
+
+
 class _Print:
     def add(self, row: str, what: str, ours: str, base: str, ratio: float, target: str, ok: bool) -> None:
         print(f"{row} | {what} | {ours} | {base} | {ratio:.3f} | {target} | {'yes' if ok else 'no'}", flush=True)
@@ -309,6 +369,15 @@ if __name__ == "__main__":
         commit_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
     elif sys.argv[1:2] == ["ttfb"]:
         ttfb_worker(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    elif sys.argv[1:2] == ["breakdown"]:  # breakdown KIND SCHEDULE [RUNS [BATCHES [MEAN_MS]]]
+        k, sch = sys.argv[2], sys.argv[3]
+        n, b, m = (int(sys.argv[4]) if len(sys.argv) > 4 else 3), (int(sys.argv[5]) if len(sys.argv) > 5 else 240), \
+            (float(sys.argv[6]) if len(sys.argv) > 6 else 20.0)
+        for _ in range(n):
+            recs = spans_of(k, sch, b, m)
+            span = makespan_of(recs)
+            print(f"makespan {span:.3f} s, ideal/makespan {ideal_s(k, b, m) / span:.3f}; rank-s: " + ", ".join(
+                f"{name} {v:.3f}" for name, v in breakdown(recs, k, b, m).items()), flush=True)
     elif sys.argv[1:2] == ["commit-rows"]:
         print(commit_rows(_Print(), int(sys.argv[2]) if len(sys.argv) > 2 else 3))
     elif sys.argv[1:2] == ["resume-rows"]:
