@@ -123,11 +123,12 @@ def breakdown(recs: List[Dict[str, Any]], kind: str, batches: int, mean_ms: floa
     return parts
 
 
-def schedule_rows(table: Any, runs: int, batches: int = 240, mean_ms: float = 20.0) -> str:
+def schedule_rows(table: Any, runs: int, batches: int = 240, mean_ms: float = 20.0,
+                  kinds: Tuple[str, ...] = ("uneven", "straggler")) -> str:
     """Rows of ``python -m bench``'s table: dynamic and static, each as a fraction of the ideal."""
     targets = {"uneven": 0.95, "straggler": 0.9}
     found: Dict[str, Tuple[float, float]] = {}
-    for kind in ("uneven", "straggler"):
+    for kind in kinds:
         ideal = ideal_s(kind, batches, mean_ms)
         dyn: List[float] = []
         sta: List[float] = []
@@ -142,7 +143,7 @@ def schedule_rows(table: Any, runs: int, batches: int = 240, mean_ms: float = 20
                   f"{statistics.median(sta):.2f} s", d, f">= {targets[kind]} of ideal", d >= targets[kind])
     return ("Schedule rows (y): makespan from the first batch started to the last batch ended, median of "
             f"{runs} alternated runs; ideal = total sleep / summed capacity. Static as a fraction of the "
-            f"ideal: uneven {found['uneven'][1]:.3f}, straggler {found['straggler'][1]:.3f}.")
+            "ideal: " + ", ".join(f"{k} {v[1]:.3f}" for k, v in found.items()) + ".")
 
 
 # -- uniform work: ResNet-18 over the bench images ------------------------------------------------
@@ -218,7 +219,7 @@ def commit_ms(schedule: str, batches: int, storage: str, env: Optional[Dict[str,
         shutil.rmtree(out, ignore_errors=True)
 
 
-def commit_rows(table: Any, runs: int, batches: int = 200) -> str:
+def commit_rows(table: Any, runs: int, batches: int = 200, wheres: Tuple[str, ...] = ("local disk", "S3 (moto)")) -> str:
     """Row y: a commit under the dynamic schedule costs what a static commit costs (2 ranks, local
     disk and S3 on moto's server on 127.0.0.1)."""
     from bench.manifest import Moto
@@ -226,7 +227,7 @@ def commit_rows(table: Any, runs: int, batches: int = 200) -> str:
     found: Dict[str, Tuple[float, float]] = {}
     moto = Moto(objects=["benchsched/none:0"])
     try:
-        for where in ("local disk", "S3 (moto)"):
+        for where in wheres:
             dyn: List[float] = []
             sta: List[float] = []
             for i in range(runs):  # alternated
@@ -281,79 +282,59 @@ def ttfb_worker(batches: int, out_dir: str, storage: str) -> None:
         json.dump(dict(seen, committed=result.steps_completed), f)
 
 
-def resume_ttfb(records: int, runs: int, batches: int) -> Tuple[List[float], List[float], int, int]:
-    """Seconds from torch_batch_process's call to the first batch of a resume, ``runs`` times, after
-    a job that committed about ``records`` per-rank records and then crashed (its ranks SIGKILLed,
-    so no meeting folded its last records); and how many batches were committed, and how many rank
-    records its run directory held when the resumes began. The seconds from the launch too."""
-    root = tempfile.mkdtemp(prefix="bench-ttfb-")
+def crashed_job(root: Path, records: int, batches: int) -> int:
+    """A job in ``root/setup`` that committed about ``records`` per-rank records and then crashed
+    (its ranks SIGKILLed, so no meeting folded its last records); how many rank records it left."""
+    setup, out = root / "setup", root / "out"
+    out.mkdir(parents=True)
+    # a rank that claims global batch ``records`` dies there, and so does the other at its next
+    # claim: together they commit the batches before it, a record each
+    _torchrun(["ttfb", str(batches), str(out), str(setup)], str(out), {"BENCH_KILL_AT": str(records)}, check=False)
+    return len(list((setup / "dynamic").glob("rank-*")))
+
+
+def resume_once(root: Path, batches: int) -> Tuple[float, float, int]:
+    """One resume of a copy of ``root/setup``: seconds from torch_batch_process's call to the first
+    batch, the same from the launch, and the batches committed before it."""
+    copy, out = root / "resume", root / "out"
+    shutil.copytree(root / "setup", copy)
+    for f in out.glob("*.json"):
+        f.unlink()
     try:
-        setup, out = Path(root, "setup"), Path(root, "out")
-        out.mkdir()
-        # a rank that claims global batch ``records`` dies there, and so does the other at its next
-        # claim: together they commit the batches before it, a record each
-        _torchrun(["ttfb", str(batches), str(out), str(setup)], str(out), {"BENCH_KILL_AT": str(records)}, check=False)
-        left = len(list((setup / "dynamic").glob("rank-*")))
-        times: List[float] = []
-        from_launch: List[float] = []
-        committed = 0
-        for i in range(runs):
-            copy = Path(root, f"resume-{i}")
-            shutil.copytree(setup, copy)
-            for f in out.glob("*.json"):
-                f.unlink()
-            launched = time.time()
-            recs = _torchrun(["ttfb", str(batches), str(out), str(copy)], str(out), {"BATCHPROC_FAULT": "stop@rank=0@step=0"})
-            first = min(r["first"] for r in recs if "first" in r)
-            times.append(first - min(r["call"] for r in recs))
-            from_launch.append(first - launched)
-            committed = min(r["committed"] for r in recs) - 2  # less the resume's own (one batch per rank)
-            shutil.rmtree(copy, ignore_errors=True)
-        return times, from_launch, committed, left
+        launched = time.time()
+        recs = _torchrun(["ttfb", str(batches), str(out), str(copy)], str(out), {"BATCHPROC_FAULT": "stop@rank=0@step=0"})
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(copy, ignore_errors=True)
+    first = min(r["first"] for r in recs if "first" in r)
+    # committed less the resume's own (one batch per rank)
+    return first - min(r["call"] for r in recs), first - launched, min(r["committed"] for r in recs) - 2
 
 
 def resume_rows(table: Any, runs: int, many: int = 10_000, few: int = 10) -> str:
+    """Row y: time to first batch of a resume after ``many`` per-rank records vs after ``few``; the
+    two sides' resumes alternate, so that the machine's drifts hit both alike."""
     batches = many + 200
-    few_t, few_l, few_n, few_left = resume_ttfb(few, runs, batches)
-    many_t, many_l, many_n, many_left = resume_ttfb(many, runs, batches)
-    m, f = statistics.median(many_t), statistics.median(few_t)
-    table.add("y", f"resume: time to first batch after about {many_n:,} per-rank records vs after {few_n} "
-              "(s from torch_batch_process's call, 2 ranks, local disk)", f"{m:.2f} s", f"{f:.2f} s", m / f,
-              "<= 1.2", m / f <= 1.2)
-    ml, fl = statistics.median(many_l), statistics.median(few_l)
-    table.add("y", f"resume: the same, from the launch (torchrun, imports)", f"{ml:.2f} s", f"{fl:.2f} s", ml / fl,
-              "<= 1.2", ml / fl <= 1.2)
-    return (f"Resume rows (y): `bench/schedule.py` ttfb; each side one job committing a record per batch, then "
-            f"{runs} resumes of copies of its run directory after both ranks were SIGKILLed (no meeting folded the "
-            f"last records). Rank records left for the resume to read: {many_left} after {many_n:,} commits (rank 0 "
-            f"folds every 32 during the attempt), {few_left} after {few_n}. From the call: "
-            f"{', '.join(f'{t:.2f}' for t in many_t)} s vs {', '.join(f'{t:.2f}' for t in few_t)} s.")
-
-
-PARTS = ("sleeps", "uniform", "text", "commit", "resume")
-
-
-def all_rows(table: Any, runs: int, jpegs: str, run: Any, throughput: Any, compare: Any, alternate: Any) -> str:
-    """Row y of ``python -m bench``; ``BENCH_SCHEDULE_PARTS`` (a comma list of :data:`PARTS`, all
-    by default) picks the parts, and ``BENCH_SCHEDULE_SMALL=1`` runs each at a size that only
-    checks it works (tests/test_bench.py)."""
-    parts = os.environ.get("BENCH_SCHEDULE_PARTS", ",".join(PARTS)).split(",")
-    small = os.environ.get("BENCH_SCHEDULE_SMALL") == "1"
-    notes = []
-    if "sleeps" in parts:
-        notes.append(schedule_rows(table, runs, batches=24 if small else 240, mean_ms=5.0 if small else 20.0))
-    if "uniform" in parts:
-        notes.append(uniform_rows(table, runs, jpegs, run, throughput, compare, alternate))
-    if "text" in parts:
-        from bench import schedule_text
-        notes.append(schedule_text.text_rows(table, runs, small=small))
-    if "commit" in parts:
-        notes.append(commit_rows(table, runs, batches=12 if small else 200))
-    if "resume" in parts:
-        notes.append(resume_rows(table, runs, many=40 if small else 10_000, few=4 if small else 10))
-    return "\n\n".join(notes)
+    root = Path(tempfile.mkdtemp(prefix="bench-ttfb-"))
+    try:
+        left = {n: crashed_job(root / str(n), n, batches) for n in (few, many)}
+        got: Dict[int, List[Tuple[float, float, int]]] = {few: [], many: []}
+        for _ in range(runs):
+            for n in (few, many):
+                got[n].append(resume_once(root / str(n), batches))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    m_n, f_n = got[many][0][2], got[few][0][2]
+    for i, what in ((0, "s from torch_batch_process's call"), (1, "s from the launch: torchrun, imports")):
+        ratio = statistics.median(a[i] / b[i] for a, b in zip(got[many], got[few]))
+        table.add("y", f"resume: time to first batch after {m_n:,} batches committed in per-rank records vs after "
+                  f"{f_n} ({what}, 2 ranks, local disk)", f"{statistics.median(a[i] for a in got[many]):.2f} s",
+                  f"{statistics.median(b[i] for b in got[few]):.2f} s", ratio, "<= 1.2", ratio <= 1.2)
+    return (f"Resume rows (y): `bench/schedule.py` ttfb; each side one job committing a record per batch, its ranks "
+            f"then SIGKILLed (no meeting folded the last records), and {runs} resumes of copies of its run directory, "
+            f"the two sides alternated; the ratio is the median of the pairs' ratios. Rank records left for the resume "
+            f"to read: {left[many]} after {m_n:,} commits (rank 0 folds every 32 during the attempt), {left[few]} after "
+            f"{f_n}. From the call: {', '.join(f'{a[0]:.2f}' for a in got[many])} s vs "
+            f"{', '.join(f'{b[0]:.2f}' for b in got[few])} s.")
 
 
 class _Print:
