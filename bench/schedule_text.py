@@ -7,10 +7,11 @@ a few to a few hundred milliseconds. The model is a randomly initialised ``nn.Tr
 
 Per run: the makespan (first batch started to last batch ended, as the sleep rows), texts/s over it,
 and ``busy / (ranks x makespan)``, where busy is the summed time the ranks spent in
-``process_batch``. That fraction is the run against its own ideal (the work it measured, divided by
-the ranks): 1.0 means no rank ever waited. ``python -m bench.schedule_text [RUNS]`` or row ``y``.
+``process_batch`` and in loading (the dataset's ``__getitem__`` and the padding collate). That
+fraction is the run against its own ideal (the work it measured, divided by the ranks): 1.0 means
+no rank ever waited. ``python -m bench.schedule_text [RUNS]`` or row ``y``.
 
-Worker: ``python -m bench.schedule_text worker SCHEDULE OUT_DIR STORAGE``.
+Worker: ``python -m bench.schedule_text worker SCHEDULE TEXTS OUT_DIR STORAGE``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from typing import Any, Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS, BATCH, MEDIAN_TOKENS, MAX_TOKENS, VOCAB = 960, 8, 48, 768, 1000
+#: Seconds this process spent loading (making the texts' tensors and padding them): work as much as the
+#: model's, since with ``num_workers=0`` it is done by the rank between its batches.
+LOADING = [0.0]
 
 
 def lengths(n: int = TEXTS) -> List[int]:
@@ -50,16 +54,21 @@ class Texts:
     def __getitem__(self, i: int) -> Any:
         import torch
 
+        t = time.perf_counter()
         g = torch.Generator().manual_seed(i)
-        return torch.randint(0, VOCAB, (self.lengths[i],), generator=g)
+        ids = torch.randint(0, VOCAB, (self.lengths[i],), generator=g)
+        LOADING[0] += time.perf_counter() - t
+        return ids
 
 
 def pad(samples: List[Any]) -> Tuple[Any, Any]:
     """Token ids padded to the batch's longest text, and the padding mask."""
     import torch
 
+    t = time.perf_counter()
     ids = torch.nn.utils.rnn.pad_sequence(samples, batch_first=True)
     mask = torch.arange(ids.shape[1])[None, :] >= torch.tensor([len(s) for s in samples])[:, None]
+    LOADING[0] += time.perf_counter() - t
     return ids, mask
 
 
@@ -94,7 +103,7 @@ def worker(schedule: str, texts: int, out_dir: str, storage: str) -> None:
     torch_batch_process(Encode, Texts(texts), batch_size=BATCH, checkpoint_interval=10,
                         dataloader_kwargs={"num_workers": 0, "collate_fn": pad}, storage=storage, schedule=schedule)
     with open(os.path.join(out_dir, f"r{rank}.json"), "w") as f:
-        json.dump({"spans": spans}, f)
+        json.dump({"spans": spans, "loading": LOADING[0]}, f)
 
 
 def one_run(schedule: str, texts: int = TEXTS) -> Dict[str, float]:
@@ -107,13 +116,14 @@ def one_run(schedule: str, texts: int = TEXTS) -> Dict[str, float]:
     try:
         subprocess.run(cmd, env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        timeout=900)
-        ranks = [json.loads((Path(out) / f"r{r}.json").read_text())["spans"] for r in range(2)]
+        recs = [json.loads((Path(out) / f"r{r}.json").read_text()) for r in range(2)]
+        ranks = [r["spans"] for r in recs]
         spans = [s for r in ranks for s in r]
     finally:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(store, ignore_errors=True)
     span = max(b for _, _, b in spans) - min(a for _, a, _ in spans)
-    busy = sum(b - a for _, a, b in spans)
+    busy = sum(b - a for _, a, b in spans) + sum(r["loading"] for r in recs)
     # the tail: the rank that finished first waits for the other's last batch
     tail = max(b for _, _, b in spans) - min(max(b for _, _, b in ranks[r]) for r in range(2) if ranks[r])
     return {"makespan": span, "texts_per_s": texts / span, "of_ideal": busy / (2 * span), "tail": tail}
@@ -135,15 +145,16 @@ def text_rows(table: Any, runs: int, small: bool = False) -> str:
               f"{statistics.median(s['texts_per_s'] for s in sta):.1f}", ratio, "(report)", None)
     d_ideal = statistics.median(d["of_ideal"] for d in dyn)
     s_ideal = statistics.median(s["of_ideal"] for s in sta)
-    table.add("y", "the same, each against its own ideal: time in process_batch / (2 ranks x makespan) "
+    table.add("y", "the same, each against its own ideal: time in process_batch and loading / (2 ranks x makespan) "
               "(dynamic; baseline column: static)", f"{d_ideal:.3f}", f"{s_ideal:.3f}", d_ideal / s_ideal,
               ">= 0.95 of ideal (dynamic)", d_ideal >= 0.95)
     dyn_s = ", ".join(f"{d['makespan']:.2f} (tail {d['tail']:.2f})" for d in dyn)
     sta_s = ", ".join(f"{s['makespan']:.2f}" for s in sta)
     return (f"Text rows (y): `python -m bench.schedule_text {runs}` (`bench/schedule_text.py`), {runs} alternated "
             "pairs; makespan from the first batch started to the last batch ended on either rank. The ideal is each "
-            "run's own measured work (the ranks' summed time in process_batch) divided by the 2 ranks, so CPU "
-            "contention between the ranks counts as work, not as waiting. Makespans (s): dynamic "
+            "run's own measured work (the ranks' summed time in process_batch and in loading: making the texts' "
+            "tensors and padding them) divided by the 2 ranks, so CPU contention between the ranks counts as work, "
+            "not as waiting. Makespans (s): dynamic "
             f"{dyn_s}; static {sta_s}. The tail is the time one rank waited, after its last batch, for the other's.")
 
 
