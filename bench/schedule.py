@@ -337,6 +337,32 @@ def resume_rows(table: Any, runs: int, many: int = 10_000, few: int = 10) -> str
             f"{', '.join(f'{b[0]:.2f}' for b in got[few])} s.")
 
 
+PARTS = ("sleeps", "uniform", "text", "commit", "resume")
+
+
+def all_rows(table: Any, runs: int, jpegs: str, run: Any, throughput: Any, compare: Any, alternate: Any) -> str:
+    """Row y of ``python -m bench``; ``BENCH_SCHEDULE_PARTS`` (a comma list of :data:`PARTS`, all
+    by default) picks the parts, and ``BENCH_SCHEDULE_SMALL=1`` runs each at a size that only
+    checks it works (tests/test_bench.py)."""
+    parts = os.environ.get("BENCH_SCHEDULE_PARTS", ",".join(PARTS)).split(",")
+    small = os.environ.get("BENCH_SCHEDULE_SMALL") == "1"
+    notes = []
+    if "sleeps" in parts:
+        notes.append(schedule_rows(table, runs, batches=24, mean_ms=5.0, kinds=("uneven",)) if small else
+                     schedule_rows(table, runs))
+    if "uniform" in parts:
+        notes.append(uniform_rows(table, runs, jpegs, run, throughput, compare, alternate))
+    if "text" in parts:
+        from bench import schedule_text
+        notes.append(schedule_text.text_rows(table, runs, small=small))
+    if "commit" in parts:
+        # small: S3 only, whose path (lease checks, object-store records) is the one local disk does not take
+        notes.append(commit_rows(table, runs, batches=12, wheres=("S3 (moto)",)) if small else commit_rows(table, runs))
+    if "resume" in parts:
+        notes.append(resume_rows(table, runs, many=40 if small else 10_000, few=4 if small else 10))
+    return "\n\n".join(notes)
+
+
 class _Print:
     def add(self, row: str, what: str, ours: str, base: str, ratio: float, target: str, ok: bool) -> None:
         print(f"{row} | {what} | {ours} | {base} | {ratio:.3f} | {target} | {'yes' if ok else 'no'}", flush=True)
