@@ -377,14 +377,15 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["ttfb"]:
         ttfb_worker(int(sys.argv[2]), sys.argv[3], sys.argv[4])
     elif sys.argv[1:2] == ["breakdown"]:  # breakdown KIND SCHEDULE [RUNS [BATCHES [MEAN_MS]]]
-        k, sch = sys.argv[2], sys.argv[3]
-        n, b, m = (int(sys.argv[4]) if len(sys.argv) > 4 else 3), (int(sys.argv[5]) if len(sys.argv) > 5 else 240), \
-            (float(sys.argv[6]) if len(sys.argv) > 6 else 20.0)
-        for _ in range(n):
-            recs = spans_of(k, sch, b, m)
+        kind, sched = sys.argv[2], sys.argv[3]
+        n_runs = int(sys.argv[4]) if len(sys.argv) > 4 else 3
+        n_batches = int(sys.argv[5]) if len(sys.argv) > 5 else 240
+        mean = float(sys.argv[6]) if len(sys.argv) > 6 else 20.0
+        for _ in range(n_runs):
+            recs = spans_of(kind, sched, n_batches, mean)
             span = makespan_of(recs)
-            print(f"makespan {span:.3f} s, ideal/makespan {ideal_s(k, b, m) / span:.3f}; rank-s: " + ", ".join(
-                f"{name} {v:.3f}" for name, v in breakdown(recs, k, b, m).items()), flush=True)
+            print(f"makespan {span:.3f} s, ideal/makespan {ideal_s(kind, n_batches, mean) / span:.3f}; rank-s: " +
+                  ", ".join(f"{name} {v:.3f}" for name, v in breakdown(recs, kind, n_batches, mean).items()), flush=True)
     elif sys.argv[1:2] == ["commit-rows"]:
         print(commit_rows(_Print(), int(sys.argv[2]) if len(sys.argv) > 2 else 3))
     elif sys.argv[1:2] == ["resume-rows"]:
