@@ -33,6 +33,8 @@ from typing import Any, Dict, List, Optional, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 SIGMA = 1.0
 INTERVAL = int(os.environ.get("BENCH_SCHEDULE_INTERVAL", "50"))  #: batches per rank between commits
+#: Loader workers of the sleep rows (0: the rows' setting; more, to see claims made as the loader prefetches)
+WORKERS = int(os.environ.get("BENCH_SCHEDULE_WORKERS", "0"))
 
 
 def costs(kind: str, batches: int, mean_ms: float) -> List[float]:
@@ -68,7 +70,7 @@ def worker(kind: str, schedule: str, batches: int, mean_ms: float, out_dir: str,
             spans.append((g, t, time.time()))
 
     torch_batch_process(Sleeper, torch.arange(batches), batch_size=1, checkpoint_interval=INTERVAL,
-                        dataloader_kwargs={"num_workers": 0}, storage=storage, schedule=schedule)
+                        dataloader_kwargs={"num_workers": WORKERS}, storage=storage, schedule=schedule)
     with open(os.path.join(out_dir, f"r{rank}.json"), "w") as f:
         json.dump({"first": spans[0][1] if spans else None, "last": spans[-1][2] if spans else None,
                    "end": time.time(), "spans": spans}, f)
