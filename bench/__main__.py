@@ -267,20 +267,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "t" in args.rows:  # TableRows: Parquet on S3 and local disk, a 10,000-file manifest (bench/tables.py)
         from bench import tables
         notes.append(tables.table_rows(table, R, compare, alternate, med))
-    if "y" in args.rows:  # schedules: uniform ResNet-18 work, then sleeps (bench/schedule.py)
+    if "y" in args.rows:  # schedules, dynamic vs static (bench/schedule.py, bench/schedule_text.py)
         from bench import schedule
-        static, dyn = alternate(lambda: run(["framework", *img, "--nw", "0", "--interval", "5"], nproc=2, threads=1),
-                                lambda: run(["framework", *img, "--nw", "0", "--interval", "5", "--schedule", "dynamic"],
-                                            nproc=2, threads=1), R)
-        compare(table, "y", "uniform work, 2 ranks: dynamic vs static schedule (img/s)", [throughput(r) for r in dyn],
-                [throughput(r) for r in static], ">= 0.99", lambda x: x >= 0.99)
-        syn = ["synthetic", "--model", "tiny", "--bs", "4", "--max-batches", "120", "--interval", "1"]
-        static, dyn = alternate(lambda: run(syn, nproc=2, threads=1),
-                                lambda: run([*syn, "--schedule", "dynamic"], nproc=2, threads=1), R)
-        compare(table, "y", "commit every batch, 2 ranks, local disk: dynamic vs static schedule (samples/s)",
-                [throughput(r) for r in dyn], [throughput(r) for r in static], ">= 1.0 (a commit costs no more)",
-                lambda x: x >= 1.0)
-        notes.append(schedule.schedule_rows(table, R))
+        notes.append(schedule.all_rows(table, R, jpegs, run, throughput, compare, alternate))
     report = render(table, notes, args, time.time() - started)
     write_report(Path(args.out), report)
     print(report)

@@ -9,7 +9,9 @@ The figure is the makespan (first batch started on any rank to the last batch's 
 the schedule's span, without the start-up and the end's meeting, which both schedules share), and the
 ratio is ``ideal / makespan``: the ideal is the total work divided by the ranks' summed capacity
 (uneven: ``sum(costs) / 2``; straggler: ``B * cost / 1.5``). Run ``python -m bench.schedule`` or
-row ``y`` of ``python -m bench``.
+row ``y`` of ``python -m bench`` (:func:`all_rows`: these, uniform ResNet-18 work, the transformer over
+texts in ``bench/schedule_text.py``, commit cost and resume cost). ``python -m bench.schedule
+breakdown uneven dynamic [RUNS]`` says where the ranks' time inside the makespan went.
 
 Worker: ``python -m bench.schedule worker KIND SCHEDULE BATCHES MEAN_MS OUT_DIR STORAGE``.
 """
@@ -31,6 +33,8 @@ from typing import Any, Dict, List, Optional, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 SIGMA = 1.0
 INTERVAL = int(os.environ.get("BENCH_SCHEDULE_INTERVAL", "50"))  #: batches per rank between commits
+#: Loader workers of the sleep rows (0: the rows' setting; more, to see claims made as the loader prefetches)
+WORKERS = int(os.environ.get("BENCH_SCHEDULE_WORKERS", "0"))
 
 
 def costs(kind: str, batches: int, mean_ms: float) -> List[float]:
@@ -57,21 +61,23 @@ def worker(kind: str, schedule: str, batches: int, mean_ms: float, out_dir: str,
     cost = costs(kind, batches, mean_ms)
     rank = int(os.environ.get("RANK", "0"))
     factor = 2.0 if kind == "straggler" and rank == 1 else 1.0
-    first: Dict[str, float] = {}
+    spans: List[Tuple[int, float, float]] = []  #: (global batch, its sleep's start, its end)
 
     class Sleeper(TorchBatchProcessor):
         def process_batch(self, batch: Any, batch_idx: int) -> None:
-            first.setdefault("t", time.time())
-            time.sleep(cost[self.context.global_batch_idx] * factor)
-            first["last"] = time.time()
+            g, t = self.context.global_batch_idx, time.time()
+            time.sleep(cost[g] * factor)
+            spans.append((g, t, time.time()))
 
     torch_batch_process(Sleeper, torch.arange(batches), batch_size=1, checkpoint_interval=INTERVAL,
-                        dataloader_kwargs={"num_workers": 0}, storage=storage, schedule=schedule)
+                        dataloader_kwargs={"num_workers": WORKERS}, storage=storage, schedule=schedule)
     with open(os.path.join(out_dir, f"r{rank}.json"), "w") as f:
-        json.dump({"first": first.get("t"), "last": first.get("last"), "end": time.time()}, f)
+        json.dump({"first": spans[0][1] if spans else None, "last": spans[-1][2] if spans else None,
+                   "end": time.time(), "spans": spans}, f)
 
 
-def makespan(kind: str, schedule: str, batches: int, mean_ms: float) -> float:
+def spans_of(kind: str, schedule: str, batches: int, mean_ms: float) -> List[Dict[str, Any]]:
+    """One 2-rank job of ``kind``; each rank's record (its batches' spans among them)."""
     out, store = tempfile.mkdtemp(prefix="bench-sched-"), tempfile.mkdtemp(prefix="bench-sched-run-")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHPROC_", "TORCHELASTIC_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1")
@@ -79,19 +85,52 @@ def makespan(kind: str, schedule: str, batches: int, mean_ms: float) -> float:
            "-m", "bench.schedule", "worker", kind, schedule, str(batches), str(mean_ms), out, store + "/run"]
     try:
         subprocess.run(cmd, env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        recs = [json.loads((Path(out) / f"r{r}.json").read_text()) for r in range(2)]
-        ran = [r for r in recs if r["first"] is not None]
-        return max(r["last"] for r in ran) - min(r["first"] for r in ran)
+        return [json.loads((Path(out) / f"r{r}.json").read_text()) for r in range(2)]
     finally:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(store, ignore_errors=True)
 
 
-def schedule_rows(table: Any, runs: int, batches: int = 240, mean_ms: float = 20.0) -> str:
+def makespan_of(recs: List[Dict[str, Any]]) -> float:
+    ran = [r for r in recs if r["first"] is not None]
+    return float(max(r["last"] for r in ran) - min(r["first"] for r in ran))
+
+
+def makespan(kind: str, schedule: str, batches: int, mean_ms: float) -> float:
+    return makespan_of(spans_of(kind, schedule, batches, mean_ms))
+
+
+def breakdown(recs: List[Dict[str, Any]], kind: str, batches: int, mean_ms: float) -> Dict[str, float]:
+    """Where the ranks' time inside the makespan went, in rank-seconds (they add up to 2 x makespan):
+    the sleeps asked for, their overshoot (the OS waking the sleeper late), the gaps between a rank's
+    batches (claim, load, collate; ``commit gaps`` those after each rank's ``INTERVAL``-th batch),
+    and the idle time before a rank's first batch and after its last (the tail)."""
+    cost = costs(kind, batches, mean_ms)
+    ran = [r for r in recs if r["spans"]]
+    t0, t1 = min(r["first"] for r in ran), max(r["last"] for r in ran)
+    parts = dict.fromkeys(("work asked", "sleep overshoot", "loop gaps", "commit gaps", "start skew", "tail idle"), 0.0)
+    for rank, r in enumerate(recs):
+        factor = 2.0 if kind == "straggler" and rank == 1 else 1.0
+        spans = r["spans"]
+        if not spans:
+            parts["tail idle"] += t1 - t0
+            continue
+        for i, (g, a, b) in enumerate(spans):
+            parts["work asked"] += cost[g] * factor
+            parts["sleep overshoot"] += (b - a) - cost[g] * factor
+            if i + 1 < len(spans):
+                parts["commit gaps" if (i + 1) % INTERVAL == 0 else "loop gaps"] += spans[i + 1][1] - b
+        parts["start skew"] += spans[0][1] - t0
+        parts["tail idle"] += t1 - spans[-1][2]
+    return parts
+
+
+def schedule_rows(table: Any, runs: int, batches: int = 240, mean_ms: float = 20.0,
+                  kinds: Tuple[str, ...] = ("uneven", "straggler")) -> str:
     """Rows of ``python -m bench``'s table: dynamic and static, each as a fraction of the ideal."""
     targets = {"uneven": 0.95, "straggler": 0.9}
     found: Dict[str, Tuple[float, float]] = {}
-    for kind in ("uneven", "straggler"):
+    for kind in kinds:
         ideal = ideal_s(kind, batches, mean_ms)
         dyn: List[float] = []
         sta: List[float] = []
@@ -106,7 +145,7 @@ def schedule_rows(table: Any, runs: int, batches: int = 240, mean_ms: float = 20
                   f"{statistics.median(sta):.2f} s", d, f">= {targets[kind]} of ideal", d >= targets[kind])
     return ("Schedule rows (y): makespan from the first batch started to the last batch ended, median of "
             f"{runs} alternated runs; ideal = total sleep / summed capacity. Static as a fraction of the "
-            f"ideal: uneven {found['uneven'][1]:.3f}, straggler {found['straggler'][1]:.3f}.")
+            "ideal: " + ", ".join(f"{k} {v[1]:.3f}" for k, v in found.items()) + ".")
 
 
 # -- uniform work: ResNet-18 over the bench images ------------------------------------------------
@@ -182,7 +221,7 @@ def commit_ms(schedule: str, batches: int, storage: str, env: Optional[Dict[str,
         shutil.rmtree(out, ignore_errors=True)
 
 
-def commit_rows(table: Any, runs: int, batches: int = 200) -> str:
+def commit_rows(table: Any, runs: int, batches: int = 200, wheres: Tuple[str, ...] = ("local disk", "S3 (moto)")) -> str:
     """Row y: a commit under the dynamic schedule costs what a static commit costs (2 ranks, local
     disk and S3 on moto's server on 127.0.0.1)."""
     from bench.manifest import Moto
@@ -190,7 +229,7 @@ def commit_rows(table: Any, runs: int, batches: int = 200) -> str:
     found: Dict[str, Tuple[float, float]] = {}
     moto = Moto(objects=["benchsched/none:0"])
     try:
-        for where in ("local disk", "S3 (moto)"):
+        for where in wheres:
             dyn: List[float] = []
             sta: List[float] = []
             for i in range(runs):  # alternated
@@ -245,55 +284,85 @@ def ttfb_worker(batches: int, out_dir: str, storage: str) -> None:
         json.dump(dict(seen, committed=result.steps_completed), f)
 
 
-def resume_ttfb(records: int, runs: int, batches: int) -> Tuple[List[float], List[float], int, int]:
-    """Seconds from torch_batch_process's call to the first batch of a resume, ``runs`` times, after
-    a job that committed about ``records`` per-rank records and then crashed (its ranks SIGKILLed,
-    so no meeting folded its last records); and how many batches were committed, and how many rank
-    records its run directory held when the resumes began. The seconds from the launch too."""
-    root = tempfile.mkdtemp(prefix="bench-ttfb-")
+def crashed_job(root: Path, records: int, batches: int) -> int:
+    """A job in ``root/setup`` that committed about ``records`` per-rank records and then crashed
+    (its ranks SIGKILLed, so no meeting folded its last records); how many rank records it left."""
+    setup, out = root / "setup", root / "out"
+    out.mkdir(parents=True)
+    # a rank that claims global batch ``records`` dies there, and so does the other at its next
+    # claim: together they commit the batches before it, a record each
+    _torchrun(["ttfb", str(batches), str(out), str(setup)], str(out), {"BENCH_KILL_AT": str(records)}, check=False)
+    return len(list((setup / "dynamic").glob("rank-*")))
+
+
+def resume_once(root: Path, batches: int) -> Tuple[float, float, int]:
+    """One resume of a copy of ``root/setup``: seconds from torch_batch_process's call to the first
+    batch, the same from the launch, and the batches committed before it."""
+    copy, out = root / "resume", root / "out"
+    shutil.copytree(root / "setup", copy)
+    for f in out.glob("*.json"):
+        f.unlink()
     try:
-        setup, out = Path(root, "setup"), Path(root, "out")
-        out.mkdir()
-        # a rank that claims global batch ``records`` dies there, and so does the other at its next
-        # claim: together they commit the batches before it, a record each
-        _torchrun(["ttfb", str(batches), str(out), str(setup)], str(out), {"BENCH_KILL_AT": str(records)}, check=False)
-        left = len(list((setup / "dynamic").glob("rank-*")))
-        times: List[float] = []
-        from_launch: List[float] = []
-        committed = 0
-        for i in range(runs):
-            copy = Path(root, f"resume-{i}")
-            shutil.copytree(setup, copy)
-            for f in out.glob("*.json"):
-                f.unlink()
-            launched = time.time()
-            recs = _torchrun(["ttfb", str(batches), str(out), str(copy)], str(out), {"BATCHPROC_FAULT": "stop@rank=0@step=0"})
-            first = min(r["first"] for r in recs if "first" in r)
-            times.append(first - min(r["call"] for r in recs))
-            from_launch.append(first - launched)
-            committed = min(r["committed"] for r in recs) - 2  # less the resume's own (one batch per rank)
-            shutil.rmtree(copy, ignore_errors=True)
-        return times, from_launch, committed, left
+        launched = time.time()
+        recs = _torchrun(["ttfb", str(batches), str(out), str(copy)], str(out), {"BATCHPROC_FAULT": "stop@rank=0@step=0"})
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(copy, ignore_errors=True)
+    first = min(r["first"] for r in recs if "first" in r)
+    # committed less the resume's own (one batch per rank)
+    return first - min(r["call"] for r in recs), first - launched, min(r["committed"] for r in recs) - 2
 
 
 def resume_rows(table: Any, runs: int, many: int = 10_000, few: int = 10) -> str:
+    """Row y: time to first batch of a resume after ``many`` per-rank records vs after ``few``; the
+    two sides' resumes alternate, so that the machine's drifts hit both alike."""
     batches = many + 200
-    few_t, few_l, few_n, few_left = resume_ttfb(few, runs, batches)
-    many_t, many_l, many_n, many_left = resume_ttfb(many, runs, batches)
-    m, f = statistics.median(many_t), statistics.median(few_t)
-    table.add("y", f"resume: time to first batch after about {many_n:,} per-rank records vs after {few_n} "
-              "(s from torch_batch_process's call, 2 ranks, local disk)", f"{m:.2f} s", f"{f:.2f} s", m / f,
-              "<= 1.2", m / f <= 1.2)
-    ml, fl = statistics.median(many_l), statistics.median(few_l)
-    table.add("y", f"resume: the same, from the launch (torchrun, imports)", f"{ml:.2f} s", f"{fl:.2f} s", ml / fl,
-              "<= 1.2", ml / fl <= 1.2)
-    return (f"Resume rows (y): `bench/schedule.py` ttfb; each side one job committing a record per batch, then "
-            f"{runs} resumes of copies of its run directory after both ranks were SIGKILLed (no meeting folded the "
-            f"last records). Rank records left for the resume to read: {many_left} after {many_n:,} commits (rank 0 "
-            f"folds every 32 during the attempt), {few_left} after {few_n}. From the call: "
-            f"{', '.join(f'{t:.2f}' for t in many_t)} s vs {', '.join(f'{t:.2f}' for t in few_t)} s.")
+    root = Path(tempfile.mkdtemp(prefix="bench-ttfb-"))
+    try:
+        left = {n: crashed_job(root / str(n), n, batches) for n in (few, many)}
+        got: Dict[int, List[Tuple[float, float, int]]] = {few: [], many: []}
+        for _ in range(runs):
+            for n in (few, many):
+                got[n].append(resume_once(root / str(n), batches))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    m_n, f_n = got[many][0][2], got[few][0][2]
+    for i, what in ((0, "s from torch_batch_process's call"), (1, "s from the launch: torchrun, imports")):
+        ratio = statistics.median(a[i] / b[i] for a, b in zip(got[many], got[few]))
+        table.add("y", f"resume: time to first batch after {m_n:,} batches committed in per-rank records vs after "
+                  f"{f_n} ({what}, 2 ranks, local disk)", f"{statistics.median(a[i] for a in got[many]):.2f} s",
+                  f"{statistics.median(b[i] for b in got[few]):.2f} s", ratio, "<= 1.2", ratio <= 1.2)
+    return (f"Resume rows (y): `bench/schedule.py` ttfb; each side one job committing a record per batch, its ranks "
+            f"then SIGKILLed (no meeting folded the last records), and {runs} resumes of copies of its run directory, "
+            f"the two sides alternated; the ratio is the median of the pairs' ratios. Rank records left for the resume "
+            f"to read: {left[many]} after {m_n:,} commits (rank 0 folds every 32 during the attempt), {left[few]} after "
+            f"{f_n}. From the call: {', '.join(f'{a[0]:.2f}' for a in got[many])} s vs "
+            f"{', '.join(f'{b[0]:.2f}' for b in got[few])} s.")
+
+
+PARTS = ("sleeps", "uniform", "text", "commit", "resume")
+
+
+def all_rows(table: Any, runs: int, jpegs: str, run: Any, throughput: Any, compare: Any, alternate: Any) -> str:
+    """Row y of ``python -m bench``; ``BENCH_SCHEDULE_PARTS`` (a comma list of :data:`PARTS`, all
+    by default) picks the parts, and ``BENCH_SCHEDULE_SMALL=1`` runs each at a size that only
+    checks it works (tests/test_bench.py)."""
+    parts = os.environ.get("BENCH_SCHEDULE_PARTS", ",".join(PARTS)).split(",")
+    small = os.environ.get("BENCH_SCHEDULE_SMALL") == "1"
+    notes = []
+    if "sleeps" in parts:
+        notes.append(schedule_rows(table, runs, batches=24, mean_ms=5.0, kinds=("uneven",)) if small else
+                     schedule_rows(table, runs))
+    if "uniform" in parts:
+        notes.append(uniform_rows(table, runs, jpegs, run, throughput, compare, alternate))
+    if "text" in parts:
+        from bench import schedule_text
+        notes.append(schedule_text.text_rows(table, runs, small=small))
+    if "commit" in parts:
+        # small: S3 only, whose path (lease checks, object-store records) is the one local disk does not take
+        notes.append(commit_rows(table, runs, batches=12, wheres=("S3 (moto)",)) if small else commit_rows(table, runs))
+    if "resume" in parts:
+        notes.append(resume_rows(table, runs, many=40 if small else 10_000, few=4 if small else 10))
+    return "\n\n".join(notes)
 
 
 class _Print:
@@ -309,6 +378,16 @@ if __name__ == "__main__":
         commit_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
     elif sys.argv[1:2] == ["ttfb"]:
         ttfb_worker(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    elif sys.argv[1:2] == ["breakdown"]:  # breakdown KIND SCHEDULE [RUNS [BATCHES [MEAN_MS]]]
+        kind, sched = sys.argv[2], sys.argv[3]
+        n_runs = int(sys.argv[4]) if len(sys.argv) > 4 else 3
+        n_batches = int(sys.argv[5]) if len(sys.argv) > 5 else 240
+        mean = float(sys.argv[6]) if len(sys.argv) > 6 else 20.0
+        for _ in range(n_runs):
+            recs = spans_of(kind, sched, n_batches, mean)
+            span = makespan_of(recs)
+            print(f"makespan {span:.3f} s, ideal/makespan {ideal_s(kind, n_batches, mean) / span:.3f}; rank-s: " +
+                  ", ".join(f"{name} {v:.3f}" for name, v in breakdown(recs, kind, n_batches, mean).items()), flush=True)
     elif sys.argv[1:2] == ["commit-rows"]:
         print(commit_rows(_Print(), int(sys.argv[2]) if len(sys.argv) > 2 else 3))
     elif sys.argv[1:2] == ["resume-rows"]:
