@@ -21,7 +21,6 @@ import collections
 import concurrent.futures
 import io
 import json
-import operator
 import os
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -33,6 +32,7 @@ from torch.utils.data import Dataset
 
 from batchproc.data.listing import MAX_IN_FLIGHT, FileSource, PrefixedColumn, join_prefix, reader_kind, version_kind
 from batchproc.data.inputs import Manifest, etag_version, mtime_version
+from batchproc.data.samples import BatchLoads
 from batchproc.errors import InputChangedError
 
 FORMATS = ("parquet", "jsonl", "csv")
@@ -60,7 +60,7 @@ def format_of(path: str) -> Optional[str]:
     return next((f for s, f in SUFFIXES.items() if lower.endswith(s)), None)
 
 
-class TableRows(FileSource, Dataset[Dict[str, Any]]):
+class TableRows(FileSource, BatchLoads, Dataset[Dict[str, Any]]):
     """The rows of Parquet, JSON Lines or CSV files named by a file, a folder, a glob or any fsspec URL.
 
     ``columns``: the columns each row holds (all when None); ``format``: ``"parquet"``,
@@ -72,6 +72,8 @@ class TableRows(FileSource, Dataset[Dict[str, Any]]):
     gives tensors for numbers and lists for strings. :meth:`describe_sample` names a row as
     ``"<path> row <r>"``.
     """
+
+    item_noun = "rows"
 
     def __init__(self, source: "str | os.PathLike[str]", *, columns: Optional[Sequence[str]] = None,
                  format: Optional[str] = None, storage_options: Optional[Dict[str, Any]] = None) -> None:
@@ -151,15 +153,6 @@ class TableRows(FileSource, Dataset[Dict[str, Any]]):
             self._reader = _Reader(fs, self.manifest, self.plan, self._local, self.files, self.columns)
         return self._reader
 
-    def _index(self, i: int) -> int:
-        n = len(self)
-        i = operator.index(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index {i} out of range for {n} rows")
-        return i
-
     def prefetch(self, indices: Sequence[int]) -> None:
         """Start fetching the chunks of these rows (on object stores; a no-op on local disk)."""
         reader = self._get_reader()
@@ -189,19 +182,6 @@ class TableRows(FileSource, Dataset[Dict[str, Any]]):
         for k, row in zip(where, self._get_reader().rows(good)):
             out[k] = row
         return out
-
-    def __getitems__(self, indices: Sequence[int]) -> List[Dict[str, Any]]:
-        items = self.load_samples(indices)
-        for item in items:
-            if isinstance(item, BaseException):
-                raise item
-        return items
-
-    def __getitem__(self, i: int) -> Dict[str, Any]:
-        item = self.load_samples([i])[0]
-        if isinstance(item, BaseException):
-            raise item
-        return item  # type: ignore[no-any-return]
 
     def describe_sample(self, i: int) -> str:
         """``"<path> row <r>"``: the file behind row ``i`` and the row's place in it."""
