@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any, List, NamedTuple, Sequence, Tuple
 
+from torch.utils.data._utils.collate import default_collate
+
 from batchproc.data.inputs import index_in
 
 
@@ -27,6 +29,14 @@ class CollatedBatch(NamedTuple):
     batch: Any
     good: List[int]
     errors: List[Tuple[int, BaseException]]
+
+
+def collate_samples(samples: Sequence[Any]) -> CollatedBatch:
+    """``load_samples``' answer (samples and exceptions) as a :class:`CollatedBatch`."""
+    good = [k for k, s in enumerate(samples) if not isinstance(s, BaseException)]
+    errors = [(k, s) for k, s in enumerate(samples) if isinstance(s, BaseException)]
+    batch = default_collate([samples[k] for k in good]) if good else None  # type: ignore[no-untyped-call]
+    return CollatedBatch(batch, good, errors)
 
 
 class BatchLoads:
@@ -60,4 +70,4 @@ class BatchLoads:
         return item
 
 
-__all__ = ["BatchLoads", "CollatedBatch"]
+__all__ = ["BatchLoads", "CollatedBatch", "collate_samples"]

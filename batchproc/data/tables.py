@@ -28,11 +28,13 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from numpy.typing import NDArray
+import torch
 from torch.utils.data import Dataset
+from torch.utils.data._utils.collate import default_collate
 
 from batchproc.data.listing import MAX_IN_FLIGHT, FileSource, PrefixedColumn, join_prefix, reader_kind, version_kind
 from batchproc.data.inputs import Manifest, etag_version, mtime_version
-from batchproc.data.samples import BatchLoads
+from batchproc.data.samples import BatchLoads, CollatedBatch, collate_samples
 from batchproc.errors import InputChangedError
 
 FORMATS = ("parquet", "jsonl", "csv")
@@ -161,15 +163,21 @@ class TableRows(FileSource, BatchLoads, Dataset[Dict[str, Any]]):
         arr = np.asarray(indices, dtype=np.int64)
         reader.prefetch(arr[(arr >= 0) & (arr < len(self))].tolist())
 
-    def load_samples(self, indices: Sequence[int]) -> List[Any]:
-        """Rows ``indices``, one read per chunk they touch; a row that fails is its exception."""
-        n = len(self)
+    def _in_range(self, indices: Sequence[int]) -> "Optional[NDArray[np.int64]]":
+        """``indices`` as an array when they are all ints in range (the loader's batches), else None."""
         try:
             arr = np.asarray(indices, dtype=np.int64)
         except (TypeError, ValueError):
-            arr = None
-        if arr is not None and arr.ndim == 1 and (not len(arr) or (arr.min() >= 0 and arr.max() < n)):
-            return self._get_reader().rows(arr.tolist())  # the loader's batches: no check per row
+            return None
+        if arr.ndim == 1 and (not len(arr) or (arr.min() >= 0 and arr.max() < len(self))):
+            return arr
+        return None
+
+    def load_samples(self, indices: Sequence[int]) -> List[Any]:
+        """Rows ``indices``, one read per chunk they touch; a row that fails is its exception."""
+        arr = self._in_range(indices)
+        if arr is not None:
+            return self._get_reader().rows(arr.tolist())  # no check per row
         out: List[Any] = [None] * len(indices)
         good: List[int] = []
         where: List[int] = []
@@ -182,6 +190,15 @@ class TableRows(FileSource, BatchLoads, Dataset[Dict[str, Any]]):
         for k, row in zip(where, self._get_reader().rows(good)):
             out[k] = row
         return out
+
+    def load_batch(self, indices: Sequence[int]) -> CollatedBatch:
+        """``default_collate`` of rows ``indices`` (those that load), built from the chunks' Arrow
+        columns without a dict per row (Parquet, CSV): batchproc's loader calls this when the
+        collate function is the default one."""
+        arr = self._in_range(indices)
+        if arr is None:
+            return collate_samples(self.load_samples(indices))
+        return self._get_reader().batch(arr)
 
     def describe_sample(self, i: int) -> str:
         """``"<path> row <r>"``: the file behind row ``i`` and the row's place in it."""
@@ -216,7 +233,7 @@ class _Plan:
         np.cumsum(self.file_rows, out=self.file_row0[1:])
         self.sizes = m.sizes
 
-    def chunks_of(self, indices: Sequence[int]) -> "NDArray[np.int64]":
+    def chunks_of(self, indices: "Union[Sequence[int], NDArray[np.int64]]") -> "NDArray[np.int64]":
         return np.searchsorted(self.chunk_row, np.asarray(indices, dtype=np.int64), side="right") - 1
 
     def locate(self, i: int) -> Tuple[int, int]:
@@ -305,10 +322,11 @@ def _parquet_meta(fs: Any, path: str, size: int, columns: Optional[List[str]]) -
     except Exception as e:
         raise ValueError(f"{url} is not a readable Parquet file: {e}") from None
     if columns:
-        missing = [c for c in columns if c not in md.schema.names]
+        names = md.schema.to_arrow_schema().names  # top-level columns (schema.names are leaves: a list's "element")
+        missing = [c for c in columns if c not in names]
         if missing:
             raise ValueError(f"{url} has no column {', '.join(map(repr, missing))} (its columns: "
-                             f"{', '.join(md.schema.names)}); fix columns=")
+                             f"{', '.join(names)}); fix columns=")
     counts = np.asarray([md.row_group(g).num_rows for g in range(md.num_row_groups)], dtype=np.int64)
     return _FileMeta(int(counts.sum()), counts, need)
 
@@ -688,7 +706,7 @@ class _Reader:
             table = pq.ParquetFile(pa.PythonFile(ranges, mode="r"), metadata=md).read_row_group(
                 int(plan.chunk_pos[c]), columns=self.columns, use_threads=False)
             return table
-        lines = _Lines(raw.data, fmt == "csv", raw.footer, self.urls[f])
+        lines = _Lines(raw.data, fmt == "csv", raw.footer, self.urls[f], self.columns)
         if len(lines) != expected:
             raise InputChangedError(f"{self.urls[f]} changed since the run's inputs were frozen: bytes "
                                     f"{raw.start}-{raw.start + len(raw.data)} hold {len(lines)} rows, {expected} when listed")
@@ -717,14 +735,96 @@ class _Reader:
     def _take(self, value: Any, local: List[int]) -> List[Any]:
         if isinstance(value, _Lines):
             return [value.row(r, self.columns) for r in local]
-        lo, hi = min(local), max(local) + 1
-        if hi - lo == len(local) and local == list(range(lo, hi)):
-            rows: List[Any] = value.slice(lo, hi - lo).to_pylist()
-        else:
-            import pyarrow as pa
-
-            rows = value.take(pa.array(local, type=pa.int64())).to_pylist()
+        rows: List[Any] = _select(value, np.asarray(local, dtype=np.int64)).to_pylist()
         return rows
+
+    def batch(self, indices: "NDArray[np.int64]") -> CollatedBatch:
+        """``default_collate`` of the rows of these global indices that load: Arrow chunks (Parquet
+        row groups, CSV runs) become columns at once, JSON Lines rows are collated as rows."""
+        if not len(indices):
+            return CollatedBatch(None, [], [])
+        self.prefetch(indices.tolist())
+        chunks = self.plan.chunks_of(indices)
+        order = list(dict.fromkeys(chunks.tolist()))
+        errors: List[Tuple[int, BaseException]] = []
+        pieces: List[Any] = []
+        where: List["NDArray[np.int64]"] = []
+        rows: Dict[int, Any] = {}
+        for c in order:
+            ks = np.flatnonzero(chunks == c) if len(order) > 1 else np.arange(len(indices))
+            value = self._chunk(c, len(order))
+            if isinstance(value, Exception):
+                errors.extend((int(k), value) for k in ks)
+                continue
+            local = indices[ks] - self.plan.chunk_row[c]
+            table = value.arrow if isinstance(value, _Lines) else value
+            if table is not None:
+                pieces.append(_select(table, local))
+                where.append(ks)
+                continue
+            for k, r in zip(ks.tolist(), local.tolist()):
+                row = value.row(r, self.columns)
+                if isinstance(row, Exception):
+                    errors.append((k, row))
+                else:
+                    rows[k] = row
+        errors.sort(key=lambda e: e[0])
+        if pieces:
+            good = np.concatenate(where)
+            try:
+                table = _concat(pieces)
+            except Exception:  # files of other schemas (int32 here, int64 there): as rows
+                for ks, piece in zip(where, pieces):
+                    rows.update(zip(ks.tolist(), piece.to_pylist()))
+            else:
+                if len(good) > 1 and (np.diff(good) < 0).any():  # rows asked for out of chunk order
+                    perm = np.argsort(good, kind="stable")
+                    table, good = _select(table, perm), good[perm]
+                return CollatedBatch(_collate_columns(table), good.tolist(), errors)
+        good_rows = sorted(rows)
+        batch = default_collate([rows[k] for k in good_rows]) if rows else None  # type: ignore[no-untyped-call]
+        return CollatedBatch(batch, good_rows, errors)
+
+
+def _select(table: Any, local: "NDArray[np.int64]") -> Any:
+    """Rows ``local`` of an Arrow table: a slice when they are a run, else a take."""
+    if len(local) and local[-1] - local[0] + 1 == len(local) and (len(local) == 1 or (np.diff(local) == 1).all()):
+        return table.slice(int(local[0]), len(local))
+    import pyarrow as pa
+
+    return table.take(pa.array(local, type=pa.int64()))
+
+
+def _concat(pieces: List[Any]) -> Any:
+    if len(pieces) == 1:
+        return pieces[0]
+    import pyarrow as pa
+
+    return pa.concat_tables(pieces)
+
+
+def _collate_columns(table: Any) -> Dict[str, Any]:
+    """``default_collate(table.to_pylist())``, column by column: numbers without nulls go from Arrow
+    to the tensor that default collate makes of their Python values (ints: int64, floats: float64,
+    bools: bool); any other column is default collate of its values (strings: a list)."""
+    import pyarrow.types as pt
+
+    out: Dict[str, Any] = {}
+    for name, col in zip(table.column_names, table.columns):
+        t = col.type
+        dtype: Any = None
+        if col.null_count == 0:
+            if pt.is_integer(t) and not pt.is_uint64(t):  # uint64 may not fit: default collate says so
+                dtype = np.int64
+            elif pt.is_floating(t):
+                dtype = np.float64
+            elif pt.is_boolean(t):
+                dtype = np.bool_
+        if dtype is None:
+            out[name] = default_collate(col.to_pylist())  # type: ignore[no-untyped-call]
+        else:  # a copy: the decoded chunk's buffers are read-only and stay cached
+            out[name] = torch.from_numpy(np.array(col.to_numpy(), dtype=dtype))
+    return out
 
 
 def _drive(coro: Any) -> Any:
@@ -764,7 +864,8 @@ class _Lines:
     """A run of text rows: their bytes and where each row starts and ends (the same rule as the
     listing's count); JSON Lines rows are parsed on access, CSV rows all at once by pyarrow."""
 
-    def __init__(self, data: bytes, csv: bool, header: Optional[bytes], url: str) -> None:
+    def __init__(self, data: bytes, csv: bool, header: Optional[bytes], url: str,
+                 columns: Optional[List[str]] = None) -> None:
         self.data, self.url = data, url
         buf = np.frombuffer(data, dtype=np.uint8)
         ends, _ = _row_bounds(buf, csv, 0)
@@ -774,23 +875,27 @@ class _Lines:
         firsts = buf[np.clip(starts, 0, max(0, len(buf) - 1))] if len(buf) else np.zeros(len(starts), dtype=np.uint8)
         content = (lengths > 1) | ((lengths == 1) & (firsts != 13))
         self.starts, self.ends = starts[content], ends[content]
-        self.table: Optional[List[Dict[str, Any]]] = None
+        self.arrow: Any = None  # CSV: the run as an Arrow table (columns=' only)
+        self.table: Optional[List[Dict[str, Any]]] = None  # its rows, made when a row is asked for
         if csv:
             import pyarrow.csv as pacsv
 
             try:
-                self.table = pacsv.read_csv(io.BytesIO((header or b"").rstrip(b"\r\n") + b"\n" + data)).to_pylist()
+                self.arrow = pacsv.read_csv(io.BytesIO((header or b"").rstrip(b"\r\n") + b"\n" + data),
+                                            convert_options=pacsv.ConvertOptions(include_columns=columns or []))
             except Exception as e:
                 raise ValueError(f"cannot read {url} bytes of rows: {e}") from None
-            if len(self.table) != len(self.starts):
-                raise ValueError(f"{url}: pyarrow read {len(self.table)} rows where the listing counted "
+            if self.arrow.num_rows != len(self.starts):
+                raise ValueError(f"{url}: pyarrow read {self.arrow.num_rows} rows where the listing counted "
                                  f"{len(self.starts)}")
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def row(self, r: int, columns: Optional[List[str]]) -> Any:
-        if self.table is not None:
+        if self.arrow is not None:
+            if self.table is None:
+                self.table = self.arrow.to_pylist()
             row = self.table[r]
         else:
             try:
