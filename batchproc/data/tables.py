@@ -12,6 +12,13 @@ rows; a batch is served with one ranged read per chunk it touches (Parquet: only
 columns asked for), the chunks of the next batches fetched while this one decodes on object
 stores, and a few decoded chunks kept per process. A file changed since it was listed (size, ETag
 or mtime) fails its rows as bad samples naming it.
+
+Gzip JSON Lines and CSV (``.jsonl.gz``, ``.ndjson.gz``, ``.csv.gz``) are listed by the same pass
+over the decompressed stream, but no read can start inside a gzip stream: each process reads a
+file forward from its start through one open decompressing stream, skipping (decompressing) the
+rows before its own, and starts again only when asked for an earlier row. A rank's reads of a
+gzip file are thus a forward scan of it up to its last row, in each loader worker; nothing is
+fetched ahead. Split big tables into many files, or use Parquet, where reads are ranged.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import gzip
 import io
 import json
 import os
@@ -32,7 +40,8 @@ import torch
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from batchproc.data.listing import MAX_IN_FLIGHT, FileSource, PrefixedColumn, join_prefix, reader_kind, version_kind
+from batchproc.data.listing import MAX_IN_FLIGHT, FileSource, PrefixedColumn, info_version, join_prefix, reader_kind
+from batchproc.data.listing import version_kind
 from batchproc.data.inputs import Manifest, etag_version, mtime_version
 from batchproc.data.samples import BatchLoads, CollatedBatch, collate_samples
 from batchproc.errors import InputChangedError
@@ -40,7 +49,7 @@ from batchproc.errors import InputChangedError
 FORMATS = ("parquet", "jsonl", "csv")
 #: File name endings and the format they mean.
 SUFFIXES: Dict[str, str] = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
-                            ".csv": "csv"}
+                            ".csv": "csv", ".jsonl.gz": "jsonl", ".ndjson.gz": "jsonl", ".csv.gz": "csv"}
 #: JSON Lines and CSV: the manifest keeps the byte offset of every this-many-th row (a chunk).
 ROWS_PER_OFFSET = 1024
 #: Decoded chunks a process keeps (at least those of the batch being served).
@@ -56,6 +65,11 @@ SCAN_BLOCK = 4 << 20
 _FORMAT_CODE = {f: i for i, f in enumerate(FORMATS)}
 
 
+def gzipped(path: str) -> bool:
+    """Whether a text file is read through gzip (its name ends with ``.gz``)."""
+    return path.lower().endswith(".gz")
+
+
 def format_of(path: str) -> Optional[str]:
     """The format a file name's ending says, or None."""
     lower = path.lower()
@@ -67,11 +81,12 @@ class TableRows(FileSource, BatchLoads, Dataset[Dict[str, Any]]):
 
     ``columns``: the columns each row holds (all when None); ``format``: ``"parquet"``,
     ``"jsonl"`` or ``"csv"`` for every file (else each file's suffix says: ``.parquet``/``.pq``,
-    ``.jsonl``/``.ndjson``, ``.csv``). A folder is searched recursively for files with these
+    ``.jsonl``/``.ndjson``, ``.csv``, and gzip ones ending ``.gz``, read forward as a stream). A folder is searched recursively for files with these
     suffixes (names starting with ``.`` or ``_`` skipped, as Spark and pyarrow do); a glob takes
     what it matches, and a file in it of another format (or of none) is an error naming it.
     ``storage_options`` go to fsspec. Items are dicts of Python values, so the default collate
-    gives tensors for numbers and lists for strings. :meth:`describe_sample` names a row as
+    gives tensors for numbers and lists for strings (under batchproc's loader, :meth:`load_batch`
+    builds that batch from the Arrow columns directly). :meth:`describe_sample` names a row as
     ``"<path> row <r>"``.
     """
 
@@ -232,6 +247,11 @@ class _Plan:
         self.file_row0 = np.zeros(len(self.file_rows) + 1, dtype=np.int64)
         np.cumsum(self.file_rows, out=self.file_row0[1:])
         self.sizes = m.sizes
+        # gzip files: their decompressed sizes (-1 for other files); manifests from before gzip had none
+        self.unzipped: "NDArray[np.int64]" = x.get("unzipped", np.full(len(self.file_rows), -1, dtype=np.int64))
+
+    def is_gzip(self, f: int) -> bool:
+        return bool(self.unzipped[f] >= 0)
 
     def chunks_of(self, indices: "Union[Sequence[int], NDArray[np.int64]]") -> "NDArray[np.int64]":
         return np.searchsorted(self.chunk_row, np.asarray(indices, dtype=np.int64), side="right") - 1
@@ -245,7 +265,7 @@ class _Plan:
     def text_range(self, c: int) -> Tuple[int, int]:
         f = self.chunk_file[c]
         end = (self.chunk_pos[c + 1] if c + 1 < len(self.chunk_file) and self.chunk_file[c + 1] == f
-               else self.sizes[f])
+               else self.unzipped[f] if self.unzipped[f] >= 0 else self.sizes[f])
         return int(self.chunk_pos[c]), int(end)
 
     def first_chunk(self, f: int) -> int:
@@ -292,6 +312,7 @@ class _FileMeta(NamedTuple):
     rows: int
     positions: "NDArray[np.int64]"  # row groups' row counts (Parquet) or chunk byte offsets (text)
     footer: int
+    unzipped: int = -1  # a gzip file's bytes decompressed (its offsets count those); -1: not gzip
 
 
 def _read_range(fs: Any, path: str, start: int, end: int) -> bytes:
@@ -350,7 +371,9 @@ def _text_meta(fs: Any, path: str, fmt: str, columns: Optional[List[str]]) -> _F
     rows, parity, pos, row_start, first_byte = 0, 0, 0, 0, -1
     offsets: List["NDArray[np.int64]"] = []
     header_line = b""
-    opener = open(path, "rb") if isinstance(fs, LocalFileSystem) else fs.open(path, "rb", block_size=SCAN_BLOCK)
+    opener: Any = open(path, "rb") if isinstance(fs, LocalFileSystem) else fs.open(path, "rb", block_size=SCAN_BLOCK)
+    if gzipped(path):  # offsets in the decompressed stream
+        opener = gzip.GzipFile(fileobj=opener, mode="rb")
 
     def take(starts: "NDArray[np.int64]", ends: "NDArray[np.int64]", firsts: "NDArray[np.int64]") -> None:
         nonlocal rows, header
@@ -366,7 +389,12 @@ def _text_meta(fs: Any, path: str, fmt: str, columns: Optional[List[str]]) -> _F
 
     with opener as f:
         while True:
-            block = f.read(SCAN_BLOCK)
+            try:
+                block = f.read(SCAN_BLOCK)
+            except (OSError, EOFError) as e:
+                if not gzipped(path):
+                    raise
+                raise ValueError(f"{url} is not a readable gzip file: {type(e).__name__}: {e}") from None
             if not block:
                 break
             if header and not header_line:
@@ -396,7 +424,7 @@ def _text_meta(fs: Any, path: str, fmt: str, columns: Optional[List[str]]) -> _F
             raise ValueError(f"{url} has no column {', '.join(map(repr, missing))} (its header: "
                              f"{', '.join(names)}); fix columns=")
     positions = np.concatenate(offsets) if offsets else np.zeros(0, dtype=np.int64)
-    return _FileMeta(rows, positions.astype(np.int64), 0)
+    return _FileMeta(rows, positions.astype(np.int64), 0, pos if gzipped(path) else -1)
 
 
 def _list_tables(src: FileSource, source: str, given: Optional[str], columns: Optional[List[str]]) -> Manifest:
@@ -435,7 +463,8 @@ def _list_tables(src: FileSource, source: str, given: Optional[str], columns: Op
     cut = len(join_prefix(base))
     extra: Dict[str, Any] = {"fmt": np.asarray([_FORMAT_CODE[f] for f in fmts], dtype=np.int8), "rows": rows,
              "footer": np.asarray([m.footer for m in metas], dtype=np.int64), "chunk_row": chunk_row,
-             "chunk_file": chunk_file, "chunk_pos": chunk_pos}
+             "chunk_file": chunk_file, "chunk_pos": chunk_pos,
+             "unzipped": np.asarray([m.unzipped for m in metas], dtype=np.int64)}
     return Manifest.build(source, [p[cut:] for p in paths], sizes=sizes, versions=versions, root=base,
                           version_kind=kind, extra=extra)
 
@@ -502,6 +531,7 @@ class _Reader:
         self.decoded: "collections.OrderedDict[int, Any]" = collections.OrderedDict()
         self.heads: "collections.OrderedDict[int, Any]" = collections.OrderedDict()  # per-file footers / headers
         self.open_files: "collections.OrderedDict[int, Any]" = collections.OrderedDict()  # local Parquet files
+        self.streams: "collections.OrderedDict[int, _Unzipping]" = collections.OrderedDict()  # gzip files being read
         self.limit: Optional[asyncio.Semaphore] = None
 
     # fetching
@@ -643,12 +673,14 @@ class _Reader:
         chunks += [c for c in range(last + 1, min(last + 1 + CHUNKS_AHEAD, len(self.plan.chunk_file)))]
         self.max_pending = max(self.max_pending, 2 * len(chunks))
         for c in chunks:
-            if c not in self.pending and c not in self.decoded:
+            if c not in self.pending and c not in self.decoded and not self.plan.is_gzip(int(self.plan.chunk_file[c])):
                 self.pending[c] = asyncio.run_coroutine_threadsafe(self._fetch(c), self.fs.loop)
         while len(self.pending) > self.max_pending:
             self.pending.popitem(last=False)[1].cancel()
 
     def _raw(self, c: int) -> _Raw:
+        if self.plan.is_gzip(int(self.plan.chunk_file[c])):
+            return self._unzipped_raw(c)
         if self.kind in ("local", "sync"):
             raw: _Raw = _drive(self._fetch(c))
             return raw
@@ -657,6 +689,51 @@ class _Reader:
             self.prefetch(self.plan.chunk_row[c:c + 1].tolist())
             future = self.pending.pop(c)
         return future.result()
+
+    def _unzipped_raw(self, c: int) -> _Raw:
+        """A run of a gzip file's rows: no ranged read can start inside a gzip stream, so each file
+        is one decompressing stream per process that moves forward (a rank's batches come in row
+        order), opened again only for an earlier row; never prefetched."""
+        plan = self.plan
+        f = int(plan.chunk_file[c])
+        start, end = plan.text_range(c)
+        header = None
+        if FORMATS[plan.fmt[f]] == "csv":
+            header = self.heads.get(f)
+            if header is None:
+                header = self.heads[f] = self._unzip(f, 0, int(plan.chunk_pos[plan.first_chunk(f)]))
+        return _Raw(start, self._unzip(f, start, end), header)
+
+    def _unzip(self, f: int, start: int, end: int) -> bytes:
+        """Decompressed bytes [start, end) of gzip file ``f``, checked against its manifest entry."""
+        stream = self.streams.get(f)
+        try:
+            if stream is not None and stream.pos <= start:
+                self.streams.move_to_end(f)
+                if self.kind == "local":  # as plain files: checked at each chunk
+                    self._stat(f)
+            else:
+                if stream is not None:
+                    stream.close()
+                stream = self.streams[f] = _Unzipping(self._open_checked(f))
+                while len(self.streams) > OPEN_FILES:
+                    self.streams.popitem(last=False)[1].close()
+            return stream.read(start, end)
+        except FileNotFoundError:
+            raise self._gone(f) from None
+        except (OSError, EOFError) as e:  # a truncated or rewritten stream: gzip's CRC or length check
+            self.streams.pop(f, None)
+            raise InputChangedError(f"{self.urls[f]} changed since the run's inputs were frozen, or is not gzip: "
+                                    f"{type(e).__name__}: {e}") from None
+
+    def _open_checked(self, f: int) -> Any:
+        path = self.manifest.path(f)
+        if self.kind == "local":
+            self._stat(f)
+            return open(path, "rb")
+        info = self.fs.info(path)
+        self._check(f, int(info["size"]), info_version(info, self.manifest.version_kind) or None)
+        return self.fs.open(path, "rb", block_size=SCAN_BLOCK)
 
     # decoding
 
@@ -858,6 +935,29 @@ def _column_span(rg: Any, columns: Optional[List[str]]) -> Tuple[int, int]:
         start = s if start is None else min(start, s)
         end = max(end, s + col.total_compressed_size)
     return (0, 0) if start is None else (int(start), int(end))
+
+
+class _Unzipping:
+    """A gzip file's decompressed bytes, read forward from where the last read ended."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.stream = gzip.GzipFile(fileobj=raw, mode="rb")
+        self.pos = 0
+
+    def read(self, start: int, end: int) -> bytes:
+        while self.pos < start:  # skipped: decompressed and dropped, a block at a time
+            got = len(self.stream.read(min(SCAN_BLOCK, start - self.pos)))
+            if not got:
+                raise EOFError(f"the stream ends at byte {self.pos}, before {start}")
+            self.pos += got
+        data = self.stream.read(end - start)
+        self.pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self.stream.close()
+        self.raw.close()
 
 
 class _Lines:
