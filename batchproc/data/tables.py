@@ -56,8 +56,12 @@ ROWS_PER_OFFSET = 1024
 DECODED_CHUNKS = 4
 #: Local Parquet files a process keeps open (a batch's row groups come from one or two files).
 OPEN_FILES = 4
-#: Chunks fetched ahead past the last one the loader's read-ahead hints name (object stores).
-CHUNKS_AHEAD = 1
+#: Chunks fetched ahead past the last one the loader's read-ahead hints name (object stores): at
+#: +20 ms per request one was not enough to hide it once batches came from Arrow columns.
+CHUNKS_AHEAD = 4
+#: ... but past the first of them, only while their bytes (estimated) stay under this, so that big
+#: row groups keep a worker's memory to a few of them.
+AHEAD_BYTES = 32 << 20
 #: Files whose metadata the listing reads at once.
 LISTING_THREADS = 32
 FOOTER_GUESS = 64 * 1024  # a Parquet footer's bytes read at first (a larger one costs a second read)
@@ -267,6 +271,11 @@ class _Plan:
         end = (self.chunk_pos[c + 1] if c + 1 < len(self.chunk_file) and self.chunk_file[c + 1] == f
                else self.unzipped[f] if self.unzipped[f] >= 0 else self.sizes[f])
         return int(self.chunk_pos[c]), int(end)
+
+    def chunk_bytes(self, c: int) -> int:
+        """Chunk ``c``'s share of its file's bytes, by rows (an estimate: no footer needed)."""
+        f = int(self.chunk_file[c])
+        return int(self.sizes[f]) * int(self.chunk_row[c + 1] - self.chunk_row[c]) // max(1, int(self.file_rows[f]))
 
     def first_chunk(self, f: int) -> int:
         return int(np.searchsorted(self.chunk_row, self.file_row0[f], side="right") - 1)
@@ -670,7 +679,12 @@ class _Reader:
         # And the chunk after the last one hinted: batches are much smaller than row groups, and
         # the batches read ahead end inside the current one more often than not.
         last = max(chunks)
-        chunks += [c for c in range(last + 1, min(last + 1 + CHUNKS_AHEAD, len(self.plan.chunk_file)))]
+        budget = AHEAD_BYTES
+        for c in range(last + 1, min(last + 1 + CHUNKS_AHEAD, len(self.plan.chunk_file))):
+            budget -= self.plan.chunk_bytes(c)
+            if c > last + 1 and budget < 0:
+                break
+            chunks.append(c)
         self.max_pending = max(self.max_pending, 2 * len(chunks))
         for c in chunks:
             if c not in self.pending and c not in self.decoded and not self.plan.is_gzip(int(self.plan.chunk_file[c])):
