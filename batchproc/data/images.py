@@ -26,7 +26,6 @@ import asyncio
 import collections
 import concurrent.futures
 import io
-import operator
 import os
 import re
 import struct
@@ -40,6 +39,7 @@ from torchvision.io import ImageReadMode, decode_image
 from batchproc.errors import ImageTooLargeError, InputChangedError
 from batchproc.data.inputs import IntColumn, Manifest, etag_version, mtime_version, printable
 from batchproc.data.listing import MAX_IN_FLIGHT, FileSource, Found, PrefixedColumn, join_prefix, reader_kind, version_kind
+from batchproc.data.samples import BatchLoads
 from batchproc.data.listing import S3_POOL_CONNECTIONS, glob_once as _glob_once  # noqa: F401  # their old home
 
 #: File name endings a folder listing keeps (a glob keeps whatever it matches).
@@ -62,7 +62,7 @@ Transform = Callable[[torch.Tensor], Any]
 _CPP_LOCATION = re.compile(r"^\w+, \S+\.cpp:\d+, ")  # "decode_jpeg, /__w/.../decode_jpeg.cpp:171, "
 
 
-class ImageFiles(FileSource, Dataset[Dict[str, Any]]):
+class ImageFiles(FileSource, BatchLoads, Dataset[Dict[str, Any]]):
     """Image files named by a folder, a glob, a single file, or any fsspec URL of those.
 
     Items are ``{"image": transform(uint8 CHW RGB tensor), "label": int, "path": str}``.
@@ -89,6 +89,8 @@ class ImageFiles(FileSource, Dataset[Dict[str, Any]]):
     ``files``, ``paths`` and ``labels`` are read-only sequences over the columnar manifest (they
     compare equal to lists); ``classes`` is a list.
     """
+
+    item_noun = "files"
 
     def __init__(self, source: "str | os.PathLike[str]", transform: Optional[Transform] = None, *,
                  storage_options: Optional[Dict[str, Any]] = None, labels: str = "auto",
@@ -192,15 +194,6 @@ class ImageFiles(FileSource, Dataset[Dict[str, Any]]):
             self._reader = _Reader(fs, self.manifest, self._local, self.paths)
         return self._reader
 
-    def _index(self, i: int) -> int:
-        n = len(self.manifest)
-        i = operator.index(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index {i} out of range for {n} files")
-        return i
-
     def prefetch(self, indices: Sequence[int]) -> None:
         """Start fetching these samples' files now (on object stores; a no-op on local disk)."""
         self._get_reader().prefetch([self._index(i) for i in indices])
@@ -228,20 +221,6 @@ class ImageFiles(FileSource, Dataset[Dict[str, Any]]):
             except Exception as e:
                 out.append(e)
         return out
-
-    def __getitems__(self, indices: Sequence[int]) -> List[Dict[str, Any]]:
-        """A batch's samples (torch's DataLoader calls this with the batch's indices)."""
-        items = self.load_samples(indices)
-        for item in items:
-            if isinstance(item, BaseException):
-                raise item
-        return items
-
-    def __getitem__(self, i: int) -> Dict[str, Any]:
-        item = self.load_samples([i])[0]
-        if isinstance(item, BaseException):
-            raise item
-        return item  # type: ignore[no-any-return]
 
     def describe_sample(self, i: int) -> str:
         """The file behind sample ``i`` (batchproc names it when loading the sample fails), as

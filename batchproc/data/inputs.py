@@ -66,6 +66,17 @@ def printable(name: str) -> str:
         return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def index_in(i: int, n: int, noun: str) -> int:
+    """``i`` as an index into ``n`` items (negatives count from the end); IndexError naming ``noun``
+    when out of range."""
+    i = operator.index(i)
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"index {i} out of range for {n} {noun}")
+    return i
+
+
 class StringColumn(Sequence[str]):
     """Strings stored as one UTF-8 buffer plus offsets: two arrays, whatever the count.
 
@@ -105,12 +116,7 @@ class StringColumn(Sequence[str]):
     def __getitem__(self, i: Union[int, slice]) -> Union[str, List[str]]:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
-        i = operator.index(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index {i} out of range for {n} strings")
+        i = index_in(i, len(self), "strings")
         return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8", NAME_ERRORS)
 
     def __iter__(self) -> Iterator[str]:

@@ -12,6 +12,13 @@ rows; a batch is served with one ranged read per chunk it touches (Parquet: only
 columns asked for), the chunks of the next batches fetched while this one decodes on object
 stores, and a few decoded chunks kept per process. A file changed since it was listed (size, ETag
 or mtime) fails its rows as bad samples naming it.
+
+Gzip JSON Lines and CSV (``.jsonl.gz``, ``.ndjson.gz``, ``.csv.gz``) are listed by the same pass
+over the decompressed stream, but no read can start inside a gzip stream: each process reads a
+file forward from its start through one open decompressing stream, skipping (decompressing) the
+rows before its own, and starts again only when asked for an earlier row. A rank's reads of a
+gzip file are thus a forward scan of it up to its last row, in each loader worker; nothing is
+fetched ahead. Split big tables into many files, or use Parquet, where reads are ranged.
 """
 
 from __future__ import annotations
@@ -19,9 +26,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import gzip
 import io
 import json
-import operator
 import os
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -29,29 +36,42 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from numpy.typing import NDArray
+import torch
 from torch.utils.data import Dataset
+from torch.utils.data._utils.collate import default_collate
 
-from batchproc.data.listing import MAX_IN_FLIGHT, FileSource, PrefixedColumn, join_prefix, reader_kind, version_kind
+from batchproc.data.listing import MAX_IN_FLIGHT, FileSource, PrefixedColumn, info_version, join_prefix, reader_kind
+from batchproc.data.listing import version_kind
 from batchproc.data.inputs import Manifest, etag_version, mtime_version
+from batchproc.data.samples import BatchLoads, CollatedBatch, collate_samples
 from batchproc.errors import InputChangedError
 
 FORMATS = ("parquet", "jsonl", "csv")
 #: File name endings and the format they mean.
 SUFFIXES: Dict[str, str] = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
-                            ".csv": "csv"}
+                            ".csv": "csv", ".jsonl.gz": "jsonl", ".ndjson.gz": "jsonl", ".csv.gz": "csv"}
 #: JSON Lines and CSV: the manifest keeps the byte offset of every this-many-th row (a chunk).
 ROWS_PER_OFFSET = 1024
 #: Decoded chunks a process keeps (at least those of the batch being served).
 DECODED_CHUNKS = 4
 #: Local Parquet files a process keeps open (a batch's row groups come from one or two files).
 OPEN_FILES = 4
-#: Chunks fetched ahead past the last one the loader's read-ahead hints name (object stores).
-CHUNKS_AHEAD = 1
+#: Chunks fetched ahead past the last one the loader's read-ahead hints name (object stores): at
+#: +20 ms per request one was not enough to hide it once batches came from Arrow columns.
+CHUNKS_AHEAD = 4
+#: ... but past the first of them, only while their bytes (estimated) stay under this, so that big
+#: row groups keep a worker's memory to a few of them.
+AHEAD_BYTES = 32 << 20
 #: Files whose metadata the listing reads at once.
 LISTING_THREADS = 32
 FOOTER_GUESS = 64 * 1024  # a Parquet footer's bytes read at first (a larger one costs a second read)
 SCAN_BLOCK = 4 << 20
 _FORMAT_CODE = {f: i for i, f in enumerate(FORMATS)}
+
+
+def gzipped(path: str) -> bool:
+    """Whether a text file is read through gzip (its name ends with ``.gz``)."""
+    return path.lower().endswith(".gz")
 
 
 def format_of(path: str) -> Optional[str]:
@@ -60,18 +80,21 @@ def format_of(path: str) -> Optional[str]:
     return next((f for s, f in SUFFIXES.items() if lower.endswith(s)), None)
 
 
-class TableRows(FileSource, Dataset[Dict[str, Any]]):
+class TableRows(FileSource, BatchLoads, Dataset[Dict[str, Any]]):
     """The rows of Parquet, JSON Lines or CSV files named by a file, a folder, a glob or any fsspec URL.
 
     ``columns``: the columns each row holds (all when None); ``format``: ``"parquet"``,
     ``"jsonl"`` or ``"csv"`` for every file (else each file's suffix says: ``.parquet``/``.pq``,
-    ``.jsonl``/``.ndjson``, ``.csv``). A folder is searched recursively for files with these
+    ``.jsonl``/``.ndjson``, ``.csv``, and gzip ones ending ``.gz``, read forward as a stream). A folder is searched recursively for files with these
     suffixes (names starting with ``.`` or ``_`` skipped, as Spark and pyarrow do); a glob takes
     what it matches, and a file in it of another format (or of none) is an error naming it.
     ``storage_options`` go to fsspec. Items are dicts of Python values, so the default collate
-    gives tensors for numbers and lists for strings. :meth:`describe_sample` names a row as
+    gives tensors for numbers and lists for strings (under batchproc's loader, :meth:`load_batch`
+    builds that batch from the Arrow columns directly). :meth:`describe_sample` names a row as
     ``"<path> row <r>"``.
     """
+
+    item_noun = "rows"
 
     def __init__(self, source: "str | os.PathLike[str]", *, columns: Optional[Sequence[str]] = None,
                  format: Optional[str] = None, storage_options: Optional[Dict[str, Any]] = None) -> None:
@@ -151,15 +174,6 @@ class TableRows(FileSource, Dataset[Dict[str, Any]]):
             self._reader = _Reader(fs, self.manifest, self.plan, self._local, self.files, self.columns)
         return self._reader
 
-    def _index(self, i: int) -> int:
-        n = len(self)
-        i = operator.index(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index {i} out of range for {n} rows")
-        return i
-
     def prefetch(self, indices: Sequence[int]) -> None:
         """Start fetching the chunks of these rows (on object stores; a no-op on local disk)."""
         reader = self._get_reader()
@@ -168,15 +182,21 @@ class TableRows(FileSource, Dataset[Dict[str, Any]]):
         arr = np.asarray(indices, dtype=np.int64)
         reader.prefetch(arr[(arr >= 0) & (arr < len(self))].tolist())
 
-    def load_samples(self, indices: Sequence[int]) -> List[Any]:
-        """Rows ``indices``, one read per chunk they touch; a row that fails is its exception."""
-        n = len(self)
+    def _in_range(self, indices: Sequence[int]) -> "Optional[NDArray[np.int64]]":
+        """``indices`` as an array when they are all ints in range (the loader's batches), else None."""
         try:
             arr = np.asarray(indices, dtype=np.int64)
         except (TypeError, ValueError):
-            arr = None
-        if arr is not None and arr.ndim == 1 and (not len(arr) or (arr.min() >= 0 and arr.max() < n)):
-            return self._get_reader().rows(arr.tolist())  # the loader's batches: no check per row
+            return None
+        if arr.ndim == 1 and (not len(arr) or (arr.min() >= 0 and arr.max() < len(self))):
+            return arr
+        return None
+
+    def load_samples(self, indices: Sequence[int]) -> List[Any]:
+        """Rows ``indices``, one read per chunk they touch; a row that fails is its exception."""
+        arr = self._in_range(indices)
+        if arr is not None:
+            return self._get_reader().rows(arr.tolist())  # no check per row
         out: List[Any] = [None] * len(indices)
         good: List[int] = []
         where: List[int] = []
@@ -190,18 +210,14 @@ class TableRows(FileSource, Dataset[Dict[str, Any]]):
             out[k] = row
         return out
 
-    def __getitems__(self, indices: Sequence[int]) -> List[Dict[str, Any]]:
-        items = self.load_samples(indices)
-        for item in items:
-            if isinstance(item, BaseException):
-                raise item
-        return items
-
-    def __getitem__(self, i: int) -> Dict[str, Any]:
-        item = self.load_samples([i])[0]
-        if isinstance(item, BaseException):
-            raise item
-        return item  # type: ignore[no-any-return]
+    def load_batch(self, indices: Sequence[int]) -> CollatedBatch:
+        """``default_collate`` of rows ``indices`` (those that load), built from the chunks' Arrow
+        columns without a dict per row (Parquet, CSV): batchproc's loader calls this when the
+        collate function is the default one."""
+        arr = self._in_range(indices)
+        if arr is None:
+            return collate_samples(self.load_samples(indices))
+        return self._get_reader().batch(arr)
 
     def describe_sample(self, i: int) -> str:
         """``"<path> row <r>"``: the file behind row ``i`` and the row's place in it."""
@@ -235,8 +251,13 @@ class _Plan:
         self.file_row0 = np.zeros(len(self.file_rows) + 1, dtype=np.int64)
         np.cumsum(self.file_rows, out=self.file_row0[1:])
         self.sizes = m.sizes
+        # gzip files: their decompressed sizes (-1 for other files); manifests from before gzip had none
+        self.unzipped: "NDArray[np.int64]" = x.get("unzipped", np.full(len(self.file_rows), -1, dtype=np.int64))
 
-    def chunks_of(self, indices: Sequence[int]) -> "NDArray[np.int64]":
+    def is_gzip(self, f: int) -> bool:
+        return bool(self.unzipped[f] >= 0)
+
+    def chunks_of(self, indices: "Union[Sequence[int], NDArray[np.int64]]") -> "NDArray[np.int64]":
         return np.searchsorted(self.chunk_row, np.asarray(indices, dtype=np.int64), side="right") - 1
 
     def locate(self, i: int) -> Tuple[int, int]:
@@ -248,8 +269,13 @@ class _Plan:
     def text_range(self, c: int) -> Tuple[int, int]:
         f = self.chunk_file[c]
         end = (self.chunk_pos[c + 1] if c + 1 < len(self.chunk_file) and self.chunk_file[c + 1] == f
-               else self.sizes[f])
+               else self.unzipped[f] if self.unzipped[f] >= 0 else self.sizes[f])
         return int(self.chunk_pos[c]), int(end)
+
+    def chunk_bytes(self, c: int) -> int:
+        """Chunk ``c``'s share of its file's bytes, by rows (an estimate: no footer needed)."""
+        f = int(self.chunk_file[c])
+        return int(self.sizes[f]) * int(self.chunk_row[c + 1] - self.chunk_row[c]) // max(1, int(self.file_rows[f]))
 
     def first_chunk(self, f: int) -> int:
         return int(np.searchsorted(self.chunk_row, self.file_row0[f], side="right") - 1)
@@ -295,6 +321,7 @@ class _FileMeta(NamedTuple):
     rows: int
     positions: "NDArray[np.int64]"  # row groups' row counts (Parquet) or chunk byte offsets (text)
     footer: int
+    unzipped: int = -1  # a gzip file's bytes decompressed (its offsets count those); -1: not gzip
 
 
 def _read_range(fs: Any, path: str, start: int, end: int) -> bytes:
@@ -325,10 +352,11 @@ def _parquet_meta(fs: Any, path: str, size: int, columns: Optional[List[str]]) -
     except Exception as e:
         raise ValueError(f"{url} is not a readable Parquet file: {e}") from None
     if columns:
-        missing = [c for c in columns if c not in md.schema.names]
+        names = md.schema.to_arrow_schema().names  # top-level columns (schema.names are leaves: a list's "element")
+        missing = [c for c in columns if c not in names]
         if missing:
             raise ValueError(f"{url} has no column {', '.join(map(repr, missing))} (its columns: "
-                             f"{', '.join(md.schema.names)}); fix columns=")
+                             f"{', '.join(names)}); fix columns=")
     counts = np.asarray([md.row_group(g).num_rows for g in range(md.num_row_groups)], dtype=np.int64)
     return _FileMeta(int(counts.sum()), counts, need)
 
@@ -352,7 +380,9 @@ def _text_meta(fs: Any, path: str, fmt: str, columns: Optional[List[str]]) -> _F
     rows, parity, pos, row_start, first_byte = 0, 0, 0, 0, -1
     offsets: List["NDArray[np.int64]"] = []
     header_line = b""
-    opener = open(path, "rb") if isinstance(fs, LocalFileSystem) else fs.open(path, "rb", block_size=SCAN_BLOCK)
+    opener: Any = open(path, "rb") if isinstance(fs, LocalFileSystem) else fs.open(path, "rb", block_size=SCAN_BLOCK)
+    if gzipped(path):  # offsets in the decompressed stream
+        opener = gzip.GzipFile(fileobj=opener, mode="rb")
 
     def take(starts: "NDArray[np.int64]", ends: "NDArray[np.int64]", firsts: "NDArray[np.int64]") -> None:
         nonlocal rows, header
@@ -368,7 +398,12 @@ def _text_meta(fs: Any, path: str, fmt: str, columns: Optional[List[str]]) -> _F
 
     with opener as f:
         while True:
-            block = f.read(SCAN_BLOCK)
+            try:
+                block = f.read(SCAN_BLOCK)
+            except (OSError, EOFError) as e:
+                if not gzipped(path):
+                    raise
+                raise ValueError(f"{url} is not a readable gzip file: {type(e).__name__}: {e}") from None
             if not block:
                 break
             if header and not header_line:
@@ -398,7 +433,7 @@ def _text_meta(fs: Any, path: str, fmt: str, columns: Optional[List[str]]) -> _F
             raise ValueError(f"{url} has no column {', '.join(map(repr, missing))} (its header: "
                              f"{', '.join(names)}); fix columns=")
     positions = np.concatenate(offsets) if offsets else np.zeros(0, dtype=np.int64)
-    return _FileMeta(rows, positions.astype(np.int64), 0)
+    return _FileMeta(rows, positions.astype(np.int64), 0, pos if gzipped(path) else -1)
 
 
 def _list_tables(src: FileSource, source: str, given: Optional[str], columns: Optional[List[str]]) -> Manifest:
@@ -437,7 +472,8 @@ def _list_tables(src: FileSource, source: str, given: Optional[str], columns: Op
     cut = len(join_prefix(base))
     extra: Dict[str, Any] = {"fmt": np.asarray([_FORMAT_CODE[f] for f in fmts], dtype=np.int8), "rows": rows,
              "footer": np.asarray([m.footer for m in metas], dtype=np.int64), "chunk_row": chunk_row,
-             "chunk_file": chunk_file, "chunk_pos": chunk_pos}
+             "chunk_file": chunk_file, "chunk_pos": chunk_pos,
+             "unzipped": np.asarray([m.unzipped for m in metas], dtype=np.int64)}
     return Manifest.build(source, [p[cut:] for p in paths], sizes=sizes, versions=versions, root=base,
                           version_kind=kind, extra=extra)
 
@@ -504,6 +540,7 @@ class _Reader:
         self.decoded: "collections.OrderedDict[int, Any]" = collections.OrderedDict()
         self.heads: "collections.OrderedDict[int, Any]" = collections.OrderedDict()  # per-file footers / headers
         self.open_files: "collections.OrderedDict[int, Any]" = collections.OrderedDict()  # local Parquet files
+        self.streams: "collections.OrderedDict[int, _Unzipping]" = collections.OrderedDict()  # gzip files being read
         self.limit: Optional[asyncio.Semaphore] = None
 
     # fetching
@@ -642,15 +679,22 @@ class _Reader:
         # And the chunk after the last one hinted: batches are much smaller than row groups, and
         # the batches read ahead end inside the current one more often than not.
         last = max(chunks)
-        chunks += [c for c in range(last + 1, min(last + 1 + CHUNKS_AHEAD, len(self.plan.chunk_file)))]
+        budget = AHEAD_BYTES
+        for c in range(last + 1, min(last + 1 + CHUNKS_AHEAD, len(self.plan.chunk_file))):
+            budget -= self.plan.chunk_bytes(c)
+            if c > last + 1 and budget < 0:
+                break
+            chunks.append(c)
         self.max_pending = max(self.max_pending, 2 * len(chunks))
         for c in chunks:
-            if c not in self.pending and c not in self.decoded:
+            if c not in self.pending and c not in self.decoded and not self.plan.is_gzip(int(self.plan.chunk_file[c])):
                 self.pending[c] = asyncio.run_coroutine_threadsafe(self._fetch(c), self.fs.loop)
         while len(self.pending) > self.max_pending:
             self.pending.popitem(last=False)[1].cancel()
 
     def _raw(self, c: int) -> _Raw:
+        if self.plan.is_gzip(int(self.plan.chunk_file[c])):
+            return self._unzipped_raw(c)
         if self.kind in ("local", "sync"):
             raw: _Raw = _drive(self._fetch(c))
             return raw
@@ -659,6 +703,51 @@ class _Reader:
             self.prefetch(self.plan.chunk_row[c:c + 1].tolist())
             future = self.pending.pop(c)
         return future.result()
+
+    def _unzipped_raw(self, c: int) -> _Raw:
+        """A run of a gzip file's rows: no ranged read can start inside a gzip stream, so each file
+        is one decompressing stream per process that moves forward (a rank's batches come in row
+        order), opened again only for an earlier row; never prefetched."""
+        plan = self.plan
+        f = int(plan.chunk_file[c])
+        start, end = plan.text_range(c)
+        header = None
+        if FORMATS[plan.fmt[f]] == "csv":
+            header = self.heads.get(f)
+            if header is None:
+                header = self.heads[f] = self._unzip(f, 0, int(plan.chunk_pos[plan.first_chunk(f)]))
+        return _Raw(start, self._unzip(f, start, end), header)
+
+    def _unzip(self, f: int, start: int, end: int) -> bytes:
+        """Decompressed bytes [start, end) of gzip file ``f``, checked against its manifest entry."""
+        stream = self.streams.get(f)
+        try:
+            if stream is not None and stream.pos <= start:
+                self.streams.move_to_end(f)
+                if self.kind == "local":  # as plain files: checked at each chunk
+                    self._stat(f)
+            else:
+                if stream is not None:
+                    stream.close()
+                stream = self.streams[f] = _Unzipping(self._open_checked(f))
+                while len(self.streams) > OPEN_FILES:
+                    self.streams.popitem(last=False)[1].close()
+            return stream.read(start, end)
+        except FileNotFoundError:
+            raise self._gone(f) from None
+        except (OSError, EOFError) as e:  # a truncated or rewritten stream: gzip's CRC or length check
+            self.streams.pop(f, None)
+            raise InputChangedError(f"{self.urls[f]} changed since the run's inputs were frozen, or is not gzip: "
+                                    f"{type(e).__name__}: {e}") from None
+
+    def _open_checked(self, f: int) -> Any:
+        path = self.manifest.path(f)
+        if self.kind == "local":
+            self._stat(f)
+            return open(path, "rb")
+        info = self.fs.info(path)
+        self._check(f, int(info["size"]), info_version(info, self.manifest.version_kind) or None)
+        return self.fs.open(path, "rb", block_size=SCAN_BLOCK)
 
     # decoding
 
@@ -708,7 +797,7 @@ class _Reader:
             table = pq.ParquetFile(pa.PythonFile(ranges, mode="r"), metadata=md).read_row_group(
                 int(plan.chunk_pos[c]), columns=self.columns, use_threads=False)
             return table
-        lines = _Lines(raw.data, fmt == "csv", raw.footer, self.urls[f])
+        lines = _Lines(raw.data, fmt == "csv", raw.footer, self.urls[f], self.columns)
         if len(lines) != expected:
             raise InputChangedError(f"{self.urls[f]} changed since the run's inputs were frozen: bytes "
                                     f"{raw.start}-{raw.start + len(raw.data)} hold {len(lines)} rows, {expected} when listed")
@@ -737,14 +826,96 @@ class _Reader:
     def _take(self, value: Any, local: List[int]) -> List[Any]:
         if isinstance(value, _Lines):
             return [value.row(r, self.columns) for r in local]
-        lo, hi = min(local), max(local) + 1
-        if hi - lo == len(local) and local == list(range(lo, hi)):
-            rows: List[Any] = value.slice(lo, hi - lo).to_pylist()
-        else:
-            import pyarrow as pa
-
-            rows = value.take(pa.array(local, type=pa.int64())).to_pylist()
+        rows: List[Any] = _select(value, np.asarray(local, dtype=np.int64)).to_pylist()
         return rows
+
+    def batch(self, indices: "NDArray[np.int64]") -> CollatedBatch:
+        """``default_collate`` of the rows of these global indices that load: Arrow chunks (Parquet
+        row groups, CSV runs) become columns at once, JSON Lines rows are collated as rows."""
+        if not len(indices):
+            return CollatedBatch(None, [], [])
+        self.prefetch(indices.tolist())
+        chunks = self.plan.chunks_of(indices)
+        order = list(dict.fromkeys(chunks.tolist()))
+        errors: List[Tuple[int, BaseException]] = []
+        pieces: List[Any] = []
+        where: List["NDArray[np.int64]"] = []
+        rows: Dict[int, Any] = {}
+        for c in order:
+            ks = np.flatnonzero(chunks == c) if len(order) > 1 else np.arange(len(indices))
+            value = self._chunk(c, len(order))
+            if isinstance(value, Exception):
+                errors.extend((int(k), value) for k in ks)
+                continue
+            local = indices[ks] - self.plan.chunk_row[c]
+            table = value.arrow if isinstance(value, _Lines) else value
+            if table is not None:
+                pieces.append(_select(table, local))
+                where.append(ks)
+                continue
+            for k, r in zip(ks.tolist(), local.tolist()):
+                row = value.row(r, self.columns)
+                if isinstance(row, Exception):
+                    errors.append((k, row))
+                else:
+                    rows[k] = row
+        errors.sort(key=lambda e: e[0])
+        if pieces:
+            good = np.concatenate(where)
+            try:
+                table = _concat(pieces)
+            except Exception:  # files of other schemas (int32 here, int64 there): as rows
+                for ks, piece in zip(where, pieces):
+                    rows.update(zip(ks.tolist(), piece.to_pylist()))
+            else:
+                if len(good) > 1 and (np.diff(good) < 0).any():  # rows asked for out of chunk order
+                    perm = np.argsort(good, kind="stable")
+                    table, good = _select(table, perm), good[perm]
+                return CollatedBatch(_collate_columns(table), good.tolist(), errors)
+        good_rows = sorted(rows)
+        batch = default_collate([rows[k] for k in good_rows]) if rows else None  # type: ignore[no-untyped-call]
+        return CollatedBatch(batch, good_rows, errors)
+
+
+def _select(table: Any, local: "NDArray[np.int64]") -> Any:
+    """Rows ``local`` of an Arrow table: a slice when they are a run, else a take."""
+    if len(local) and local[-1] - local[0] + 1 == len(local) and (len(local) == 1 or (np.diff(local) == 1).all()):
+        return table.slice(int(local[0]), len(local))
+    import pyarrow as pa
+
+    return table.take(pa.array(local, type=pa.int64()))
+
+
+def _concat(pieces: List[Any]) -> Any:
+    if len(pieces) == 1:
+        return pieces[0]
+    import pyarrow as pa
+
+    return pa.concat_tables(pieces)
+
+
+def _collate_columns(table: Any) -> Dict[str, Any]:
+    """``default_collate(table.to_pylist())``, column by column: numbers without nulls go from Arrow
+    to the tensor that default collate makes of their Python values (ints: int64, floats: float64,
+    bools: bool); any other column is default collate of its values (strings: a list)."""
+    import pyarrow.types as pt
+
+    out: Dict[str, Any] = {}
+    for name, col in zip(table.column_names, table.columns):
+        t = col.type
+        dtype: Any = None
+        if col.null_count == 0:
+            if pt.is_integer(t) and not pt.is_uint64(t):  # uint64 may not fit: default collate says so
+                dtype = np.int64
+            elif pt.is_floating(t):
+                dtype = np.float64
+            elif pt.is_boolean(t):
+                dtype = np.bool_
+        if dtype is None:
+            out[name] = default_collate(col.to_pylist())  # type: ignore[no-untyped-call]
+        else:  # a copy: the decoded chunk's buffers are read-only and stay cached
+            out[name] = torch.from_numpy(np.array(col.to_numpy(), dtype=dtype))
+    return out
 
 
 def _drive(coro: Any) -> Any:
@@ -780,11 +951,35 @@ def _column_span(rg: Any, columns: Optional[List[str]]) -> Tuple[int, int]:
     return (0, 0) if start is None else (int(start), int(end))
 
 
+class _Unzipping:
+    """A gzip file's decompressed bytes, read forward from where the last read ended."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.stream = gzip.GzipFile(fileobj=raw, mode="rb")
+        self.pos = 0
+
+    def read(self, start: int, end: int) -> bytes:
+        while self.pos < start:  # skipped: decompressed and dropped, a block at a time
+            got = len(self.stream.read(min(SCAN_BLOCK, start - self.pos)))
+            if not got:
+                raise EOFError(f"the stream ends at byte {self.pos}, before {start}")
+            self.pos += got
+        data = self.stream.read(end - start)
+        self.pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self.stream.close()
+        self.raw.close()
+
+
 class _Lines:
     """A run of text rows: their bytes and where each row starts and ends (the same rule as the
     listing's count); JSON Lines rows are parsed on access, CSV rows all at once by pyarrow."""
 
-    def __init__(self, data: bytes, csv: bool, header: Optional[bytes], url: str) -> None:
+    def __init__(self, data: bytes, csv: bool, header: Optional[bytes], url: str,
+                 columns: Optional[List[str]] = None) -> None:
         self.data, self.url = data, url
         buf = np.frombuffer(data, dtype=np.uint8)
         ends, _ = _row_bounds(buf, csv, 0)
@@ -794,23 +989,27 @@ class _Lines:
         firsts = buf[np.clip(starts, 0, max(0, len(buf) - 1))] if len(buf) else np.zeros(len(starts), dtype=np.uint8)
         content = (lengths > 1) | ((lengths == 1) & (firsts != 13))
         self.starts, self.ends = starts[content], ends[content]
-        self.table: Optional[List[Dict[str, Any]]] = None
+        self.arrow: Any = None  # CSV: the run as an Arrow table (columns=' only)
+        self.table: Optional[List[Dict[str, Any]]] = None  # its rows, made when a row is asked for
         if csv:
             import pyarrow.csv as pacsv
 
             try:
-                self.table = pacsv.read_csv(io.BytesIO((header or b"").rstrip(b"\r\n") + b"\n" + data)).to_pylist()
+                self.arrow = pacsv.read_csv(io.BytesIO((header or b"").rstrip(b"\r\n") + b"\n" + data),
+                                            convert_options=pacsv.ConvertOptions(include_columns=columns or []))
             except Exception as e:
                 raise ValueError(f"cannot read {url} bytes of rows: {e}") from None
-            if len(self.table) != len(self.starts):
-                raise ValueError(f"{url}: pyarrow read {len(self.table)} rows where the listing counted "
+            if self.arrow.num_rows != len(self.starts):
+                raise ValueError(f"{url}: pyarrow read {self.arrow.num_rows} rows where the listing counted "
                                  f"{len(self.starts)}")
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def row(self, r: int, columns: Optional[List[str]]) -> Any:
-        if self.table is not None:
+        if self.arrow is not None:
+            if self.table is None:
+                self.table = self.arrow.to_pylist()
             row = self.table[r]
         else:
             try:

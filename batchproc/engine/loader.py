@@ -75,14 +75,18 @@ class _IndexedDataset(Dataset[Any]):
     ``load_samples(indices)`` (each sample, or the exception loading it raised) loads the batch at
     once, and one with ``prefetch(indices)`` is told the batches this worker will load next, so
     their files are fetched while this one decodes (``ImageFiles`` on object stores has both).
+    Under the default collate (``collated``), one with ``load_batch(indices)`` (a
+    :class:`~batchproc.data.samples.CollatedBatch`) gives the batch already collated: then
+    :meth:`__getitems__` returns the :class:`LoadedBatch` itself, which :class:`_Collate` passes on.
     """
 
     def __init__(self, dataset: Dataset[Any], policy: SkipPolicy, sampler: Optional[RankBatchSampler] = None,
-                 readahead: int = READAHEAD_BATCHES) -> None:
+                 readahead: int = READAHEAD_BATCHES, collated: bool = False) -> None:
         self.dataset = dataset
         self.policy = policy
         self.sampler = sampler
         self.readahead = readahead
+        self.collated = collated
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -93,7 +97,16 @@ class _IndexedDataset(Dataset[Any]):
         except Exception as e:
             return index, self._bad(index, e)
 
-    def __getitems__(self, indices: List[int]) -> List[Any]:
+    def __getitems__(self, indices: List[int]) -> "List[Any] | LoadedBatch":
+        whole = getattr(self.dataset, "load_batch", None) if self.collated else None
+        if callable(whole):
+            self._prefetch_next(indices)
+            try:
+                got = whole(indices)
+                return LoadedBatch(got.batch if got.good else None, [indices[k] for k in got.good],
+                                   [self._bad(indices[k], e) for k, e in got.errors])
+            except Exception:  # the batch as a whole failed: sample by sample, to find the bad ones
+                return [self[i] for i in indices]
         load = getattr(self.dataset, "load_samples", None)
         if not callable(load):
             return [self[i] for i in indices]
@@ -158,7 +171,9 @@ class _Collate:
     def __init__(self, collate_fn: Callable[[List[Any]], Any]) -> None:
         self.collate_fn = collate_fn
 
-    def __call__(self, items: List[Any]) -> LoadedBatch:
+    def __call__(self, items: "List[Any] | LoadedBatch") -> LoadedBatch:
+        if isinstance(items, LoadedBatch):  # collated by the dataset (load_batch)
+            return items
         good, indices, bad = [], [], []
         for index, sample in items:
             if isinstance(sample, _Bad):
@@ -250,5 +265,6 @@ def build_loader(dataset: Dataset[Any], sampler: Any, dataloader_kwargs: Dict[st
     if kwargs["num_workers"] > 0:
         kwargs["worker_init_fn"] = _WorkerInit(kwargs.get("worker_init_fn"))
     ahead = sampler if isinstance(sampler, RankBatchSampler) else None
-    return DataLoader(_IndexedDataset(dataset, samples, ahead), batch_sampler=sampler,
+    collated = collate_fn is default_collate
+    return DataLoader(_IndexedDataset(dataset, samples, ahead, collated=collated), batch_sampler=sampler,
                       collate_fn=_Collate(collate_fn), **kwargs)
