@@ -55,8 +55,10 @@ PREEMPTION_SIGNALS: Tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT,
 #: What ``batchproc run`` and the launcher record and forward to their child: the preemption
 #: signals, and SIGHUP (a closed terminal), which would otherwise kill them with the run unrecorded.
 FORWARDED_SIGNALS: Tuple[signal.Signals, ...] = PREEMPTION_SIGNALS + (signal.SIGHUP,)
-#: torchrun's ``--signals-to-handle``: the forwarded signals and SIGQUIT, passed on to the workers.
-TORCHRUN_SIGNALS_TO_HANDLE = ",".join(s.name for s in FORWARDED_SIGNALS + (signal.SIGQUIT,))
+#: What an agent (torchrun's, or ours for one slot) passes on to its workers: the forwarded signals and SIGQUIT.
+AGENT_SIGNALS: Tuple[signal.Signals, ...] = FORWARDED_SIGNALS + (signal.SIGQUIT,)
+#: torchrun's ``--signals-to-handle``: :data:`AGENT_SIGNALS`.
+TORCHRUN_SIGNALS_TO_HANDLE = ",".join(s.name for s in AGENT_SIGNALS)
 
 
 def cpu_count() -> int:

@@ -102,6 +102,18 @@ def children_map() -> Dict[int, List[int]]:
     return children
 
 
+def signal_twice(pids: Sequence[int], sig: int = signal.SIGTERM, pause_s: float = 1.5) -> None:
+    """``sig`` to each of ``pids``, then the same again ``pause_s`` later, as Slurm signals a job
+    step: every process of it at once (those already gone are skipped)."""
+    for _ in range(2):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(pause_s)
+
+
 def descendants(pid: int) -> List[int]:
     """Every live descendant of ``pid`` (children first)."""
     children, out, todo = children_map(), [], [pid]

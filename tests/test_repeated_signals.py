@@ -3,12 +3,9 @@ process-group kill) stops it once: torchrun keeps its workers' grace to checkpoi
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 from pathlib import Path
 
-from tests.support import PY, Procs, assert_exactly_once, children_map, shared_fs, write_config
+from tests.support import PY, Procs, assert_exactly_once, children_map, shared_fs, signal_twice, write_config
 
 N, BS = 120, 2
 
@@ -23,14 +20,7 @@ def test_every_level_signalled_at_once_and_again_stops_once_with_exit_75_and_res
     launcher = children_map()[job.pid][0]
     torchrun = children_map()[launcher][0]
     workers = children_map()[torchrun]
-    tree = [job.pid, launcher, torchrun, *workers]
-    for _ in range(2):  # as Slurm does: every process of the step, then the same again
-        for pid in tree:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        time.sleep(1.5)
+    signal_twice([job.pid, launcher, torchrun, *workers])  # as Slurm does: every process of the step, twice
     done = procs.finish(job, timeout=180)
     assert done.rc == 75, done.out
     # torchrun ends on the first signal's exception, as on any preemption; never on a second one,

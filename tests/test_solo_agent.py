@@ -11,7 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-from tests.support import PY, Procs, assert_exactly_once, children_map, shared_fs, write_config
+from tests.support import PY, Procs, assert_exactly_once, children_map, shared_fs, signal_twice, write_config
 
 N, BS = 120, 2
 
@@ -78,14 +78,7 @@ def test_every_level_signalled_twice_stops_once_with_exit_75_and_resumes(procs: 
     job = procs.start([PY, "-m", "batchproc", "run", str(cfg)],
                       env={"SUM_JOB_SLEEP": "0.1", "SUM_JOB_FLUSH_SLEEP": "4"})
     procs.wait_for(job, r"PROGRESS 1[0-9]\b", timeout=180)
-    tree = [job.pid, *_tree(job.pid)]
-    for _ in range(2):  # as Slurm does: every process of the step, then the same again
-        for pid in tree:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        time.sleep(1.5)
+    signal_twice([job.pid, *_tree(job.pid)])  # as Slurm does: every process of the step, twice
     done = procs.finish(job, timeout=180)
     assert done.rc == 75, done.out
     assert "again while stopping" in done.out, done.out

@@ -46,6 +46,19 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
+def assert_third_file_skipped(result: Any, run: Path, changed: Path) -> None:
+    """Four files of 100 rows in batches of 50, the third (rows 200-299) ``changed`` after the first
+    attempt: the run completed, every other row is output once, and each of those 100 is a bad
+    sample in errors.jsonl, named by the file and its row there."""
+    assert result.completed and result.total_batches == 8
+    ids = collections.Counter(r["id"] for r in read_rows(str(run)))
+    assert sorted(ids) == [i for i in range(400) if not 200 <= i < 300] and set(ids.values()) == {1}
+    errors = errors_of(run)
+    assert sorted(e["index"] for e in errors) == list(range(200, 300))
+    for e in errors:
+        assert f"{changed} row {e['index'] - 200}" in e["sample"] and "InputChangedError" in e["error"], e
+
+
 def rows_of(ids: range) -> List[Dict[str, Any]]:
     return [{"id": i, "text": f"doc {i}, \"quoted\"\nsecond line", "score": i / 4} for i in ids]
 
@@ -165,13 +178,7 @@ def test_a_file_rewritten_between_attempts_is_bad_samples_naming_it(tmp_path: Pa
     write_table(data / f"part9.{fmt}", rows_of(range(5000, 5100)))  # added later: not part of the run
     os.utime(changed, (1, 1))  # a rewrite within the mtime's resolution still differs
     second = run_job(str(data), str(run), num_workers=1, env=clean_env)
-    assert second.completed and second.total_batches == 8
-    ids = collections.Counter(r["id"] for r in read_rows(str(run)))
-    assert sorted(ids) == [i for i in range(400) if not 200 <= i < 300] and set(ids.values()) == {1}
-    errors = errors_of(run)
-    assert sorted(e["index"] for e in errors) == list(range(200, 300))
-    for e in errors:
-        assert f"{changed} row {e['index'] - 200}" in e["sample"] and "InputChangedError" in e["error"], e
+    assert_third_file_skipped(second, run, changed)
 
 
 def test_a_file_rewritten_between_attempts_under_raise_is_an_error_naming_it(tmp_path: Path,

@@ -35,17 +35,16 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Dict, List, Optional, Sequence, Tuple
+from typing import IO, Dict, List, Optional, Sequence
 
 from batchproc import lifeline
 from batchproc.netaddr import free_port
-from batchproc.settings import ENV_RESTART_COUNT, FORWARDED_SIGNALS
+from batchproc.settings import AGENT_SIGNALS, ENV_RESTART_COUNT
 
 MODULE = "batchproc.control.solo_agent"
 #: Seconds a stopped worker gets to checkpoint and exit before it is killed (torchrun's shutdown timeout).
 GRACE_S = 30.0
-#: The signals torchrun is told to handle (``--signals-to-handle``), the same set here.
-STOP_SIGNALS: Tuple[signal.Signals, ...] = FORWARDED_SIGNALS + (signal.SIGQUIT,)
+#: torchrun_args.LOG_LINE_PREFIX for rank 0, spelled out: importing that module costs this agent 10 ms.
 PREFIX = b"[rank0]: "
 USAGE = f"usage: python -m {MODULE} [--max-restarts N] -- WORKER_CMD..."
 
@@ -145,7 +144,7 @@ def _describe(rc: int) -> str:
 def run(worker_cmd: Sequence[str], max_restarts: int) -> int:
     """Run the worker, restarting it on failure; 0 if it succeeded, 1 if it failed or was stopped."""
     stop = _Stop()
-    for sig in STOP_SIGNALS:
+    for sig in AGENT_SIGNALS:
         signal.signal(sig, stop.on_signal)
     lifeline.die_with_parent()  # the launcher died: stop the worker as on any preemption
     run_id = secrets.token_hex(8)
